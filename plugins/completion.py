@@ -1,0 +1,206 @@
+"""Completion stages: fill the remaining ``K2`` of the budget.
+
+- ``clasp``: CLASP stage 4 (eqs. 36-41): pivot-relative redundancy, bottom-K2 seeding,
+  spherical k-means, medoids with fill.
+- ``none``: no completion rule; the next-highest saliency (with top-k pivots: top-R of ``phi``).
+- ``random``: seeded uniform choice.
+- ``grid``: tokens nearest a uniform spatial lattice.
+- ``divprune``: greedy max-min diversity (DivPrune, Alvar et al., CVPR 2025), reimplemented
+  from the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from tokenprune import hookimpl, ops
+from tokenprune.stages import Completion, CompletionRequest, CompletionResult
+
+
+def _scatter_pool(chosen: Tensor, index: Tensor, ok: Tensor, M: int) -> Tensor:
+    """Pool-space mask ``(B, N)`` -> token-space mask ``(B, M)``; padding slots are dropped."""
+    B = chosen.shape[0]
+    idx = torch.where(ok, index, M)  # (B, N) padding -> spare column
+    out = torch.zeros(B, M + 1, dtype=torch.int8, device=chosen.device)
+    out.scatter_add_(1, idx, (chosen & ok).to(torch.int8))  # each real token appears once
+    return out[:, :M].bool()
+
+
+@dataclass(frozen=True)
+class ClaspPlan:
+    """CLASP completion's intermediate results, in pool space (for tests and plots).
+
+    Attributes:
+        index: ``(B, N)`` token index of each pool slot (``U = V \\ P`` in token order).
+        ok: ``(B, N)`` bool real pool slots.
+        rho: ``(B, N)`` float32 pivot-relative redundancy (0 for rows without pivots).
+        seeds: ``(B, N)`` bool seed set ``C0``.
+        kmeans: the clustering, in pool space.
+        medoids: ``(B, K2max)`` pool index of each cluster's medoid (``N`` = empty cluster).
+        chosen: ``(B, N)`` bool completion set (medoids + fill).
+    """
+
+    index: Tensor
+    ok: Tensor
+    rho: Tensor
+    seeds: Tensor
+    kmeans: ops.KMeansResult
+    medoids: Tensor
+    chosen: Tensor
+
+
+class ClaspCompletion(Completion):
+    """Redundancy-aware coverage (CLASP eqs. 36-41).
+
+    1. ``rho_t = max_{j in P} u_t . u_j`` for ``t in U`` (one batched product + row max).
+    2. Seeds ``C0 = BottomK2{rho_t}`` (ties to the lower index), the minimiser of
+       ``D(C|P) = sum_{t in C} rho_t``. Rows without pivots: seeds every ``floor(|U|/K2)``-th pool
+       token ([ours], ``spread_without_pivots``).
+    3. Spherical k-means over ``U`` with ``K2`` centres from the seeds, at most ``iterations``
+       steps, stopping early when assignments stop changing; empty clusters keep their centre.
+    4. Keep each cluster's medoid ``argmax_{t in S_k} u_t . mu_k``; if fewer than ``K2`` distinct
+       tokens result, fill with the lowest-``rho`` pool tokens not yet kept ([ours]).
+    """
+
+    iterations: int = Field(10, ge=1, le=1000, description="maximum k-means iterations T")
+    early_stop: bool = Field(True, description="stop when no assignment changes")
+    spread_without_pivots: bool = Field(
+        True, description="with K1 = 0, seed every floor(|U|/K2)-th token instead of the first K2"
+    )
+
+    def plan(self, req: CompletionRequest, trace: bool = False) -> ClaspPlan:
+        B, M, D = req.unit.shape
+        index, ok = ops.compact(req.pool)  # (B, N) pool slots in token order
+        N = index.shape[1]
+        x = req.unit.gather(1, index.unsqueeze(-1).expand(-1, -1, D))  # (B, M, D) -> (B, N, D)
+        # 1. redundancy against the pivots
+        p_index, p_ok = ops.compact(req.pivots)  # (B, P)
+        has_pivots = p_ok.any(1)  # (B,)
+        if p_index.shape[1] > 0:
+            piv = req.unit.gather(1, p_index.unsqueeze(-1).expand(-1, -1, D))  # (B, P, D)
+            sims = torch.bmm(x, piv.transpose(1, 2))  # (B, N, D) @ (B, D, P) -> (B, N, P)
+            sims = sims.masked_fill(~p_ok.unsqueeze(1), float("-inf"))
+            rho = sims.amax(-1).float()  # (B, N)
+            rho = torch.where(has_pivots.unsqueeze(1), rho, 0.0)
+        else:
+            rho = torch.zeros(B, N, device=x.device)
+        # 2. seeding
+        k2 = req.k2.to(x.device)
+        seeds = ops.topk_mask(rho, k2, ok, largest=False)  # (B, N) bottom-K2
+        if self.spread_without_pivots and not bool(has_pivots.all()):
+            n = ok.sum(1)  # (B,)
+            step = torch.div(n, k2.clamp_min(1), rounding_mode="floor").clamp_min(1)  # (B,)
+            j = torch.arange(N, device=x.device).expand(B, N)  # (B, N) seed ordinal
+            at = (j * step.view(B, 1)).clamp_max(N - 1 if N else 0)  # (B, N)
+            on = j < k2.view(B, 1)
+            spread = torch.zeros(B, N + 1, dtype=torch.bool, device=x.device)
+            spread.scatter_(1, torch.where(on, at, N), True)
+            seeds = torch.where(has_pivots.unsqueeze(1), seeds, spread[:, :N] & ok)
+        seed_index, seed_ok = ops.compact(seeds)  # (B, K2max)
+        # 3. spherical k-means over the pool
+        km = ops.spherical_kmeans(x, ok, seed_index, seed_ok, self.iterations, self.early_stop, trace)
+        # 4. medoids, then fill to exactly K2
+        med = ops.cluster_medoids(x, ok, km)  # (B, K2max), N = none
+        chosen = torch.zeros(B, N + 1, dtype=torch.bool, device=x.device).scatter_(1, med, True)[:, :N]
+        missing = k2 - chosen.sum(1)  # (B,)
+        chosen = chosen | ops.topk_mask(rho, missing, ok & ~chosen, largest=False)
+        return ClaspPlan(index, ok, rho, seeds, km, med, chosen)
+
+    def complete(self, req: CompletionRequest) -> CompletionResult:
+        p = self.plan(req)
+        return CompletionResult(_scatter_pool(p.chosen, p.index, p.ok, req.unit.shape[1]))
+
+
+class NoCompletion(Completion):
+    """No coverage rule: the ``K2`` highest-saliency pool tokens (with ``top-k`` pivots the whole
+    selection is the top-R by ``phi``)."""
+
+    def complete(self, req: CompletionRequest) -> CompletionResult:
+        return CompletionResult(ops.topk_mask(req.scores, req.k2, req.pool))
+
+
+class RandomCompletion(Completion):
+    """Seeded uniform choice from the pool; row ``b`` depends only on ``(seed, sample_keys[b])``."""
+
+    seed: int = Field(0, description="random seed")
+    permutation_invariant = False
+
+    def complete(self, req: CompletionRequest) -> CompletionResult:
+        B, M = req.pool.shape
+        r = ops.hash_uniform(self.seed, req.tokens.keys(), M)  # (B, M)
+        return CompletionResult(ops.topk_mask(r, req.k2, req.pool))
+
+
+class GridCompletion(Completion):
+    """Tokens nearest a uniform lattice over the image.
+
+    Row ``b`` lays ``n_r x n_c >= K2`` cell centres over the bounding box of its token positions
+    (``n_r ~ sqrt(K2 H / W)``), takes ``K2`` of them evenly in raster order, and keeps the pool
+    token nearest each (ties to the lower index). Lattice points that share a nearest token are
+    filled by the pool tokens closest to any lattice point. Needs ``tokens.positions``.
+    """
+
+    permutation_invariant = False
+
+    def complete(self, req: CompletionRequest) -> CompletionResult:
+        pos = req.tokens.positions
+        if pos is None:
+            raise ValueError(
+                "completion 'grid' needs token positions: pass VisualTokens(positions=(B, M, 2)) "
+                "(tokenprune.grid_positions(h, w) builds them); adapters supply them"
+            )
+        B, M = req.pool.shape
+        dev = req.pool.device
+        pos = pos.to(dev).float()  # (B, M, 2)
+        k2 = req.k2.to(dev)
+        big = torch.tensor(float("inf"), device=dev)
+        lo = torch.where(req.valid.unsqueeze(-1), pos, big).amin(1)  # (B, 2)
+        hi = torch.where(req.valid.unsqueeze(-1), pos, -big).amax(1)  # (B, 2)
+        span = (hi - lo + 1).clamp_min(1)  # (B, 2) rows, cols
+        kf = k2.clamp_min(1).double()
+        n_r = torch.round(torch.sqrt(kf * span[:, 0].double() / span[:, 1].double())).clamp(1).long()
+        n_r = torch.minimum(n_r, k2.clamp_min(1))
+        n_c = torch.ceil(kf / n_r.double()).long()  # (B,)
+        K = int(k2.max()) if B else 0
+        j = torch.arange(K, device=dev).expand(B, K)  # (B, K) lattice ordinal
+        q = torch.div(j * (n_r * n_c).view(B, 1), k2.clamp_min(1).view(B, 1), rounding_mode="floor")
+        r, c = torch.div(q, n_c.view(B, 1), rounding_mode="floor"), q % n_c.view(B, 1)
+        pts = torch.stack(
+            [lo[:, :1] + (r + 0.5) * span[:, :1] / n_r.view(B, 1),
+             lo[:, 1:] + (c + 0.5) * span[:, 1:] / n_c.view(B, 1)], -1
+        )  # (B, K, 2)
+        d = torch.cdist(pts, pos)  # (B, K, M)
+        d = d.masked_fill(~req.pool.unsqueeze(1), float("inf"))
+        nearest = d.argmin(-1)  # (B, K) first min = lower index
+        on = j < k2.view(B, 1)
+        hit = torch.zeros(B, M + 1, dtype=torch.bool, device=dev)
+        hit.scatter_(1, torch.where(on, nearest, M), True)
+        chosen = hit[:, :M] & req.pool
+        closeness = -d.masked_fill(~on.unsqueeze(-1), float("inf")).amin(1)  # (B, M)
+        chosen = chosen | ops.topk_mask(closeness, k2 - chosen.sum(1), req.pool & ~chosen)
+        return CompletionResult(chosen)
+
+
+class DivPruneCompletion(Completion):
+    """Greedy max-min diversity over cosine distance (DivPrune's MMDP solver), continuing from
+    the pivots; with no pivots the first pick is the most isolated token, as in the paper."""
+
+    init_isolated: bool = Field(True, description="with no pivots, start from the most isolated token")
+
+    def complete(self, req: CompletionRequest) -> CompletionResult:
+        return CompletionResult(
+            ops.greedy_max_min(req.unit, req.pool, req.pivots, req.k2, self.init_isolated)
+        )
+
+
+@hookimpl
+def register_completions(register):
+    register("clasp", ClaspCompletion)
+    register("none", NoCompletion)
+    register("random", RandomCompletion)
+    register("grid", GridCompletion)
+    register("divprune", DivPruneCompletion)

@@ -1,0 +1,313 @@
+"""Batched tensor kernels shared by the stages.
+
+Pure functions, no module state, no Python loop over tokens or batch rows. Every function takes
+a validity mask so that rows with different token counts share a batch; padding never wins a
+selection. Ties are always broken towards the lower token index, so results are deterministic.
+
+Shape letters: ``B`` batch, ``M`` tokens, ``N`` pool tokens, ``K`` selected/centres, ``D`` width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "unit",
+    "topk_mask",
+    "mask_to_indices",
+    "hash_uniform",
+    "compact",
+    "KMeansResult",
+    "spherical_kmeans",
+    "cluster_medoids",
+    "greedy_max_min",
+]
+
+_M32 = 0xFFFFFFFF
+
+
+def unit(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """L2-normalise the last dimension, accumulating the norm in float32; keeps ``x.dtype``.
+
+    ``(..., D) -> (..., D)``. Zero vectors stay zero.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
+    return (x / norm.clamp_min(eps).to(x.dtype)).to(x.dtype)
+
+
+def topk_mask(score: Tensor, k: Tensor, valid: Tensor, largest: bool = True) -> Tensor:
+    """Per-row top-``k`` as a boolean mask, ties broken towards the lower index.
+
+    Args:
+        score: ``(B, M)`` float scores (any float dtype; compared in float32).
+        k: ``(B,)`` int64, how many to take per row; must not exceed the row's valid count.
+        valid: ``(B, M)`` bool candidates. Only these can be chosen.
+        largest: take the highest (``True``) or lowest (``False``) scores.
+
+    Returns:
+        ``(B, M)`` bool with exactly ``k[b]`` true entries in row ``b``, all within ``valid``.
+    """
+    B, M = score.shape
+    s = score.float()
+    if not largest:
+        s = -s
+    finite = torch.finfo(torch.float32)
+    s = s.clamp(finite.min / 2, finite.max)  # valid -inf still beats padding
+    s = s.masked_fill(~valid, finite.min)  # (B, M)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices  # (B, M) stable: index ties
+    ranks = torch.arange(M, device=score.device).expand(B, M)  # (B, M)
+    take = ranks < k.to(score.device).view(B, 1)  # (B, M) in rank space
+    out = torch.zeros(B, M, dtype=torch.bool, device=score.device)
+    return out.scatter(1, order, take) & valid
+
+
+def mask_to_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Turn a ``(B, M)`` keep mask into sorted indices.
+
+    Returns:
+        ``indices`` ``(B, K)`` int64 with ``K = max_b count_b``, ascending per row, ``-1`` after the
+        row's count; and ``counts`` ``(B,)`` int64.
+    """
+    B, M = mask.shape
+    counts = mask.sum(1)  # (B,)
+    K = int(counts.max()) if B else 0
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :K]  # kept first, in order
+    slot = torch.arange(K, device=mask.device).expand(B, K)  # (B, K)
+    return torch.where(slot < counts.view(B, 1), order, -1), counts
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixing function on int64 tensors holding values in ``[0, 2**32)``.
+
+    (The "lowbias32" constants of Chris Wellons' hash-prospector.) The same bits on every device.
+    """
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed: int, keys: Tensor, num: int) -> Tensor:
+    """Counter-based uniform numbers in ``[0, 1)``: entry ``(b, t)`` depends only on
+    ``(seed, keys[b], t)``.
+
+    So a batched call equals the per-sample calls, and CPU and CUDA agree bit for bit.
+
+    Args:
+        seed: the stage's seed.
+        keys: ``(B,)`` int64 per-sample keys.
+        num: ``M``, numbers per row.
+
+    Returns:
+        ``(B, M)`` float32.
+    """
+    base = _hash32(torch.full_like(keys, seed & _M32) ^ _hash32(keys & _M32) ^ ((keys >> 32) & _M32))
+    t = torch.arange(num, device=keys.device, dtype=torch.int64)  # (M,)
+    h = _hash32(base.view(-1, 1) + _hash32(t * 0x9E3779B9 + 0x632BE5AB).view(1, -1))  # (B, M)
+    return (h >> 8).float() * (1.0 / (1 << 24))  # 24 random bits: exact in float32
+
+
+def compact(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the true entries of each row, in order, left-aligned.
+
+    Returns:
+        ``index`` ``(B, N)`` int64 with ``N = max_b count_b`` (padding slots point at index 0) and
+        ``valid`` ``(B, N)`` bool.
+    """
+    idx, counts = mask_to_indices(mask)
+    return idx.clamp_min(0), idx >= 0
+
+
+def _batched_gather(x: Tensor, index: Tensor) -> Tensor:
+    """``x`` ``(B, M, D)``, ``index`` ``(B, N)`` -> ``(B, N, D)``."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """Output of :func:`spherical_kmeans`.
+
+    Attributes:
+        centres: ``(B, K, D)`` unit centres (zero rows for invalid centres).
+        assign: ``(B, N)`` int64 cluster of each pool token; ``K`` on invalid pool slots.
+        iterations: assignment steps run (each costs one ``(N, D) x (D, K)`` product per row).
+        objective: ``(B, iterations)`` float32 trace of ``sum_t u_t . mu_{a_t}`` measured right
+            after each assignment step, if requested, else ``None``.
+    """
+
+    centres: Tensor
+    assign: Tensor
+    iterations: int
+    objective: Tensor | None = None
+
+
+def _cluster_sums(x: Tensor, assign: Tensor, K: int) -> Tensor:
+    """Per-cluster sums: ``x`` ``(B, N, D)``, ``assign`` ``(B, N)`` in ``0..K`` -> ``(B, K, D)``.
+
+    Cluster ``K`` is a sink for invalid slots and is dropped. On the CPU this is an ``index_add_``
+    (O(N D), deterministic); on CUDA ``index_add_`` uses float atomics whose order varies, so a
+    one-hot batched product is used instead (deterministic, and on tensor cores).
+    """
+    B, N, D = x.shape
+    if x.is_cuda:
+        onehot = torch.nn.functional.one_hot(assign, K + 1)[..., :K].to(x.dtype)  # (B, N, K)
+        return torch.bmm(onehot.transpose(1, 2), x)  # (B, K, N) @ (B, N, D) -> (B, K, D)
+    flat = assign + torch.arange(B, device=x.device).view(B, 1) * (K + 1)  # (B, N) row offsets
+    sums = torch.zeros(B * (K + 1), D, dtype=x.dtype, device=x.device)
+    sums.index_add_(0, flat.reshape(-1), x.reshape(B * N, D))  # (B*(K+1), D)
+    return sums.view(B, K + 1, D)[:, :K]
+
+
+def spherical_kmeans(
+    x: Tensor,
+    valid: Tensor,
+    seeds: Tensor,
+    seed_valid: Tensor,
+    iterations: int = 10,
+    early_stop: bool = True,
+    trace: bool = False,
+) -> KMeansResult:
+    """Spherical k-means over unit vectors, initialised at given members, batched with masks.
+
+    Assignment: ``a_t = argmax_k u_t . mu_k`` (ties to the lower ``k``). Update:
+    ``mu_k = normalise(sum_{t in S_k} u_t)``; an empty cluster keeps its previous centre. Stops
+    after ``iterations`` assignment steps, or earlier (``early_stop``) once no assignment changes
+    in any row. Rows that converged earlier are at a fixed point, so extra steps leave them as
+    they were: a batched call equals the per-row calls.
+
+    Args:
+        x: ``(B, N, D)`` unit pool vectors (fp32/fp16/bf16; products run in this dtype).
+        valid: ``(B, N)`` bool real pool slots.
+        seeds: ``(B, K)`` int64 pool indices of the initial centres.
+        seed_valid: ``(B, K)`` bool; row ``b`` uses its first ``K_b`` centres.
+        iterations: maximum number of assignment steps ``T`` (>= 1).
+        early_stop: stop when assignments no longer change.
+        trace: also return the objective after each assignment step.
+
+    Returns:
+        :class:`KMeansResult`.
+    """
+    B, N, D = x.shape
+    K = seeds.shape[1]
+    if K == 0 or N == 0:  # nothing to cluster
+        empty = torch.full((B, N), K, dtype=torch.int64, device=x.device)
+        obj = torch.zeros(B, 0, device=x.device) if trace else None
+        return KMeansResult(x.new_zeros(B, K, D), empty, 0, obj)
+    mu = _batched_gather(x, seeds) * seed_valid.unsqueeze(-1).to(x.dtype)  # (B, K, D)
+    dead = ~seed_valid.unsqueeze(1)  # (B, 1, K) centre columns no row may join
+    sink = torch.full_like(valid, K, dtype=torch.int64)  # (B, N)
+    prev: Tensor | None = None
+    objectives: list[Tensor] = []
+    steps = 0
+    for _ in range(max(1, iterations)):
+        sims = torch.bmm(x, mu.transpose(1, 2))  # (B, N, D) @ (B, D, K) -> (B, N, K)
+        sims = sims.masked_fill(dead, float("-inf"))
+        best, assign = sims.max(-1)  # (B, N)
+        assign = torch.where(valid, assign, sink)
+        steps += 1
+        if trace:
+            objectives.append(best.float().masked_fill(~valid, 0).sum(1))  # (B,)
+        if early_stop and prev is not None and torch.equal(assign, prev):
+            break
+        prev = assign
+        sums = _cluster_sums(x, assign, K)  # (B, K, D)
+        empty = torch.linalg.vector_norm(sums, dim=-1, dtype=torch.float32) == 0  # (B, K)
+        mu = torch.where(empty.unsqueeze(-1), mu, unit(sums))  # (B, K, D)
+    obj = torch.stack(objectives, 1) if trace else None  # (B, T)
+    return KMeansResult(centres=mu, assign=assign, iterations=steps, objective=obj)
+
+
+def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult) -> Tensor:
+    """The member of each cluster closest to its centre: ``argmax_{t in S_k} u_t . mu_k``.
+
+    Ties go to the lower pool index. Empty clusters give no medoid.
+
+    Args:
+        x: ``(B, N, D)`` unit pool vectors.
+        valid: ``(B, N)`` bool real pool slots.
+        km: the clustering.
+
+    Returns:
+        ``(B, K)`` int64 pool index of each cluster's medoid, ``N`` for an empty or invalid cluster.
+    """
+    B, N, D = x.shape
+    K = km.centres.shape[1]
+    if K == 0:
+        return torch.zeros(B, 0, dtype=torch.int64, device=x.device)
+    own = _batched_gather(km.centres, km.assign.clamp_max(K - 1))  # (B, N, D) centre of each slot
+    score = (x * own).float().sum(-1).masked_fill(~valid, float("-inf"))  # (B, N)
+    best = torch.full((B, K + 1), float("-inf"), device=x.device)
+    best.scatter_reduce_(1, km.assign, score, reduce="amax")  # (B, K+1)
+    is_best = valid & (score == best.gather(1, km.assign))  # (B, N)
+    pos = torch.arange(N, device=x.device).expand(B, N)
+    cand = torch.where(is_best, pos, N)  # (B, N)
+    med = torch.full((B, K + 1), N, dtype=torch.int64, device=x.device)
+    med.scatter_reduce_(1, km.assign, cand, reduce="amin")  # (B, K+1)
+    return med[:, :K]
+
+
+def greedy_max_min(
+    x: Tensor, candidates: Tensor, selected: Tensor, k: Tensor, init_isolated: bool = True
+) -> Tensor:
+    """Greedy max-min diversity (the MMDP heuristic of DivPrune, Alvar et al., CVPR 2025).
+
+    Cosine distance ``d(i, j) = 1 - u_i . u_j``. Each step adds the candidate whose minimum
+    distance to the selected set is largest (ties to the lower index). If a row starts with an
+    empty selected set, its first pick is the candidate whose minimum distance to all other
+    candidates is largest (``init_isolated``; this needs the row's full ``M x M`` similarity), or
+    the lowest-index candidate otherwise.
+
+    The loop runs over the ``max_b k_b`` *picks*, never over tokens or rows: each pick is one
+    batched ``(B, M, D) x (B, D)`` product.
+
+    Args:
+        x: ``(B, M, D)`` unit vectors.
+        candidates: ``(B, M)`` bool tokens that may be added.
+        selected: ``(B, M)`` bool tokens already kept (e.g. pivots); they count for distances.
+        k: ``(B,)`` int64 picks per row (``<=`` the row's candidate count).
+
+    Returns:
+        ``(B, M)`` bool mask of the picked tokens (disjoint from ``selected``).
+    """
+    B, M, D = x.shape
+    neg_inf = torch.tensor(float("-inf"), device=x.device)
+    # min distance of each token to the selected set: 1 - max similarity
+    max_sim = torch.full((B, M), float("-inf"), device=x.device)  # (B, M)
+    any_sel = selected.any(1)  # (B,)
+    if bool(any_sel.any()):
+        # one product with the already-selected set, masked per row
+        sel_idx, sel_ok = compact(selected)  # (B, S)
+        sims = torch.bmm(x, _batched_gather(x, sel_idx).transpose(1, 2)).float()  # (B, M, S)
+        max_sim = sims.masked_fill(~sel_ok.unsqueeze(1), float("-inf")).amax(-1)  # (B, M)
+    first_score: Tensor | None = None
+    if not bool(any_sel.all()):
+        if init_isolated:
+            full = torch.bmm(x, x.transpose(1, 2)).float()  # (B, M, M)
+            both = candidates.unsqueeze(1) & candidates.unsqueeze(2)
+            eye = torch.eye(M, dtype=torch.bool, device=x.device)
+            nearest = full.masked_fill(~both | eye, float("-inf")).amax(-1)  # (B, M) closest other
+            first_score = torch.where(candidates, -nearest, neg_inf)  # most isolated first
+        else:
+            first_score = torch.where(candidates, 0.0, neg_inf).expand(B, M)
+    picked = torch.zeros(B, M, dtype=torch.bool, device=x.device)
+    k = k.to(x.device)
+    steps = int(k.max()) if B else 0
+    rows = torch.arange(B, device=x.device)
+    for step in range(steps):
+        open_ = candidates & ~picked  # (B, M)
+        gain = torch.where(open_, -max_sim, neg_inf)  # larger = farther from the selected set
+        if first_score is not None:
+            fresh = ~(any_sel | picked.any(1))  # rows with nothing selected yet
+            gain = torch.where(fresh.view(B, 1), torch.where(open_, first_score, neg_inf), gain)
+        choice = gain.argmax(1)  # (B,) first max = lower index
+        active = step < k  # (B,)
+        hit = torch.nn.functional.one_hot(choice, M).bool() & active.view(B, 1)  # (B, M)
+        picked = picked | hit
+        new = torch.bmm(x, x[rows, choice].unsqueeze(-1)).squeeze(-1).float()  # (B, M)
+        max_sim = torch.where(active.view(B, 1), torch.maximum(max_sim, new), max_sim)
+    return picked

@@ -1,0 +1,214 @@
+"""Running a spec: route -> fuse -> score -> split the budget -> pivots -> completion -> sorted keep.
+
+The pipeline checks every stage's output against the contract (counts, masks, shapes), so a
+faulty third-party stage fails loudly instead of producing silently wrong selections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .contract import Fused, Provenance, Requirements, Routing, Selection, VisualTokens
+from .spec import PipelineSpec, load_spec
+from .stages import CompletionRequest
+
+__all__ = ["Pipeline", "resolve_budget", "Budget"]
+
+#: A budget: tokens per image (int > 0), a share of each image's tokens (float in (0, 1]), or one
+#: token count per sample (sequence or (B,) tensor of ints > 0).
+Budget = int | float | Sequence[int] | Tensor
+
+Timer = Callable[[str], contextlib.AbstractContextManager]
+
+
+def resolve_budget(budget: Budget | None, valid_counts: Tensor) -> Tensor:
+    """Normalise a budget to ``R`` ``(B,)`` int64 on ``valid_counts``'s device, clipped to the
+    row's valid token count.
+
+    A float in ``(0, 1]`` is a ratio: ``R_b = max(1, round(ratio * M_b))``.
+    """
+    B = valid_counts.shape[0]
+    if budget is None:
+        raise ValueError("no budget given: pass budget=<tokens per image> or a ratio in (0, 1], "
+                         "or set 'budget' / 'budget_ratio' in the spec")
+    if isinstance(budget, bool) or isinstance(budget, str):
+        raise TypeError(f"budget must be an int, a float ratio or a sequence of ints, not {budget!r}")
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a float budget is a ratio and must be in (0, 1], got {budget}; "
+                             "give an int for a token count")
+        r = torch.round(valid_counts.double() * budget).long().clamp_min(1)
+    elif isinstance(budget, int):
+        if budget <= 0:
+            raise ValueError(f"budget must be > 0 tokens per image, got {budget}")
+        r = torch.full((B,), budget, dtype=torch.int64, device=valid_counts.device)
+    else:
+        r = torch.as_tensor(budget, device=valid_counts.device)
+        if r.dtype.is_floating_point or r.dtype == torch.bool:
+            raise TypeError(f"a per-sample budget must hold integers, got dtype {r.dtype}")
+        if r.shape != (B,):
+            raise ValueError(f"a per-sample budget needs {B} entries (one per image), got shape {tuple(r.shape)}")
+        if bool((r <= 0).any()):
+            raise ValueError(f"every per-sample budget must be > 0, got {r.tolist()}")
+        r = r.long()
+    return torch.minimum(r, valid_counts)
+
+
+class Pipeline:
+    """A validated spec, ready to run on :class:`~tokenprune.contract.VisualTokens`.
+
+    >>> pipe = Pipeline.from_file("specs/clasp.toml")           # doctest: +SKIP
+    >>> sel = pipe(tokens, budget=64)                             # doctest: +SKIP
+    >>> sel.indices, sel.provenance, sel.routing.classes          # doctest: +SKIP
+    """
+
+    def __init__(self, spec: PipelineSpec):
+        self.spec = spec
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> Pipeline:
+        return cls(load_spec(path, **overrides))
+
+    # -- stages ---------------------------------------------------------------------------------
+    @property
+    def router(self):
+        return self.spec.router
+
+    @property
+    def table(self):
+        return self.spec.class_table
+
+    def route(self, prompts: Sequence[str]) -> Routing:
+        """Run the router on ``B`` prompts and check its answer."""
+        routing = self.spec.router.route(list(prompts))
+        if len(routing.classes) != len(prompts):
+            raise RuntimeError(
+                f"router returned {len(routing.classes)} classes for {len(prompts)} prompts"
+            )
+        unknown = sorted(set(routing.classes) - set(self.table.classes))
+        if unknown:
+            raise RuntimeError(f"router returned classes {unknown} that the class table does not have")
+        return routing
+
+    def requirements(self, routing: Routing, num_layers: int) -> Requirements:
+        """What the model must supply for this batch: fused layers, attention layers, text."""
+        return self.spec.fusion.requirements(routing, self.table, num_layers) | self.spec.scoring.requirements(
+            num_layers
+        )
+
+    # -- running --------------------------------------------------------------------------------
+    def __call__(
+        self,
+        tokens: VisualTokens,
+        budget: Budget | None = None,
+        routing: Routing | None = None,
+        timer: Timer | None = None,
+    ) -> Selection:
+        """Select the tokens to keep.
+
+        Args:
+            tokens: the batch.
+            budget: tokens per image, a ratio, or per-sample counts; defaults to the spec's.
+            routing: a routing decided earlier (adapters route before running the encoder);
+                routed from ``tokens.prompts`` when ``None``.
+            timer: optional ``timer(stage_name)`` context-manager factory (benchmarks).
+
+        Returns:
+            :class:`~tokenprune.contract.Selection`.
+        """
+        tick = timer or (lambda name: contextlib.nullcontext())
+        spec = self.spec
+        B, M = tokens.shape
+        valid = tokens.valid()
+        if budget is None:
+            budget = spec.budget if spec.budget is not None else spec.budget_ratio
+        counts_valid = valid.sum(1)  # (B,)
+        R = resolve_budget(budget, counts_valid)  # (B,)
+
+        with tick("routing"):
+            if routing is None:
+                if not tokens.prompts:
+                    raise ValueError(
+                        "no prompts to route: pass VisualTokens(prompts=[...]) or routing=Routing(...)"
+                    )
+                routing = self.route(tokens.prompts)
+            elif len(routing.classes) != B:
+                raise ValueError(f"routing has {len(routing.classes)} entries for a batch of {B}")
+        with tick("fusion"):
+            fused = spec.fusion.fuse(tokens, routing, self.table)
+            _check_fused(fused, tokens)
+        with tick("scoring"):
+            phi = spec.scoring.score(tokens, fused)
+            if phi.shape != (B, M) or phi.dtype != torch.float32:
+                raise RuntimeError(
+                    f"scorer returned {tuple(phi.shape)} {phi.dtype}; expected ({B}, {M}) float32"
+                )
+            if bool(torch.isnan(phi).any()):
+                raise ValueError("saliency scores contain NaN: check the inputs for NaN/inf values")
+        with tick("budget"):
+            a = spec.budget_policy.pivot_ratio(routing, self.table).to(torch.float64)
+            if a.shape != (B,) or bool(((a < 0) | (a > 1)).any()):
+                raise RuntimeError(f"budget policy returned {a.tolist()}; expected {B} ratios in [0, 1]")
+            k1 = torch.floor(a.to(R.device) * R + 1e-6).long()  # (B,) eq. 34
+            k2 = R - k1
+        with tick("selection"):
+            pivots = spec.selection.select(phi, k1, valid, fused)
+            _check_mask("selector", pivots, k1, valid)
+        with tick("completion"):
+            pool = valid & ~pivots
+            if bool(torch.equal(k2, pool.sum(1))):  # every row keeps its whole pool
+                extra, merged = pool, None
+            elif not bool(k2.any()):  # pivots fill every budget
+                extra, merged = torch.zeros_like(pool), None
+            else:
+                unit = ops.unit(fused.decoder)  # (B, M, D)
+                req = CompletionRequest(unit, phi, pivots, k2, valid, tokens, fused)
+                res = spec.completion.complete(req)
+                extra, merged = res.mask, res.features
+                _check_mask("completion", extra, k2, pool)
+        with tick("output"):
+            keep = pivots | extra  # (B, M)
+            indices, counts = ops.mask_to_indices(keep)  # (B, K)
+            prov = torch.where(pivots, int(Provenance.PIVOT), int(Provenance.COMPLETION)).to(torch.int8)
+            sel_prov = prov.gather(1, indices.clamp_min(0)).masked_fill(indices < 0, int(Provenance.PAD))
+            features = None
+            if merged is not None or fused.feed_llm:
+                src = fused.decoder if merged is None else torch.where(extra.unsqueeze(-1), merged, fused.decoder)
+                features = Selection(indices, counts, sel_prov, routing).gather(src)  # (B, K, D)
+        return Selection(
+            indices=indices,
+            counts=counts,
+            provenance=sel_prov,
+            routing=routing,
+            features=features,
+            alpha=fused.alpha,
+            pivot_ratio=a.float(),
+        )
+
+
+def _check_fused(fused: Fused, tokens: VisualTokens) -> None:
+    B, M = tokens.shape
+    for name in ("encoder", "decoder"):
+        t = getattr(fused, name)
+        if t.dim() != 3 or t.shape[:2] != (B, M):
+            raise RuntimeError(f"fusion returned {name} of shape {tuple(t.shape)}; expected ({B}, {M}, ·)")
+    if fused.alpha is not None and not math.isclose(float(fused.alpha.sum(-1).mean()), 1.0, abs_tol=1e-4):
+        raise RuntimeError("fusion returned layer weights alpha whose rows do not sum to 1")
+
+
+def _check_mask(stage: str, mask: Tensor, k: Tensor, allowed: Tensor) -> None:
+    if mask.shape != allowed.shape or mask.dtype != torch.bool:
+        raise RuntimeError(f"{stage} returned {tuple(mask.shape)} {mask.dtype}; expected {tuple(allowed.shape)} bool")
+    if bool((mask & ~allowed).any()):
+        raise RuntimeError(f"{stage} chose tokens outside its candidates (padding, or already-kept tokens)")
+    got = mask.sum(1)
+    if not torch.equal(got, k.to(got.device)):
+        raise RuntimeError(f"{stage} chose {got.tolist()} tokens per row; the budget asks for {k.tolist()}")

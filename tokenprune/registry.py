@@ -1,0 +1,185 @@
+"""Plugin discovery: the ``tokenprune`` entry-point group -> a registry of named stages.
+
+There is no module-level manager: :func:`get_registry` builds one (and caches it until
+:func:`get_registry.cache_clear`), and tests build fresh ones with :func:`build_registry`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata as md
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .stages import STAGE_KINDS, Stage
+
+__all__ = ["StageInfo", "Registry", "RegistryError", "build_registry", "get_registry", "HOOK_KINDS"]
+
+#: hook name -> stage kind it registers
+HOOK_KINDS: dict[str, str] = {
+    "register_routers": "router",
+    "register_fusions": "fusion",
+    "register_scorers": "scorer",
+    "register_selectors": "selector",
+    "register_completions": "completion",
+    "register_budget_policies": "budget_policy",
+}
+
+
+class RegistryError(RuntimeError):
+    """A plugin could not be loaded or registered."""
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One registered stage."""
+
+    kind: str
+    name: str
+    cls: type[Stage]
+    distribution: str
+    version: str
+    plugin: str  # entry point or plugin name
+
+    def parameters(self) -> dict[str, dict[str, Any]]:
+        """Parameter name -> {type, default, description} from the stage's pydantic fields."""
+        out = {}
+        for pname, f in self.cls.model_fields.items():
+            out[pname] = {
+                "type": _type_name(f.annotation),
+                "default": None if f.is_required() else f.get_default(call_default_factory=True),
+                "required": f.is_required(),
+                "description": f.description or "",
+            }
+        return out
+
+
+def _type_name(annotation: Any) -> str:
+    name = getattr(annotation, "__name__", None)
+    return name if name and not getattr(annotation, "__args__", None) else str(annotation).replace("typing.", "")
+
+
+@dataclass
+class Registry:
+    """Stages by kind and name, with the distribution that provided each."""
+
+    stages: dict[str, dict[str, StageInfo]] = field(
+        default_factory=lambda: {k: {} for k in STAGE_KINDS}
+    )
+    manager: pluggy.PluginManager | None = None
+
+    def add(self, kind: str, name: str, cls: Any, distribution: str, version: str, plugin: str) -> None:
+        base = STAGE_KINDS[kind]
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"{distribution} ({plugin}) registered a {kind} with invalid name {name!r}")
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise RegistryError(
+                f"{distribution} ({plugin}) registered {kind} '{name}' as {cls!r}, "
+                f"which is not a subclass of tokenprune.stages.{base.__name__}"
+            )
+        if getattr(cls, "__abstractmethods__", None):
+            raise RegistryError(
+                f"{distribution} ({plugin}) registered {kind} '{name}' = {cls.__name__}, which leaves "
+                f"abstract methods unimplemented: {sorted(cls.__abstractmethods__)}"
+            )
+        prior = self.stages[kind].get(name)
+        if prior is not None:
+            raise RegistryError(
+                f"{kind} name '{name}' is registered twice: by distribution '{prior.distribution}' "
+                f"({prior.plugin} -> {prior.cls.__module__}.{prior.cls.__qualname__}) and by distribution "
+                f"'{distribution}' ({plugin} -> {cls.__module__}.{cls.__qualname__}); "
+                "uninstall one or rename its stage"
+            )
+        self.stages[kind][name] = StageInfo(kind, name, cls, distribution, version, plugin)
+
+    def get(self, kind: str, name: str) -> StageInfo:
+        """Look a stage up; an unknown name lists the valid choices."""
+        if kind not in self.stages:
+            raise KeyError(f"unknown stage kind '{kind}'; kinds: {list(self.stages)}")
+        try:
+            return self.stages[kind][name]
+        except KeyError:
+            choices = ", ".join(sorted(self.stages[kind])) or "(none registered)"
+            raise KeyError(f"unknown {kind} '{name}'; valid choices: {choices}") from None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.stages[kind])
+
+    def __iter__(self):
+        for kind in self.stages:
+            for name in sorted(self.stages[kind]):
+                yield self.stages[kind][name]
+
+
+def _entry_points() -> list[md.EntryPoint]:
+    """Entry points of the ``tokenprune`` group, one per (distribution, name, target)."""
+    seen: set[tuple[str, str, str]] = set()
+    out = []
+    for ep in md.entry_points(group=hookspecs.PROJECT):
+        dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+        key = (dist.lower().replace("_", "-"), ep.name, ep.value)
+        if key not in seen:  # the same distribution may be visible twice on sys.path
+            seen.add(key)
+            out.append(ep)
+    return out
+
+
+def build_registry(extra_plugins: tuple[tuple[str, object], ...] = ()) -> Registry:
+    """Load every plugin of the ``tokenprune`` entry-point group and collect its stages.
+
+    Args:
+        extra_plugins: ``(name, plugin)`` pairs registered as well (modules or objects with
+            hookimpls); their distribution shows as ``<local>``. Tests use this.
+
+    Raises:
+        RegistryError: a plugin fails to import, implements an unknown hook, registers a
+            non-stage, or two plugins register the same name for a kind.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    origin: dict[int, tuple[str, str, str]] = {}  # id(plugin) -> (dist, version, ep label)
+    for ep in _entry_points():
+        dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        label = f"{ep.name} = {ep.value}"
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # an entry point that does not import is a user-facing error
+            raise RegistryError(
+                f"entry point '{label}' of distribution '{dist}' failed to load: {exc!r}"
+            ) from exc
+        if pm.is_registered(plugin):
+            continue
+        pm.register(plugin, name=f"{dist}:{ep.name}")
+        origin[id(plugin)] = (dist, version, label)
+    for name, plugin in extra_plugins:
+        pm.register(plugin, name=name)
+        origin[id(plugin)] = ("<local>", "", name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise RegistryError(f"a tokenprune plugin implements an unknown hook: {exc}") from exc
+
+    registry = Registry(manager=pm)
+    for hook_name, kind in HOOK_KINDS.items():
+        caller = getattr(pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # registration order
+            dist, version, label = origin.get(id(impl.plugin), ("?", "?", impl.plugin_name))
+
+            def register(name: str, cls: Any, _d=dist, _v=version, _l=label, _k=kind) -> None:
+                registry.add(_k, name, cls, _d, _v, _l)
+
+            impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
+    return registry
+
+
+@functools.lru_cache(maxsize=1)
+def get_registry() -> Registry:
+    """The process-wide registry of installed plugins, built on first use.
+
+    Call ``get_registry.cache_clear()`` after installing a plugin in a running process.
+    """
+    return build_registry()

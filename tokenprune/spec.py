@@ -1,0 +1,205 @@
+"""Pipeline specs: a pydantic model, loaded from TOML, naming one registered stage per kind.
+
+::
+
+    name = "clasp"
+    budget = 128                  # tokens kept per image (or: budget_ratio = 0.25)
+    class_table = "default"       # or a path to a table TOML, relative to this file
+
+    [router]
+    stage = "keyword"
+
+    [scoring]
+    stage = "cls-attention"
+    layer = -2                    # every other key is a parameter of that stage
+    ...
+
+Unknown keys are errors (``extra="forbid"`` at every level); a stage's parameters are validated by
+that stage's own pydantic model; an unknown stage name lists the valid choices.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .classes import ClassTable
+from .registry import Registry, get_registry
+from .stages import BudgetPolicy, Completion, Fusion, Router, Scorer, Selector, Stage
+
+__all__ = ["PipelineSpec", "load_spec", "STAGE_FIELDS"]
+
+#: spec field -> stage kind
+STAGE_FIELDS: dict[str, str] = {
+    "router": "router",
+    "fusion": "fusion",
+    "scoring": "scorer",
+    "selection": "selector",
+    "completion": "completion",
+    "budget_policy": "budget_policy",
+}
+
+
+def _registry(info: ValidationInfo) -> Registry:
+    ctx = info.context or {}
+    return ctx.get("registry") or get_registry()
+
+
+def _format_errors(prefix: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{prefix}.{loc}: {e['msg']}" if loc else f"{prefix}: {e['msg']}")
+    return "; ".join(parts)
+
+
+class PipelineSpec(BaseModel):
+    """A complete pipeline: one stage per kind, a budget and a class table.
+
+    Attributes:
+        name: a label for reports.
+        description: free text.
+        budget: default tokens kept per image (``> 0``); a call may override it.
+        budget_ratio: alternatively, the default share of each image's tokens to keep, in
+            ``(0, 1]``. At most one of ``budget`` and ``budget_ratio``.
+        class_table: ``"default"``, a path to a table TOML (relative to the spec file), or an
+            inline table.
+        router, fusion, scoring, selection, completion, budget_policy: ``{stage = name, ...params}``.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
+
+    name: str = "pipeline"
+    description: str = ""
+    budget: int | None = Field(None, gt=0)
+    budget_ratio: float | None = Field(None, gt=0, le=1)
+    class_table: ClassTable = Field(default_factory=ClassTable.default)
+    router: Router
+    fusion: Fusion
+    scoring: Scorer
+    selection: Selector
+    completion: Completion
+    budget_policy: BudgetPolicy
+
+    _stage_names: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("class_table", mode="before")
+    @classmethod
+    def _load_table(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            if value == "default":
+                return ClassTable.default()
+            base = Path((info.context or {}).get("base_dir", "."))
+            path = Path(value) if Path(value).is_absolute() else base / value
+            if not path.exists():
+                raise ValueError(f"class table file '{path}' does not exist (give 'default' or a path)")
+            return ClassTable.load(path)
+        return value
+
+    @field_validator(*STAGE_FIELDS, mode="before")
+    @classmethod
+    def _build_stage(cls, value: Any, info: ValidationInfo) -> Stage:
+        kind = STAGE_FIELDS[info.field_name]
+        if isinstance(value, Stage):
+            return value
+        if isinstance(value, str):
+            value = {"stage": value}
+        if not isinstance(value, dict) or "stage" not in value:
+            raise ValueError(f"give a table with a 'stage' key naming a registered {kind}")
+        params = dict(value)
+        name = params.pop("stage")
+        try:
+            info_ = _registry(info).get(kind, name)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        try:
+            return info_.cls.model_validate(params)
+        except ValidationError as exc:
+            raise ValueError(
+                f"bad parameters for {kind} '{name}': {_format_errors(info.field_name, exc)}"
+            ) from None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_names(cls, data: Any, handler: Any) -> PipelineSpec:
+        names = {}
+        if isinstance(data, dict):
+            for f in STAGE_FIELDS:
+                v = data.get(f)
+                if isinstance(v, dict) and "stage" in v:
+                    names[f] = v["stage"]
+                elif isinstance(v, str):
+                    names[f] = v
+        spec = handler(data)
+        spec._stage_names.update(names)
+        return spec
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PipelineSpec:
+        if self.budget is not None and self.budget_ratio is not None:
+            raise ValueError("give at most one of 'budget' (tokens per image) and 'budget_ratio'")
+        return self
+
+    # -- views ----------------------------------------------------------------------------------
+    def stage(self, field: str) -> Stage:
+        return getattr(self, field)
+
+    def stage_name(self, field: str, registry: Registry | None = None) -> str:
+        """The registered name of the stage in ``field``."""
+        if field in self._stage_names:
+            return self._stage_names[field]
+        reg = registry or get_registry()
+        cls = type(self.stage(field))
+        for info in reg.stages[STAGE_FIELDS[field]].values():
+            if info.cls is cls:
+                return info.name
+        return cls.__name__
+
+    def replace(self, **changes: Any) -> PipelineSpec:
+        """A copy with some fields swapped (stage fields take ``{stage=..., ...}`` or a name)."""
+        data = self.resolved()
+        data.update(changes)
+        return PipelineSpec.model_validate(data)
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec with every default filled in, as plain data (``tokenprune spec show``)."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        if self.budget is not None:
+            out["budget"] = self.budget
+        if self.budget_ratio is not None:
+            out["budget_ratio"] = self.budget_ratio
+        out["class_table"] = self.class_table.model_dump(exclude_none=True)
+        for f in STAGE_FIELDS:
+            out[f] = {"stage": self.stage_name(f), **self.stage(f).model_dump()}
+        return out
+
+
+def load_spec(path: str | Path, registry: Registry | None = None, **overrides: Any) -> PipelineSpec:
+    """Read and validate a spec TOML file. ``overrides`` replace top-level keys."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"spec file '{path}' does not exist")
+    with open(path, "rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"spec file '{path}' is not valid TOML: {exc}") from None
+    data.update(overrides)
+    ctx = {"base_dir": str(path.parent)}
+    if registry is not None:
+        ctx["registry"] = registry
+    return PipelineSpec.model_validate(data, context=ctx)
