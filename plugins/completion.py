@@ -62,7 +62,8 @@ class ClaspCompletion(Completion):
        token ([ours], ``spread_without_pivots``).
     3. Spherical k-means over ``U`` with ``K2`` centres from the seeds, at most ``iterations``
        steps, stopping early when assignments stop changing; empty clusters keep their centre.
-    4. Keep each cluster's medoid ``argmax_{t in S_k} u_t . mu_k``; if fewer than ``K2`` distinct
+    4. Keep each cluster's medoid ``argmax_{t in S_k} u_t . mu_k`` (exact ties to the lower
+       ``rho``, then the lower index [ours]); if fewer than ``K2`` distinct
        tokens result, fill with the lowest-``rho`` pool tokens not yet kept ([ours]).
     """
 
@@ -104,7 +105,7 @@ class ClaspCompletion(Completion):
         # 3. spherical k-means over the pool
         km = ops.spherical_kmeans(x, ok, seed_index, seed_ok, self.iterations, self.early_stop, trace)
         # 4. medoids, then fill to exactly K2
-        med = ops.cluster_medoids(x, ok, km)  # (B, K2max), N = none
+        med = ops.cluster_medoids(x, ok, km, tiebreak=rho)  # (B, K2max), N = none
         chosen = torch.zeros(B, N + 1, dtype=torch.bool, device=x.device).scatter_(1, med, True)[:, :N]
         missing = k2 - chosen.sum(1)  # (B,)
         chosen = chosen | ops.topk_mask(rho, missing, ok & ~chosen, largest=False)

@@ -68,7 +68,7 @@ class FeatureNorm(Scorer):
 
     def score(self, tokens: VisualTokens, fused: Fused) -> Tensor:
         x = fused.decoder if self.space == "decoder" else fused.encoder
-        return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # (B, M)
+        return ops.norm_f32(x).float()  # (B, M)
 
 
 class RandomScore(Scorer):

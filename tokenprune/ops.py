@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "unit",
+    "norm_f32",
     "topk_mask",
     "mask_to_indices",
     "hash_uniform",
@@ -34,8 +35,14 @@ def unit(x: Tensor, eps: float = 1e-12) -> Tensor:
 
     ``(..., D) -> (..., D)``. Zero vectors stay zero.
     """
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
+    norm = norm_f32(x, keepdim=True)  # (..., 1)
     return (x / norm.clamp_min(eps).to(x.dtype)).to(x.dtype)
+
+
+def norm_f32(x: Tensor, keepdim: bool = False) -> Tensor:
+    """L2 norm over the last dimension, accumulated in at least float32 (float64 stays float64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim, dtype=acc)
 
 
 def topk_mask(score: Tensor, k: Tensor, valid: Tensor, largest: bool = True) -> Tensor:
@@ -216,21 +223,24 @@ def spherical_kmeans(
             break
         prev = assign
         sums = _cluster_sums(x, assign, K)  # (B, K, D)
-        empty = torch.linalg.vector_norm(sums, dim=-1, dtype=torch.float32) == 0  # (B, K)
+        empty = norm_f32(sums) == 0  # (B, K)
         mu = torch.where(empty.unsqueeze(-1), mu, unit(sums))  # (B, K, D)
     obj = torch.stack(objectives, 1) if trace else None  # (B, T)
     return KMeansResult(centres=mu, assign=assign, iterations=steps, objective=obj)
 
 
-def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult) -> Tensor:
+def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor | None = None) -> Tensor:
     """The member of each cluster closest to its centre: ``argmax_{t in S_k} u_t . mu_k``.
 
-    Ties go to the lower pool index. Empty clusters give no medoid.
+    Exact ties (a two-member cluster always ties: ``u_1 . (u_1 + u_2) = u_2 . (u_1 + u_2)``) go to
+    the member with the lower ``tiebreak`` value, then to the lower pool index. Empty clusters
+    give no medoid.
 
     Args:
         x: ``(B, N, D)`` unit pool vectors.
         valid: ``(B, N)`` bool real pool slots.
         km: the clustering.
+        tiebreak: optional ``(B, N)`` float secondary key, lower wins (CLASP passes ``rho``).
 
     Returns:
         ``(B, K)`` int64 pool index of each cluster's medoid, ``N`` for an empty or invalid cluster.
@@ -244,6 +254,11 @@ def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult) -> Tensor:
     best = torch.full((B, K + 1), float("-inf"), device=x.device)
     best.scatter_reduce_(1, km.assign, score, reduce="amax")  # (B, K+1)
     is_best = valid & (score == best.gather(1, km.assign))  # (B, N)
+    if tiebreak is not None:
+        tb = torch.where(is_best, tiebreak.float(), float("inf"))  # (B, N)
+        low = torch.full((B, K + 1), float("inf"), device=x.device)
+        low.scatter_reduce_(1, km.assign, tb, reduce="amin")  # (B, K+1)
+        is_best = is_best & (tb == low.gather(1, km.assign))
     pos = torch.arange(N, device=x.device).expand(B, N)
     cand = torch.where(is_best, pos, N)  # (B, N)
     med = torch.full((B, K + 1), N, dtype=torch.int64, device=x.device)

@@ -1,0 +1,124 @@
+"""Builders for random stage inputs, shared by the tests (imported as a plain module)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from hypothesis import strategies as st
+
+import tokenprune as tp
+from tokenprune.spec import PipelineSpec
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PROMPTS = [
+    "How many red triangles are there?",
+    "What number is written in the box?",
+    "Is the star left of the circle?",
+    "What color is the square?",
+    "Is there a green hexagon?",
+    "What kind of background is this?",
+    "What is the sum of the two digits?",
+    "Tell me about it.",
+]
+
+
+def make_tokens(
+    B: int,
+    M: int,
+    *,
+    L: int = 4,
+    Dv: int = 8,
+    D: int = 12,
+    H: int = 2,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+    valid_counts: list[int] | None = None,
+    scatter_padding: bool = True,
+    grid: tuple[int, int] | None = None,
+) -> tp.VisualTokens:
+    """A random batch. Rows may have fewer valid tokens (``valid_counts``), with the padding
+    scattered through the row (``scatter_padding``) or at its end."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {l: torch.randn(B, M, Dv, generator=g).to(device=device, dtype=dtype) for l in range(L + 1)}
+    W = (torch.randn(Dv, D, generator=g) / Dv**0.5).to(device=device, dtype=dtype)
+    mask = torch.ones(B, M, dtype=torch.bool)
+    if valid_counts is not None:
+        for b, n in enumerate(valid_counts):  # test set-up only
+            order = torch.randperm(M, generator=g) if scatter_padding else torch.arange(M)
+            mask[b, order[n:]] = False
+    cls = torch.rand(B, H, M, generator=g).softmax(-1)
+    recv = torch.rand(B, H, M, generator=g)
+    text = torch.randn(B, D, generator=g)
+    if grid is None:
+        grid = (M, 1)
+    positions = tp.grid_positions(*grid, batch=B) if grid[0] * grid[1] == M else None
+    prompts = [PROMPTS[int(i)] for i in torch.randint(len(PROMPTS), (B,), generator=g)]
+    return tp.VisualTokens(
+        layers=layers,
+        num_layers=L,
+        mask=mask.to(device),
+        positions=None if positions is None else positions.to(device),
+        cls_attention={L - 1: cls.to(device)},
+        received_attention={L - 1: recv.to(device)},
+        text_embedding=text.to(device=device, dtype=dtype),
+        project=lambda z: z @ W,
+        prompts=prompts,
+        sample_keys=torch.arange(B, dtype=torch.int64).to(device) * 7919,
+    )
+
+
+def row(tokens: tp.VisualTokens, b: int) -> tp.VisualTokens:
+    """Sample ``b`` of a batch as a batch of one."""
+    take = lambda t: None if t is None else t[b : b + 1]  # noqa: E731
+    return replace(
+        tokens,
+        layers={k: v[b : b + 1] for k, v in tokens.layers.items()},
+        mask=take(tokens.mask),
+        positions=take(tokens.positions),
+        cls_attention={k: v[b : b + 1] for k, v in tokens.cls_attention.items()},
+        received_attention={k: v[b : b + 1] for k, v in tokens.received_attention.items()},
+        text_embedding=take(tokens.text_embedding),
+        prompts=[tokens.prompts[b]],
+        sample_keys=take(tokens.sample_keys),
+    )
+
+
+def permute(tokens: tp.VisualTokens, perm: torch.Tensor) -> tp.VisualTokens:
+    """Reorder the tokens of every row by ``perm`` (``(M,)``): new token i = old token perm[i]."""
+    p = perm.to(tokens.device)
+    pick = lambda t: None if t is None else t[:, p]  # noqa: E731
+    return replace(
+        tokens,
+        layers={k: v[:, p] for k, v in tokens.layers.items()},
+        mask=pick(tokens.mask),
+        positions=pick(tokens.positions),
+        cls_attention={k: v[..., p] for k, v in tokens.cls_attention.items()},
+        received_attention={k: v[..., p] for k, v in tokens.received_attention.items()},
+    )
+
+
+def snapshot(tokens: tp.VisualTokens) -> list[torch.Tensor]:
+    ts = list(tokens.layers.values()) + list(tokens.cls_attention.values())
+    ts += list(tokens.received_attention.values())
+    ts += [t for t in (tokens.mask, tokens.positions, tokens.text_embedding, tokens.sample_keys) if t is not None]
+    return [t.clone() for t in ts], ts
+
+
+def clasp_spec(L: int = 4, **changes) -> PipelineSpec:
+    """specs/clasp.toml, with the scorer pointed at layer L-1 and optional stage swaps."""
+    spec = tp.load_spec("specs/clasp.toml")
+    changes.setdefault("scoring", {"stage": "cls-attention", "layer": L - 1})
+    return spec.replace(**changes)
+
+
+@st.composite
+def batches(draw, max_B: int = 4, max_M: int = 24, min_M: int = 1):
+    """Sizes first (including M = 1 and budgets at and beyond M), then a seed for the data."""
+    B = draw(st.integers(1, max_B))
+    M = draw(st.integers(min_M, max_M))
+    counts = [draw(st.integers(1, M)) for _ in range(B)]
+    seed = draw(st.integers(0, 2**31 - 1))
+    budget = draw(st.one_of(st.integers(1, M + 3), st.lists(st.integers(1, M + 3), min_size=B, max_size=B)))
+    return dict(B=B, M=M, valid_counts=counts, seed=seed, budget=budget)
