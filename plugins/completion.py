@@ -85,7 +85,7 @@ class ClaspCompletion(Completion):
             piv = req.unit.gather(1, p_index.unsqueeze(-1).expand(-1, -1, D))  # (B, P, D)
             sims = torch.bmm(x, piv.transpose(1, 2))  # (B, N, D) @ (B, D, P) -> (B, N, P)
             sims = sims.masked_fill(~p_ok.unsqueeze(1), float("-inf"))
-            rho = sims.amax(-1).float()  # (B, N)
+            rho = sims.amax(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # (B, N)
             rho = torch.where(has_pivots.unsqueeze(1), rho, 0.0)
         else:
             rho = torch.zeros(B, N, device=x.device)

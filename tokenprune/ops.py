@@ -25,9 +25,12 @@ __all__ = [
     "spherical_kmeans",
     "cluster_medoids",
     "greedy_max_min",
+    "argmax_low",
 ]
 
 _M32 = 0xFFFFFFFF
+#: scores closer than this many units of rounding (of the feature dtype) count as ties
+TIE_ULPS = 8
 
 
 def unit(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -232,8 +235,9 @@ def spherical_kmeans(
 def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor | None = None) -> Tensor:
     """The member of each cluster closest to its centre: ``argmax_{t in S_k} u_t . mu_k``.
 
-    Exact ties (a two-member cluster always ties: ``u_1 . (u_1 + u_2) = u_2 . (u_1 + u_2)``) go to
-    the member with the lower ``tiebreak`` value, then to the lower pool index. Empty clusters
+    Ties (a two-member cluster always ties: ``u_1 . (u_1 + u_2) = u_2 . (u_1 + u_2)``), meaning
+    scores within ``TIE_ULPS`` units of rounding of the best, go to the member with the lower
+    ``tiebreak`` value, then to the lower pool index. Empty clusters
     give no medoid.
 
     Args:
@@ -250,13 +254,16 @@ def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor
     if K == 0:
         return torch.zeros(B, 0, dtype=torch.int64, device=x.device)
     own = _batched_gather(km.centres, km.assign.clamp_max(K - 1))  # (B, N, D) centre of each slot
-    score = (x * own).float().sum(-1).masked_fill(~valid, float("-inf"))  # (B, N)
-    best = torch.full((B, K + 1), float("-inf"), device=x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    score = (x * own).sum(-1, dtype=acc).masked_fill(~valid, float("-inf"))  # (B, N)
+    best = torch.full((B, K + 1), float("-inf"), device=x.device, dtype=acc)
     best.scatter_reduce_(1, km.assign, score, reduce="amax")  # (B, K+1)
-    is_best = valid & (score == best.gather(1, km.assign))  # (B, N)
+    top = best.gather(1, km.assign)  # (B, N) best score of each slot's cluster
+    tol = TIE_ULPS * torch.finfo(x.dtype).eps * top.abs().clamp_min(1)  # rounding-level ties
+    is_best = valid & (score >= top - tol)  # (B, N)
     if tiebreak is not None:
-        tb = torch.where(is_best, tiebreak.float(), float("inf"))  # (B, N)
-        low = torch.full((B, K + 1), float("inf"), device=x.device)
+        tb = torch.where(is_best, tiebreak.to(acc), float("inf"))  # (B, N)
+        low = torch.full((B, K + 1), float("inf"), device=x.device, dtype=acc)
         low.scatter_reduce_(1, km.assign, tb, reduce="amin")  # (B, K+1)
         is_best = is_best & (tb == low.gather(1, km.assign))
     pos = torch.arange(N, device=x.device).expand(B, N)
@@ -266,13 +273,22 @@ def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor
     return med[:, :K]
 
 
+def argmax_low(score: Tensor, dtype: torch.dtype) -> Tensor:
+    """Row-wise argmax where scores within ``TIE_ULPS`` units of rounding of ``dtype`` of the
+    maximum tie, and ties go to the lowest index. ``(B, M) -> (B,)``."""
+    top = score.amax(1, keepdim=True)  # (B, 1)
+    tol = TIE_ULPS * torch.finfo(dtype).eps * top.abs().clamp_min(1).nan_to_num(0.0)
+    return (score >= top - tol).int().argmax(1)  # first true = lowest index
+
+
 def greedy_max_min(
     x: Tensor, candidates: Tensor, selected: Tensor, k: Tensor, init_isolated: bool = True
 ) -> Tensor:
     """Greedy max-min diversity (the MMDP heuristic of DivPrune, Alvar et al., CVPR 2025).
 
     Cosine distance ``d(i, j) = 1 - u_i . u_j``. Each step adds the candidate whose minimum
-    distance to the selected set is largest (ties to the lower index). If a row starts with an
+    distance to the selected set is largest (rounding-level ties to the lower index, see
+    :func:`argmax_low`). If a row starts with an
     empty selected set, its first pick is the candidate whose minimum distance to all other
     candidates is largest (``init_isolated``; this needs the row's full ``M x M`` similarity), or
     the lowest-index candidate otherwise.
@@ -319,7 +335,7 @@ def greedy_max_min(
         if first_score is not None:
             fresh = ~(any_sel | picked.any(1))  # rows with nothing selected yet
             gain = torch.where(fresh.view(B, 1), torch.where(open_, first_score, neg_inf), gain)
-        choice = gain.argmax(1)  # (B,) first max = lower index
+        choice = argmax_low(gain, x.dtype)  # (B,)
         active = step < k  # (B,)
         hit = torch.nn.functional.one_hot(choice, M).bool() & active.view(B, 1)  # (B, M)
         picked = picked | hit
