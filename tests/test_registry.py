@@ -1,0 +1,157 @@
+"""Discovery through the `tokenprune` entry-point group, third-party plugins, clashes."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import clasp_spec, make_tokens
+
+import tokenprune as tp
+from tokenprune.registry import HOOK_KINDS, RegistryError, build_registry
+
+BUILTINS = {
+    "router": {"keyword", "embedding", "fixed"},
+    "fusion": {"class-adaptive", "single-layer", "mean"},
+    "scorer": {"cls-attention", "received-attention", "text-similarity", "feature-norm", "random"},
+    "selector": {"top-k"},
+    "completion": {"clasp", "none", "random", "grid", "divprune"},
+    "budget_policy": {"class-table", "fixed"},
+}
+
+
+def test_builtins_come_from_the_tokenprune_distribution_entry_points():
+    reg = build_registry()
+    for kind, names in BUILTINS.items():
+        assert names <= set(reg.names(kind))
+        for n in names:
+            info = reg.get(kind, n)
+            assert info.distribution == "tokenprune"
+            assert info.cls.__module__.startswith("tokenprune_plugins.")
+    import importlib.metadata as md
+
+    eps = {ep.value for ep in md.entry_points(group="tokenprune") if ep.dist.metadata["Name"] == "tokenprune"}
+    assert {"tokenprune_plugins.completion", "tokenprune_plugins.routers"} <= eps
+
+
+def _make_dist(root, dist: str, module: str, body: str, ep_name: str = "stages") -> None:
+    """A real installed distribution: a module plus a dist-info with entry_points.txt."""
+    (root / f"{module}.py").write_text(textwrap.dedent(body))
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[tokenprune]\n{ep_name} = {module}\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith("tp_thirdparty")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+CENTRE_SCORER = """
+    import torch
+    import tokenprune
+    from tokenprune.stages import Scorer
+
+    class Centre(Scorer):
+        permutation_invariant = False
+        sharpness: float = 1.0
+
+        def score(self, tokens, fused):
+            pos = tokens.positions.float()
+            centre = pos.mean(1, keepdim=True)
+            return (-self.sharpness * (pos - centre).norm(dim=-1)).float()
+
+    @tokenprune.hookimpl
+    def register_scorers(register):
+        register("centre", Centre)
+"""
+
+
+def test_third_party_distribution_stage_is_used_in_a_spec(site):
+    _make_dist(site, "tp-thirdparty-centre", "tp_thirdparty_centre", CENTRE_SCORER)
+    reg = build_registry()
+    info = reg.get("scorer", "centre")
+    assert (info.distribution, info.version) == ("tp-thirdparty-centre", "1.2.3")
+    spec = tp.PipelineSpec.model_validate(
+        {**clasp_spec().resolved(), "scoring": {"stage": "centre", "sharpness": 2.0},
+         "budget_policy": {"stage": "fixed", "ratio": 1.0}},
+        context={"registry": reg},
+    )
+    tokens = make_tokens(1, 9, grid=(3, 3))
+    sel = tp.Pipeline(spec)(tokens, budget=1)
+    assert sel.row(0).tolist() == [4]  # the centre patch of a 3x3 grid
+    with pytest.raises(Exception, match="sharpnes"):
+        tp.PipelineSpec.model_validate(
+            {**clasp_spec().resolved(), "scoring": {"stage": "centre", "sharpnes": 2.0}},
+            context={"registry": reg},
+        )
+
+
+def test_name_clash_names_both_distributions(site):
+    _make_dist(site, "tp-thirdparty-a", "tp_thirdparty_a", CENTRE_SCORER)
+    _make_dist(site, "tp-thirdparty-b", "tp_thirdparty_b", CENTRE_SCORER)
+    with pytest.raises(RegistryError) as err:
+        build_registry()
+    msg = str(err.value)
+    assert "'centre'" in msg and "tp-thirdparty-a" in msg and "tp-thirdparty-b" in msg
+
+
+def test_clash_with_a_builtin_name_is_an_error(site):
+    _make_dist(site, "tp-thirdparty-clash", "tp_thirdparty_clash", CENTRE_SCORER.replace('"centre"', '"random"'))
+    with pytest.raises(RegistryError, match="'random'.*'tokenprune'.*'tp-thirdparty-clash'"):
+        build_registry()
+
+
+def test_wrong_kind_and_abstract_classes_are_rejected():
+    class NotAStage:
+        pass
+
+    class Plugin:
+        @tp.hookimpl
+        def register_scorers(self, register):
+            register("bad", NotAStage)
+
+    with pytest.raises(RegistryError, match="not a subclass of tokenprune.stages.Scorer"):
+        build_registry(extra_plugins=(("bad", Plugin()),))
+
+    from tokenprune.stages import Completion
+
+    class Half(Completion):
+        pass
+
+    class Plugin2:
+        @tp.hookimpl
+        def register_completions(self, register):
+            register("half", Half)
+
+    with pytest.raises(RegistryError, match="abstract methods"):
+        build_registry(extra_plugins=(("half", Plugin2()),))
+
+
+def test_misspelt_hook_is_reported():
+    class Typo:
+        @tp.hookimpl
+        def register_scorer(self, register):  # missing "s"
+            pass
+
+    with pytest.raises(RegistryError, match="unknown hook"):
+        build_registry(extra_plugins=(("typo", Typo()),))
+
+
+def test_broken_entry_point_names_its_distribution(site):
+    _make_dist(site, "tp-thirdparty-broken", "tp_thirdparty_broken", "raise ImportError('boom')\n")
+    with pytest.raises(RegistryError, match="tp-thirdparty-broken.*boom"):
+        build_registry()
+
+
+def test_every_hook_registers_a_kind():
+    assert set(HOOK_KINDS.values()) == set(tp.stages.STAGE_KINDS)

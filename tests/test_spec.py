@@ -1,0 +1,198 @@
+"""Spec loading, validation errors that name the field and the choices, and stage swapping."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import clasp_spec, make_tokens
+from pydantic import ValidationError
+
+import tokenprune as tp
+from tokenprune.classes import CLASSES, ClassTable
+
+SPECS = sorted(Path("specs").rglob("*.toml"))
+ALTERNATIVES = {
+    "router": ["keyword", "embedding", "fixed"],
+    "fusion": ["class-adaptive", "single-layer", "mean"],
+    "scoring": ["cls-attention", "received-attention", "text-similarity", "feature-norm", "random"],
+    "selection": ["top-k"],
+    "completion": ["clasp", "none", "random", "grid", "divprune"],
+    "budget_policy": ["class-table", "fixed"],
+}
+
+
+def _data(**changes):
+    d = tp.load_spec("specs/clasp.toml").resolved()
+    d.update(changes)
+    return d
+
+
+@pytest.mark.parametrize("path", SPECS, ids=str)
+def test_every_shipped_spec_validates_and_runs(path):
+    spec = tp.load_spec(path)
+    L = 24
+    tokens = make_tokens(2, 16, L=L, grid=(4, 4))
+    sel = tp.Pipeline(spec)(tokens, budget=5)
+    assert sel.counts.tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("field,stage", [(f, s) for f, ss in ALTERNATIVES.items() for s in ss])
+def test_any_one_stage_swaps_without_code_changes(field, stage):
+    """The 'done when' criterion: swap one stage of specs/clasp.toml and run."""
+    text = Path("specs/clasp.toml").read_text()
+    spec = tp.load_spec("specs/clasp.toml").replace(**{field: {"stage": stage}})
+    assert spec.stage_name(field) == stage
+    tokens = make_tokens(3, 16, L=24, grid=(4, 4), valid_counts=[16, 9, 12])
+    sel = tp.Pipeline(spec)(tokens, budget=6)
+    assert sel.counts.tolist() == [6, 6, 6]
+    assert Path("specs/clasp.toml").read_text() == text
+
+
+def test_unknown_stage_lists_the_choices():
+    with pytest.raises(ValidationError) as err:
+        tp.PipelineSpec.model_validate(_data(completion={"stage": "kmeanz"}))
+    msg = str(err.value)
+    assert "completion" in msg and "unknown completion 'kmeanz'" in msg
+    for name in ALTERNATIVES["completion"]:
+        assert name in msg
+
+
+def test_bad_stage_parameter_names_the_field():
+    with pytest.raises(ValidationError, match=r"completion\.iterations"):
+        tp.PipelineSpec.model_validate(_data(completion={"stage": "clasp", "iterations": 0}))
+    with pytest.raises(ValidationError, match=r"completion\.iteration.*[Ee]xtra"):
+        tp.PipelineSpec.model_validate(_data(completion={"stage": "clasp", "iteration": 3}))
+
+
+@pytest.mark.parametrize("budget", [0, -3])
+def test_budget_must_be_positive(budget):
+    with pytest.raises(ValidationError, match="budget"):
+        tp.PipelineSpec.model_validate(_data(budget=budget))
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        tp.Pipeline(clasp_spec())(make_tokens(1, 8), budget=budget)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+def test_ratios_outside_unit_interval_are_rejected(ratio):
+    with pytest.raises(ValidationError, match=r"budget_policy\.ratio"):
+        tp.PipelineSpec.model_validate(_data(budget_policy={"stage": "fixed", "ratio": ratio}))
+    table = tp.load_spec("specs/clasp.toml").resolved()["class_table"]
+    table["classes"]["ocr"]["pivot_ratio"] = ratio
+    with pytest.raises(ValidationError, match="pivot_ratio"):
+        ClassTable.model_validate(table)
+    with pytest.raises(ValidationError, match="budget_ratio"):
+        tp.PipelineSpec.model_validate(_data(budget=None, budget_ratio=ratio if ratio > 1 else 0))
+
+
+def test_class_table_with_missing_classes_names_them():
+    table = tp.load_spec("specs/clasp.toml").resolved()["class_table"]
+    del table["classes"]["counting"], table["classes"]["scene"]
+    with pytest.raises(ValidationError, match=r"missing classes \['counting', 'scene'\]"):
+        ClassTable.model_validate(table)
+
+
+def test_class_table_with_wrong_number_of_layers():
+    rows = {c: {"weights": [0.0, 1.0, 2.0], "pivot_ratio": 0.5} for c in CLASSES}
+    with pytest.raises(ValidationError, match="needs 'num_layers'"):
+        ClassTable.model_validate({"classes": rows})
+    rows["ocr"] = {"weights": [0.0, 1.0], "pivot_ratio": 0.5}
+    with pytest.raises(ValidationError, match="'ocr' has 2 layer weights but num_layers = 3"):
+        ClassTable.model_validate({"num_layers": 3, "classes": rows})
+    rows["ocr"] = {"weights": [0.0, 1.0, 2.0], "pivot_ratio": 0.5}
+    table = ClassTable.model_validate({"num_layers": 3, "classes": rows})
+    spec = clasp_spec(L=4, class_table=table.model_dump())
+    with pytest.raises(ValueError, match="explicit weights for 3 encoder layers, but this encoder has 4"):
+        tp.Pipeline(spec)(make_tokens(1, 8, L=4), budget=3)
+
+
+def test_minus_inf_weights_switch_layers_off_and_are_never_read():
+    rows = {c: {"weights": [-math.inf, 0.0, 1.0, -math.inf], "pivot_ratio": 0.5} for c in CLASSES}
+    spec = clasp_spec(L=4, class_table={"num_layers": 4, "classes": rows})
+    tokens = make_tokens(2, 10, L=4)
+    pipe = tp.Pipeline(spec)
+    req = pipe.requirements(pipe.route(tokens.prompts), 4)
+    assert req.layers == {2, 3} and req.cls_attention == {3}
+    only = tp.VisualTokens(**{**tokens.__dict__, "layers": {2: tokens.layers[2], 3: tokens.layers[3]}})
+    assert torch.equal(pipe(only, budget=4).indices, pipe(tokens, budget=4).indices)
+
+
+def test_extra_top_level_key_is_forbidden():
+    with pytest.raises(ValidationError, match="budgett"):
+        tp.PipelineSpec.model_validate(_data(budgett=3))
+
+
+def test_both_budget_forms_is_an_error():
+    with pytest.raises(ValidationError, match="at most one"):
+        tp.PipelineSpec.model_validate(_data(budget=3, budget_ratio=0.5))
+
+
+def test_class_table_path_is_relative_to_the_spec(tmp_path):
+    table = ClassTable.default().model_dump(exclude_none=True)
+    table["classes"]["ocr"]["pivot_ratio"] = 0.9
+    import json
+
+    lines = ["[classes]"]
+    body = "\n".join(
+        f"[classes.{c}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in row.items())
+        for c, row in table["classes"].items()
+    )
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "mine.toml").write_text(body + "\n")
+    spec_text = Path("specs/clasp.toml").read_text().replace('class_table = "default"', 'class_table = "tables/mine.toml"')
+    (tmp_path / "s.toml").write_text(spec_text)
+    spec = tp.load_spec(tmp_path / "s.toml")
+    assert spec.class_table.classes["ocr"].pivot_ratio == 0.9
+    (tmp_path / "s2.toml").write_text(spec_text.replace("tables/mine.toml", "tables/none.toml"))
+    with pytest.raises(ValidationError, match="does not exist"):
+        tp.load_spec(tmp_path / "s2.toml")
+    del lines
+
+
+def test_budget_forms():
+    counts = torch.tensor([10, 4, 7])
+    assert tp.resolve_budget(5, counts).tolist() == [5, 4, 5]
+    assert tp.resolve_budget(0.5, counts).tolist() == [5, 2, 4]
+    assert tp.resolve_budget([1, 9, 2], counts).tolist() == [1, 4, 2]
+    with pytest.raises(ValueError, match="needs 3 entries"):
+        tp.resolve_budget([1, 2], counts)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        tp.resolve_budget(1.5, counts)
+    with pytest.raises(TypeError):
+        tp.resolve_budget(True, counts)
+    with pytest.raises(TypeError, match="integers"):
+        tp.resolve_budget(torch.tensor([1.0, 2.0, 3.0]), counts)
+
+
+def test_contract_rejects_bad_inputs():
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match=r"\(B, M, Dv\)"):
+        tp.VisualTokens(layers={1: torch.randn(5, 4)}, num_layers=2)
+    with pytest.raises(TypeError, match="float32"):
+        tp.VisualTokens(layers={1: x.long()}, num_layers=2)
+    with pytest.raises(ValueError, match="all layers must agree"):
+        tp.VisualTokens(layers={1: x, 2: x.half()}, num_layers=2)
+    with pytest.raises(ValueError, match=r"mask must be a \(2, 5\) bool"):
+        tp.VisualTokens(layers={1: x}, num_layers=2, mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="out of range"):
+        tp.VisualTokens(layers={7: x}, num_layers=2)
+    with pytest.raises(ValueError, match="3 prompts for a batch of 2"):
+        tp.VisualTokens(layers={1: x}, num_layers=2, prompts=["a", "b", "c"])
+    tokens = tp.VisualTokens(layers={1: x}, num_layers=2, prompts=["a", "b"])
+    with pytest.raises(KeyError, match=r"encoder layer 2 \(asked as 2\) was not supplied; the inputs carry layers \[1\]"):
+        tp.Pipeline(clasp_spec(L=2))(tokens, budget=2)
+    with pytest.raises(KeyError, match="cls_attention at encoder layer 1"):
+        tp.Pipeline(clasp_spec(L=2, fusion={"stage": "single-layer", "layer": 1}))(tokens, budget=2)
+    spec = clasp_spec(L=2, scoring={"stage": "text-similarity"}, fusion={"stage": "single-layer", "layer": 1})
+    with pytest.raises(KeyError, match="text_embedding"):
+        tp.Pipeline(spec)(tokens, budget=2)
+    spec = clasp_spec(L=2, completion={"stage": "grid"}, fusion={"stage": "single-layer", "layer": 1},
+                      scoring={"stage": "feature-norm"})
+    with pytest.raises(ValueError, match="needs token positions"):
+        tp.Pipeline(spec)(tokens, budget=2)
+    nan = tp.VisualTokens(layers={1: x.clone().fill_(float("nan"))}, num_layers=2, prompts=["a", "b"])
+    spec = clasp_spec(L=2, scoring={"stage": "feature-norm"}, fusion={"stage": "single-layer", "layer": 1})
+    with pytest.raises(ValueError, match="NaN"):
+        tp.Pipeline(spec)(nan, budget=2)

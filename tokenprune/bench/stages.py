@@ -1,0 +1,248 @@
+"""``tokenprune bench stages``: per-stage and end-to-end timings of the CLASP pipeline, side by
+side with two references measured in the same run:
+
+- **matmul**: the unavoidable matrix products alone (the redundancy product and the ``T``
+  k-means similarity products CLASP actually ran), as bare ``torch.matmul`` calls of the same
+  shapes;
+- **naive**: the same pipeline written the obvious way: ``torch.stack`` of all ``L`` layers,
+  a Python loop over the batch, and k-means with Python loops over clusters.
+
+The model's projector is not timed: the decoder-space features are given precomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+import tokenprune as tp
+from tokenprune.spec import PipelineSpec
+
+#: name -> (M, L, Dv, D)
+SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "llava-1.5-7b": (576, 24, 1024, 4096),
+    "llava-next-7b": (2880, 24, 1024, 4096),
+}
+STAGES = ("routing", "fusion", "scoring", "budget", "selection", "completion", "output")
+PROMPT = "What is going on here?"  # routes to 'general' (a = 0.5) with the default table
+
+
+@dataclass
+class BenchRow:
+    device: str
+    shape: str
+    M: int
+    B: int
+    budget: int
+    k1: int
+    k2: int
+    iterations: int
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    clasp_ms: float = 0.0
+    matmul_ms: float = 0.0
+    naive_ms: float = 0.0
+
+    @property
+    def vs_matmul(self) -> float:
+        return self.clasp_ms / self.matmul_ms
+
+    @property
+    def naive_speedup(self) -> float:
+        return self.naive_ms / self.clasp_ms
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["vs_matmul"] = self.vs_matmul
+        d["naive_speedup"] = self.naive_speedup
+        return d
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def make_inputs(M: int, L: int, Dv: int, D: int, B: int, device: str, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    layers = {l: torch.randn(B, M, Dv, generator=g, device=device, dtype=dtype) for l in range(1, L + 1)}
+    cls = torch.rand(B, 16, M, generator=g, device=device, dtype=dtype).softmax(-1)
+    projected = torch.randn(B, M, D, generator=g, device=device, dtype=dtype)
+    return tp.VisualTokens(
+        layers=layers,
+        num_layers=L,
+        cls_attention={L - 1: cls},
+        projected=projected,
+        prompts=[PROMPT] * B,
+    )
+
+
+# -- references --------------------------------------------------------------------------------
+def matmul_reference(B: int, M: int, D: int, k1: int, k2: int, T: int, device: str, dtype: torch.dtype):
+    """Bare products of CLASP's shapes: (B, M-K1, D) x (B, D, K1) and T x (B, M-K1, D) x (B, D, K2)."""
+    g = torch.Generator(device=device).manual_seed(1)
+    U = torch.randn(B, M - k1, D, generator=g, device=device, dtype=dtype)
+    P = torch.randn(B, D, max(k1, 1), generator=g, device=device, dtype=dtype)
+    C = torch.randn(B, D, max(k2, 1), generator=g, device=device, dtype=dtype)
+
+    def run():
+        if k1:
+            torch.matmul(U, P)
+        for _ in range(T):
+            torch.matmul(U, C)
+
+    return run
+
+
+def naive_clasp(tokens: tp.VisualTokens, alpha: Tensor, k1: int, k2: int, T: int) -> list[list[int]]:
+    """CLASP written naively: stack every layer, loop over the batch, loop over clusters."""
+    L = tokens.num_layers
+    B, M = tokens.shape
+    out = []
+    for b in range(B):
+        H = torch.stack([tokens.layers[l][b] for l in range(1, L + 1)])  # (L, M, Dv)
+        fused = (alpha[b].to(H.device, H.dtype).view(L, 1, 1) * H).sum(0)  # (M, Dv)  # noqa: F841
+        z = tokens.projected[b]  # (M, D): the projector's output for `fused`
+        u = z / z.norm(dim=-1, keepdim=True)
+        phi = tokens.cls_attention[L - 1][b].float().mean(0)
+        piv = phi.topk(k1).indices if k1 else torch.zeros(0, dtype=torch.long, device=u.device)
+        is_piv = torch.zeros(M, dtype=torch.bool, device=u.device)
+        is_piv[piv] = True
+        rest = (~is_piv).nonzero().flatten()
+        U = u[rest]
+        rho = (U @ u[piv].T).max(1).values if k1 else torch.zeros(len(rest), device=u.device)
+        seeds = torch.argsort(rho, stable=True)[:k2]
+        mu = U[seeds].clone()
+        assign = None
+        for _ in range(T):
+            new = (U @ mu.T).argmax(1)
+            if assign is not None and torch.equal(new, assign):
+                break
+            assign = new
+            for k in range(k2):
+                members = U[assign == k]
+                if len(members):
+                    s = members.sum(0)
+                    mu[k] = s / s.norm()
+        keep = set(piv.tolist())
+        for k in range(k2):
+            idx = (assign == k).nonzero().flatten()
+            if len(idx):
+                keep.add(int(rest[idx[(U[idx] @ mu[k]).argmax()]]))
+        out.append(sorted(keep))
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------
+def run(
+    spec: PipelineSpec,
+    devices: list[str],
+    shapes: list[str],
+    batches: list[int],
+    budgets: list[int],
+    repeats: int = 5,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    pipe = tp.Pipeline(spec)
+    rows = []
+    for device in devices:
+        for shape in shapes:
+            M, L, Dv, D = SHAPES[shape] if shape in SHAPES else _parse_shape(shape)
+            for B in batches:
+                tokens = make_inputs(M, L, Dv, D, B, device, dtype)
+                routing = pipe.route(tokens.prompts)
+                alpha = spec.class_table.alpha(routing.classes, L)
+                a = float(spec.budget_policy.pivot_ratio(routing, spec.class_table)[0])
+                for R in budgets:
+                    k1 = int(a * R + 1e-6)
+                    k2 = R - k1
+                    if progress:
+                        progress(f"{device} {shape} B={B} R={R}")
+                    # iterations CLASP actually runs on this input
+                    iters = _iterations(pipe, tokens, R, routing)
+                    acc: dict[str, list[float]] = defaultdict(list)
+
+                    @contextlib.contextmanager
+                    def timer(name, _acc=acc, _dev=device):
+                        _sync(_dev)
+                        t0 = time.perf_counter()
+                        yield
+                        _sync(_dev)
+                        _acc[name].append((time.perf_counter() - t0) * 1e3)
+
+                    for _ in range(repeats + 1):
+                        pipe(tokens, budget=R, routing=routing, timer=timer)
+                    stage_ms = {s: statistics.median(v[1:]) for s, v in acc.items()}
+                    clasp_ms = _time(lambda: pipe(tokens, budget=R, routing=routing), device, repeats)
+                    mm = matmul_reference(B, M, D, k1, k2, iters, device, dtype)
+                    matmul_ms = _time(mm, device, repeats)
+                    naive_ms = _time(lambda: naive_clasp(tokens, alpha, k1, k2, iters), device,
+                                     max(1, repeats // 2))
+                    rows.append(BenchRow(device, shape, M, B, R, k1, k2, iters, stage_ms, clasp_ms,
+                                         matmul_ms, naive_ms))
+                del tokens
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def _iterations(pipe: tp.Pipeline, tokens: tp.VisualTokens, R: int, routing) -> int:
+    """Run CLASP's completion once with tracing to learn how many k-means steps it takes."""
+    from tokenprune_plugins.completion import ClaspCompletion
+
+    comp = pipe.spec.completion
+    if not isinstance(comp, ClaspCompletion):
+        return 0
+    spec = pipe.spec
+    fused = spec.fusion.fuse(tokens, routing, spec.class_table)
+    phi = spec.scoring.score(tokens, fused)
+    valid = tokens.valid()
+    Rt = tp.resolve_budget(R, valid.sum(1))
+    a = spec.budget_policy.pivot_ratio(routing, spec.class_table).to(Rt.device).double()
+    k1 = torch.floor(a * Rt + 1e-6).long()
+    pivots = spec.selection.select(phi, k1, valid, fused)
+    req = tp.stages.CompletionRequest(tp.ops.unit(fused.decoder), phi, pivots, Rt - k1, valid, tokens, fused)
+    return comp.plan(req).kmeans.iterations
+
+
+def _parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``M,L,Dv,D`` for custom shapes (e.g. tiny ones in tests)."""
+    try:
+        M, L, Dv, D = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"unknown shape '{text}': use one of {list(SHAPES)} or 'M,L,Dv,D'") from None
+    return M, L, Dv, D
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    head = ["device", "shape", "B", "R", "K1/K2", "T"] + [f"{s} ms" for s in STAGES[1:]] + [
+        "CLASP ms", "matmul ms", "CLASP/matmul", "naive ms", "naive/CLASP"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.device, r.shape, str(r.B), str(r.budget), f"{r.k1}/{r.k2}", str(r.iterations)]
+        cells += [f"{r.stage_ms.get(s, 0):.2f}" for s in STAGES[1:]]
+        cells += [f"{r.clasp_ms:.2f}", f"{r.matmul_ms:.2f}", f"{r.vs_matmul:.2f}x", f"{r.naive_ms:.1f}",
+                  f"{r.naive_speedup:.1f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""The ``tokenprune`` command line.
+
+- ``tokenprune plugins``: every registered stage with its distribution and parameters.
+- ``tokenprune spec show FILE``: the resolved spec (all defaults filled in).
+- ``tokenprune bench stages``: stage and pipeline timings with the matmul and naive references.
+- ``tokenprune demo``: CLASP on a batch of synthetic LLaVA-1.5-shaped inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .registry import RegistryError, get_registry
+from .spec import load_spec
+
+DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "clasp.toml"
+
+
+def _default_spec() -> Path:
+    for candidate in (Path("specs/clasp.toml"), DEFAULT_SPEC):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError("specs/clasp.toml not found (run from the repository root or pass --spec FILE)")
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    reg = get_registry()
+    if args.json:
+        out = [
+            {"kind": i.kind, "name": i.name, "distribution": i.distribution, "version": i.version,
+             "class": f"{i.cls.__module__}.{i.cls.__qualname__}", "parameters": i.parameters()}
+            for i in reg
+        ]
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    kind = None
+    for info in reg:
+        if info.kind != kind:
+            kind = info.kind
+            print(f"\n{kind}:")
+        params = ", ".join(
+            f"{p}={v['default']!r}" if not v["required"] else f"{p} (required)"
+            for p, v in info.parameters().items()
+        )
+        print(f"  {info.name:<20} {info.distribution} {info.version:<8} {params}")
+    return 0
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, float):
+        return "-inf" if v == float("-inf") else repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return repr(v)
+
+
+def to_toml(data: dict) -> str:
+    """Render a resolved spec as TOML (scalars first, then one table per section)."""
+    lines, tables = [], []
+    for k, v in data.items():
+        (tables if isinstance(v, dict) else lines).append((k, v))
+    out = [f"{k} = {_toml_value(v)}" for k, v in lines]
+    for k, v in tables:
+        if k == "class_table":
+            out.append("\n[class_table]")
+            out += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if kk != "classes"]
+            for c, row in v.get("classes", {}).items():
+                out.append(f"\n[class_table.classes.{c}]")
+                out += [f"{kk} = {_toml_value(vv)}" for kk, vv in row.items()]
+            continue
+        out.append(f"\n[{k}]")
+        out += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(out) + "\n"
+
+
+def cmd_spec_show(args: argparse.Namespace) -> int:
+    spec = load_spec(args.file)
+    data = spec.resolved()
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        text = to_toml(data)
+        tomllib.loads(text)  # what we print must itself be a valid spec file
+        print(text, end="")
+    return 0
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def cmd_bench_stages(args: argparse.Namespace) -> int:
+    from .bench import stages as bench
+
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for d in devices:
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"device '{d}' requested but CUDA is not available")
+    spec = load_spec(args.spec or _default_spec())
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"tokenprune {__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"dtype {args.dtype}, spec {spec.name}, median of {args.repeats}", file=sys.stderr)
+    if "cuda" in devices:
+        print(f"cuda: {torch.cuda.get_device_name()}", file=sys.stderr)
+    rows = bench.run(
+        spec, devices, args.shapes.split(","), _csv_ints(args.batch), _csv_ints(args.budgets),
+        repeats=args.repeats, dtype=dtype,
+        progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
+    )
+    print(bench.format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.spec or _default_spec(), args.budget)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenprune", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"tokenprune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pl = sub.add_parser("plugins", help="list registered stages")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=cmd_plugins)
+
+    sp = sub.add_parser("spec", help="work with pipeline specs")
+    spsub = sp.add_subparsers(dest="spec_command", required=True)
+    show = spsub.add_parser("show", help="print the resolved spec")
+    show.add_argument("file")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_spec_show)
+
+    bp = sub.add_parser("bench", help="benchmarks")
+    bsub = bp.add_subparsers(dest="bench_command", required=True)
+    bs = bsub.add_parser("stages", help="time each stage and the CLASP pipeline")
+    bs.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
+    bs.add_argument("--devices", help="comma list (default: cpu, plus cuda when available)")
+    bs.add_argument("--shapes", default="llava-1.5-7b,llava-next-7b",
+                    help="comma list of llava-1.5-7b, llava-next-7b or M,L,Dv,D")
+    bs.add_argument("--batch", default="1,8", help="batch sizes")
+    bs.add_argument("--budgets", default="64,128,192", help="tokens kept per image")
+    bs.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    bs.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    bs.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    bs.add_argument("--json", help="also write the rows as JSON to this file")
+    bs.add_argument("--quiet", action="store_true")
+    bs.set_defaults(func=cmd_bench_stages)
+
+    dp = sub.add_parser("demo", help="run CLASP on a synthetic LLaVA-1.5-shaped batch")
+    dp.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
+    dp.add_argument("--budget", type=int, default=64)
+    dp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, RegistryError, ModuleNotFoundError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"tokenprune: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
