@@ -21,31 +21,21 @@ from tokenprune import hookimpl, ops
 from tokenprune.stages import Completion, CompletionRequest, CompletionResult
 
 
-def _scatter_pool(chosen: Tensor, index: Tensor, ok: Tensor, M: int) -> Tensor:
-    """Pool-space mask ``(B, N)`` -> token-space mask ``(B, M)``; padding slots are dropped."""
-    B = chosen.shape[0]
-    idx = torch.where(ok, index, M)  # (B, N) padding -> spare column
-    out = torch.zeros(B, M + 1, dtype=torch.int8, device=chosen.device)
-    out.scatter_add_(1, idx, (chosen & ok).to(torch.int8))  # each real token appears once
-    return out[:, :M].bool()
-
-
 @dataclass(frozen=True)
 class ClaspPlan:
-    """CLASP completion's intermediate results, in pool space (for tests and plots).
+    """CLASP completion's intermediate results, over the tokens (for tests and plots).
 
     Attributes:
-        index: ``(B, N)`` token index of each pool slot (``U = V \\ P`` in token order).
-        ok: ``(B, N)`` bool real pool slots.
-        rho: ``(B, N)`` float32 pivot-relative redundancy (0 for rows without pivots).
-        seeds: ``(B, N)`` bool seed set ``C0``.
-        kmeans: the clustering, in pool space.
-        medoids: ``(B, K2max)`` pool index of each cluster's medoid (``N`` = empty cluster).
-        chosen: ``(B, N)`` bool completion set (medoids + fill).
+        pool: ``(B, M)`` bool pool ``U = V \\ P``.
+        rho: ``(B, M)`` pivot-relative redundancy (0 for rows without pivots; meaningless
+            outside the pool).
+        seeds: ``(B, M)`` bool seed set ``C0``.
+        kmeans: the clustering (``assign`` is ``K2max`` outside the pool).
+        medoids: ``(B, K2max)`` token index of each cluster's medoid (``M`` = empty cluster).
+        chosen: ``(B, M)`` bool completion set (medoids + fill).
     """
 
-    index: Tensor
-    ok: Tensor
+    pool: Tensor
     rho: Tensor
     seeds: Tensor
     kmeans: ops.KMeansResult
@@ -62,9 +52,12 @@ class ClaspCompletion(Completion):
        token ([ours], ``spread_without_pivots``).
     3. Spherical k-means over ``U`` with ``K2`` centres from the seeds, at most ``iterations``
        steps, stopping early when assignments stop changing; empty clusters keep their centre.
-    4. Keep each cluster's medoid ``argmax_{t in S_k} u_t . mu_k`` (exact ties to the lower
-       ``rho``, then the lower index [ours]); if fewer than ``K2`` distinct
-       tokens result, fill with the lowest-``rho`` pool tokens not yet kept ([ours]).
+    4. Keep each cluster's medoid ``argmax_{t in S_k} u_t . mu_k`` (rounding-level ties to the
+       lower ``rho``, then the lower index [ours]); if fewer than ``K2`` distinct tokens result,
+       fill with the lowest-``rho`` pool tokens not yet kept ([ours]).
+
+    The work runs on the full ``(B, M, D)`` feature tensor with the pool as a mask, so the pool
+    is never copied out; pivots and seeds (``K`` rows each) are gathered.
     """
 
     iterations: int = Field(10, ge=1, le=1000, description="maximum k-means iterations T")
@@ -74,46 +67,44 @@ class ClaspCompletion(Completion):
     )
 
     def plan(self, req: CompletionRequest, trace: bool = False) -> ClaspPlan:
-        B, M, D = req.unit.shape
-        index, ok = ops.compact(req.pool)  # (B, N) pool slots in token order
-        N = index.shape[1]
-        x = req.unit.gather(1, index.unsqueeze(-1).expand(-1, -1, D))  # (B, M, D) -> (B, N, D)
-        # 1. redundancy against the pivots
+        x = req.unit  # (B, M, D)
+        B, M, D = x.shape
+        pool = req.pool  # (B, M)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # 1. redundancy against the pivots (eq. 36)
         p_index, p_ok = ops.compact(req.pivots)  # (B, P)
         has_pivots = p_ok.any(1)  # (B,)
         if p_index.shape[1] > 0:
-            piv = req.unit.gather(1, p_index.unsqueeze(-1).expand(-1, -1, D))  # (B, P, D)
-            sims = torch.bmm(x, piv.transpose(1, 2))  # (B, N, D) @ (B, D, P) -> (B, N, P)
-            sims = sims.masked_fill(~p_ok.unsqueeze(1), float("-inf"))
-            rho = sims.amax(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # (B, N)
+            piv = ops.gather_rows(x, p_index)  # (B, P, D)
+            sims = torch.bmm(x, piv.transpose(1, 2))  # (B, M, D) @ (B, D, P) -> (B, M, P)
+            rho = sims.masked_fill(~p_ok.unsqueeze(1), float("-inf")).amax(-1).to(acc)  # (B, M)
             rho = torch.where(has_pivots.unsqueeze(1), rho, 0.0)
         else:
-            rho = torch.zeros(B, N, device=x.device)
-        # 2. seeding
+            rho = torch.zeros(B, M, device=x.device, dtype=acc)
+        # 2. seeding (eqs. 37-38)
         k2 = req.k2.to(x.device)
-        seeds = ops.topk_mask(rho, k2, ok, largest=False)  # (B, N) bottom-K2
+        seeds = ops.topk_mask(rho, k2, pool, largest=False)  # (B, M) bottom-K2
         if self.spread_without_pivots and not bool(has_pivots.all()):
-            n = ok.sum(1)  # (B,)
-            step = torch.div(n, k2.clamp_min(1), rounding_mode="floor").clamp_min(1)  # (B,)
+            u_index, u_ok = ops.compact(pool)  # (B, N) pool tokens in order
+            N = u_index.shape[1]
+            step = torch.div(u_ok.sum(1), k2.clamp_min(1), rounding_mode="floor").clamp_min(1)  # (B,)
             j = torch.arange(N, device=x.device).expand(B, N)  # (B, N) seed ordinal
-            at = (j * step.view(B, 1)).clamp_max(N - 1 if N else 0)  # (B, N)
-            on = j < k2.view(B, 1)
-            spread = torch.zeros(B, N + 1, dtype=torch.bool, device=x.device)
-            spread.scatter_(1, torch.where(on, at, N), True)
-            seeds = torch.where(has_pivots.unsqueeze(1), seeds, spread[:, :N] & ok)
+            at = u_index.gather(1, (j * step.view(B, 1)).clamp_max(max(N - 1, 0)))  # (B, N)
+            spread = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device)
+            spread.scatter_(1, torch.where(j < k2.view(B, 1), at, M), True)
+            seeds = torch.where(has_pivots.unsqueeze(1), seeds, spread[:, :M] & pool)
         seed_index, seed_ok = ops.compact(seeds)  # (B, K2max)
-        # 3. spherical k-means over the pool
-        km = ops.spherical_kmeans(x, ok, seed_index, seed_ok, self.iterations, self.early_stop, trace)
-        # 4. medoids, then fill to exactly K2
-        med = ops.cluster_medoids(x, ok, km, tiebreak=rho)  # (B, K2max), N = none
-        chosen = torch.zeros(B, N + 1, dtype=torch.bool, device=x.device).scatter_(1, med, True)[:, :N]
+        # 3. spherical k-means over the pool (eqs. 39-40)
+        km = ops.spherical_kmeans(x, pool, seed_index, seed_ok, self.iterations, self.early_stop, trace)
+        # 4. medoids (eq. 41), then fill to exactly K2
+        med = ops.cluster_medoids(x, pool, km, tiebreak=rho)  # (B, K2max), M = none
+        chosen = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device).scatter_(1, med, True)[:, :M]
         missing = k2 - chosen.sum(1)  # (B,)
-        chosen = chosen | ops.topk_mask(rho, missing, ok & ~chosen, largest=False)
-        return ClaspPlan(index, ok, rho, seeds, km, med, chosen)
+        chosen = chosen | ops.topk_mask(rho, missing, pool & ~chosen, largest=False)
+        return ClaspPlan(pool, rho, seeds, km, med, chosen)
 
     def complete(self, req: CompletionRequest) -> CompletionResult:
-        p = self.plan(req)
-        return CompletionResult(_scatter_pool(p.chosen, p.index, p.ok, req.unit.shape[1]))
+        return CompletionResult(self.plan(req).chosen)
 
 
 class NoCompletion(Completion):

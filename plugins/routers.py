@@ -31,7 +31,7 @@ ROUTED = tuple(c for c in CLASSES if c != "general")
 DEFAULT_KEYWORDS: dict[str, tuple[str, ...]] = {
     "reasoning": (
         r"\bsum\b", r"\badd(ed)?\b", r"\bplus\b", r"\bminus\b", r"\bdifference\b", r"\bproduct\b",
-        r"\bmultipl", r"\bdivid", r"\bwhy\b", r"\bcompare", r"\b(more|fewer|less|greater|larger|smaller) than\b",
+        r"\bmultipl", r"\bdivid", r"\bwhy\b", r"\bcompare", r"\b(more|fewer|less|greater|larger|smaller)\b.*\bthan\b",
         r"\bodd\b", r"\beven\b", r"\bcombined\b", r"\bif\b", r"\btotal of\b", r"\bwhich (one )?is (bigger|larger|greater)",
     ),
     "counting": (

@@ -46,17 +46,16 @@ def test_seeds_minimise_pivot_redundancy_brute_force(device, case):
     req = build_request(case, torch.float64, device)
     plan = ClaspCompletion().plan(req)
     for b in range(case["B"]):
-        ok = plan.ok[b].cpu()
-        pool = plan.index[b].cpu()[ok].tolist()
+        pool = plan.pool[b].cpu().nonzero().flatten().tolist()
         u = req.unit[b].cpu()
         piv = req.pivots[b].cpu().nonzero().flatten().tolist()
         rho = {t: max(float(u[t] @ u[j]) for j in piv) for t in pool}  # eq. 36 by hand
-        seeds = [int(plan.index[b, n]) for n in plan.seeds[b].cpu().nonzero().flatten().tolist()]
+        seeds = plan.seeds[b].cpu().nonzero().flatten().tolist()
         assert len(seeds) == case["k2"][b]
         best = min(sum(rho[t] for t in c) for c in itertools.combinations(pool, case["k2"][b]))
         assert math.isclose(sum(rho[t] for t in seeds), best, rel_tol=1e-9, abs_tol=1e-12)
-        for n, t in enumerate(pool):
-            assert math.isclose(float(plan.rho[b, n]), rho[t], abs_tol=1e-6)
+        for t in pool:
+            assert math.isclose(float(plan.rho[b, t]), rho[t], abs_tol=1e-6)
 
 
 @given(case=requests(max_M=30), dtype=st.sampled_from([torch.float32, torch.float64]))
@@ -72,11 +71,11 @@ def test_kmeans_objective_never_decreases(device, case, dtype):
 def test_medoids_are_members_and_result_is_exact(device, case, dtype):
     req = build_request(case, dtype, device)
     plan = ClaspCompletion().plan(req)
-    B, N = plan.ok.shape
+    B, M = plan.pool.shape
     for b in range(B):
-        for k, n in enumerate(plan.medoids[b].tolist()):
-            if n < N:
-                assert bool(plan.ok[b, n]) and int(plan.kmeans.assign[b, n]) == k
+        for k, t in enumerate(plan.medoids[b].tolist()):
+            if t < M:
+                assert bool(plan.pool[b, t]) and int(plan.kmeans.assign[b, t]) == k
         assert int(plan.chosen[b].sum()) == case["k2"][b]
     mask = ClaspCompletion().complete(req).mask
     assert torch.equal(mask.sum(1).cpu(), torch.tensor(case["k2"]))

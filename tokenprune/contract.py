@@ -333,9 +333,9 @@ class Selection:
 
     def gather(self, x: Tensor) -> Tensor:
         """Gather per-token values ``(B, M, ...)`` into ``(B, K, ...)`` (zeros on padding)."""
-        idx = self.indices.clamp_min(0)
-        view = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-        out = x.gather(1, view)  # (B, M, ...) -> (B, K, ...)
+        from .ops import gather_rows
+
+        out = gather_rows(x, self.indices.clamp_min(0))  # (B, M, ...) -> (B, K, ...)
         pad = ~self.keep_mask
         return out.masked_fill(pad.view(*pad.shape, *([1] * (x.dim() - 2))), 0)
 

@@ -21,6 +21,7 @@ __all__ = [
     "mask_to_indices",
     "hash_uniform",
     "compact",
+    "gather_rows",
     "KMeansResult",
     "spherical_kmeans",
     "cluster_medoids",
@@ -133,9 +134,16 @@ def compact(mask: Tensor) -> tuple[Tensor, Tensor]:
     return idx.clamp_min(0), idx >= 0
 
 
-def _batched_gather(x: Tensor, index: Tensor) -> Tensor:
-    """``x`` ``(B, M, D)``, ``index`` ``(B, N)`` -> ``(B, N, D)``."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Rows of each sample: ``x`` ``(B, M, ...)``, ``index`` ``(B, N)`` int64 in ``[0, M)`` ->
+    ``(B, N, ...)``.
+
+    One ``index_select`` over the flattened batch, which copies whole rows; ``torch.gather``
+    with an index expanded over ``D`` is several times slower on the CPU.
+    """
+    B, M = x.shape[:2]
+    flat = (index + torch.arange(B, device=index.device).view(B, 1) * M).reshape(-1)  # (B*N,)
+    return x.reshape(B * M, *x.shape[2:]).index_select(0, flat).view(B, index.shape[1], *x.shape[2:])
 
 
 @dataclass(frozen=True)
@@ -148,12 +156,15 @@ class KMeansResult:
         iterations: assignment steps run (each costs one ``(N, D) x (D, K)`` product per row).
         objective: ``(B, iterations)`` float32 trace of ``sum_t u_t . mu_{a_t}`` measured right
             after each assignment step, if requested, else ``None``.
+        score: ``(B, N)`` similarity of each slot to its own (final) centre, when the run ended
+            on a converged assignment step (so the last products are still current), else ``None``.
     """
 
     centres: Tensor
     assign: Tensor
     iterations: int
     objective: Tensor | None = None
+    score: Tensor | None = None
 
 
 def _cluster_sums(x: Tensor, assign: Tensor, K: int) -> Tensor:
@@ -208,12 +219,13 @@ def spherical_kmeans(
         empty = torch.full((B, N), K, dtype=torch.int64, device=x.device)
         obj = torch.zeros(B, 0, device=x.device) if trace else None
         return KMeansResult(x.new_zeros(B, K, D), empty, 0, obj)
-    mu = _batched_gather(x, seeds) * seed_valid.unsqueeze(-1).to(x.dtype)  # (B, K, D)
+    mu = gather_rows(x, seeds) * seed_valid.unsqueeze(-1).to(x.dtype)  # (B, K, D)
     dead = ~seed_valid.unsqueeze(1)  # (B, 1, K) centre columns no row may join
     sink = torch.full_like(valid, K, dtype=torch.int64)  # (B, N)
     prev: Tensor | None = None
     objectives: list[Tensor] = []
     steps = 0
+    score = None
     for _ in range(max(1, iterations)):
         sims = torch.bmm(x, mu.transpose(1, 2))  # (B, N, D) @ (B, D, K) -> (B, N, K)
         sims = sims.masked_fill(dead, float("-inf"))
@@ -223,13 +235,14 @@ def spherical_kmeans(
         if trace:
             objectives.append(best.float().masked_fill(~valid, 0).sum(1))  # (B,)
         if early_stop and prev is not None and torch.equal(assign, prev):
+            score = best  # centres unchanged since these products: still current
             break
         prev = assign
         sums = _cluster_sums(x, assign, K)  # (B, K, D)
         empty = norm_f32(sums) == 0  # (B, K)
         mu = torch.where(empty.unsqueeze(-1), mu, unit(sums))  # (B, K, D)
     obj = torch.stack(objectives, 1) if trace else None  # (B, T)
-    return KMeansResult(centres=mu, assign=assign, iterations=steps, objective=obj)
+    return KMeansResult(centres=mu, assign=assign, iterations=steps, objective=obj, score=score)
 
 
 def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor | None = None) -> Tensor:
@@ -253,9 +266,13 @@ def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor
     K = km.centres.shape[1]
     if K == 0:
         return torch.zeros(B, 0, dtype=torch.int64, device=x.device)
-    own = _batched_gather(km.centres, km.assign.clamp_max(K - 1))  # (B, N, D) centre of each slot
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    score = (x * own).sum(-1, dtype=acc).masked_fill(~valid, float("-inf"))  # (B, N)
+    if km.score is not None:  # the last assignment's products are current
+        score = km.score.to(acc)
+    else:
+        own = gather_rows(km.centres, km.assign.clamp_max(K - 1))  # (B, N, D) centre of each slot
+        score = (x * own).sum(-1, dtype=acc)  # (B, N)
+    score = score.masked_fill(~valid, float("-inf"))
     best = torch.full((B, K + 1), float("-inf"), device=x.device, dtype=acc)
     best.scatter_reduce_(1, km.assign, score, reduce="amax")  # (B, K+1)
     top = best.gather(1, km.assign)  # (B, N) best score of each slot's cluster
@@ -313,7 +330,7 @@ def greedy_max_min(
     if bool(any_sel.any()):
         # one product with the already-selected set, masked per row
         sel_idx, sel_ok = compact(selected)  # (B, S)
-        sims = torch.bmm(x, _batched_gather(x, sel_idx).transpose(1, 2)).float()  # (B, M, S)
+        sims = torch.bmm(x, gather_rows(x, sel_idx).transpose(1, 2)).float()  # (B, M, S)
         max_sim = sims.masked_fill(~sel_ok.unsqueeze(1), float("-inf")).amax(-1)  # (B, M)
     first_score: Tensor | None = None
     if not bool(any_sel.all()):
