@@ -221,6 +221,7 @@ def spherical_kmeans(
         return KMeansResult(x.new_zeros(B, K, D), empty, 0, obj)
     mu = gather_rows(x, seeds) * seed_valid.unsqueeze(-1).to(x.dtype)  # (B, K, D)
     dead = ~seed_valid.unsqueeze(1)  # (B, 1, K) centre columns no row may join
+    any_dead = not bool(seed_valid.all())
     sink = torch.full_like(valid, K, dtype=torch.int64)  # (B, N)
     prev: Tensor | None = None
     objectives: list[Tensor] = []
@@ -228,7 +229,8 @@ def spherical_kmeans(
     score = None
     for _ in range(max(1, iterations)):
         sims = torch.bmm(x, mu.transpose(1, 2))  # (B, N, D) @ (B, D, K) -> (B, N, K)
-        sims = sims.masked_fill(dead, float("-inf"))
+        if any_dead:
+            sims = sims.masked_fill(dead, float("-inf"))
         best, assign = sims.max(-1)  # (B, N)
         assign = torch.where(valid, assign, sink)
         steps += 1

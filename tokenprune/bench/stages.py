@@ -84,10 +84,15 @@ def _time(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) 
 
 
 def make_inputs(M: int, L: int, Dv: int, D: int, B: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """Synthetic inputs with the redundancy of real patch features: every token is one of
+    ``M // 16`` prototype directions plus noise (i.i.d. Gaussian tokens in 4096-d are nearly
+    orthogonal, which makes k-means converge in one or two steps and flatters the pipeline)."""
     g = torch.Generator(device=device).manual_seed(seed)
     layers = {l: torch.randn(B, M, Dv, generator=g, device=device, dtype=dtype) for l in range(1, L + 1)}
     cls = torch.rand(B, 16, M, generator=g, device=device, dtype=dtype).softmax(-1)
-    projected = torch.randn(B, M, D, generator=g, device=device, dtype=dtype)
+    protos = torch.randn(B, max(1, M // 16), D, generator=g, device=device)
+    owner = torch.randint(0, protos.shape[1], (B, M), generator=g, device=device)
+    projected = (tp.ops.gather_rows(protos, owner) + 1.5 * torch.randn(B, M, D, generator=g, device=device)).to(dtype)
     return tp.VisualTokens(
         layers=layers,
         num_layers=L,
