@@ -90,11 +90,13 @@ def _reference_clasp(u, pivots, pool, k2, iterations=10):
     seeds = sorted(U, key=lambda t: (rho[t], t))[:k2]
     mu = [u[s].clone() for s in seeds]
     assign = None
-    for _ in range(iterations):
+    for step in range(iterations):
         new = {t: max(range(k2), key=lambda k: (float(u[t] @ mu[k]), -k)) for t in U}
         if new == assign:
             break
         assign = new
+        if step == iterations - 1:
+            break  # the last step assigns; medoids are measured against these centres
         for k in range(k2):
             members = [t for t in U if assign[t] == k]
             if members:

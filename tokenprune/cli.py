@@ -82,7 +82,7 @@ def to_toml(data: dict) -> str:
                 out += [f"{kk} = {_toml_value(vv)}" for kk, vv in row.items()]
             continue
         out.append(f"\n[{k}]")
-        out += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+        out += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]  # TOML has no null
     return "\n".join(out) + "\n"
 
 
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
     bs.add_argument("--devices", help="comma list (default: cpu, plus cuda when available)")
     bs.add_argument("--shapes", default="llava-1.5-7b,llava-next-7b",
-                    help="comma list of llava-1.5-7b, llava-next-7b or M,L,Dv,D")
+                    help="comma list of llava-1.5-7b, llava-next-7b or MxLxDvxD (e.g. 48x4x16x24)")
     bs.add_argument("--batch", default="1,8", help="batch sizes")
     bs.add_argument("--budgets", default="64,128,192", help="tokens kept per image")
     bs.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")

@@ -156,8 +156,7 @@ class KMeansResult:
         iterations: assignment steps run (each costs one ``(N, D) x (D, K)`` product per row).
         objective: ``(B, iterations)`` float32 trace of ``sum_t u_t . mu_{a_t}`` measured right
             after each assignment step, if requested, else ``None``.
-        score: ``(B, N)`` similarity of each slot to its own (final) centre, when the run ended
-            on a converged assignment step (so the last products are still current), else ``None``.
+        score: ``(B, N)`` similarity of each slot to its own centre, from the last products.
     """
 
     centres: Tensor
@@ -196,9 +195,11 @@ def spherical_kmeans(
     """Spherical k-means over unit vectors, initialised at given members, batched with masks.
 
     Assignment: ``a_t = argmax_k u_t . mu_k`` (ties to the lower ``k``). Update:
-    ``mu_k = normalise(sum_{t in S_k} u_t)``; an empty cluster keeps its previous centre. Stops
-    after ``iterations`` assignment steps, or earlier (``early_stop``) once no assignment changes
-    in any row. Rows that converged earlier are at a fixed point, so extra steps leave them as
+    ``mu_k = normalise(sum_{t in S_k} u_t)``; an empty cluster keeps its previous centre. Runs
+    ``iterations`` assignment steps with an update between consecutive ones, or stops earlier
+    (``early_stop``) once no assignment changes in any row. It always ends on an assignment step,
+    so the returned centres are the ones that produced the returned assignment, and the last
+    products give every slot's similarity to its centre for free (used for medoids). Rows that converged earlier are at a fixed point, so extra steps leave them as
     they were: a batched call equals the per-row calls.
 
     Args:
@@ -226,8 +227,8 @@ def spherical_kmeans(
     prev: Tensor | None = None
     objectives: list[Tensor] = []
     steps = 0
-    score = None
-    for _ in range(max(1, iterations)):
+    T = max(1, iterations)
+    for step in range(T):
         sims = torch.bmm(x, mu.transpose(1, 2))  # (B, N, D) @ (B, D, K) -> (B, N, K)
         if any_dead:
             sims = sims.masked_fill(dead, float("-inf"))
@@ -236,15 +237,14 @@ def spherical_kmeans(
         steps += 1
         if trace:
             objectives.append(best.float().masked_fill(~valid, 0).sum(1))  # (B,)
-        if early_stop and prev is not None and torch.equal(assign, prev):
-            score = best  # centres unchanged since these products: still current
-            break
+        if step == T - 1 or (early_stop and prev is not None and torch.equal(assign, prev)):
+            break  # end on an assignment step: `best` is measured against the current centres
         prev = assign
         sums = _cluster_sums(x, assign, K)  # (B, K, D)
         empty = norm_f32(sums) == 0  # (B, K)
         mu = torch.where(empty.unsqueeze(-1), mu, unit(sums))  # (B, K, D)
     obj = torch.stack(objectives, 1) if trace else None  # (B, T)
-    return KMeansResult(centres=mu, assign=assign, iterations=steps, objective=obj, score=score)
+    return KMeansResult(centres=mu, assign=assign, iterations=steps, objective=obj, score=best)
 
 
 def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor | None = None) -> Tensor:

@@ -139,11 +139,13 @@ def naive_clasp(tokens: tp.VisualTokens, alpha: Tensor, k1: int, k2: int, T: int
         seeds = torch.argsort(rho, stable=True)[:k2]
         mu = U[seeds].clone()
         assign = None
-        for _ in range(T):
+        for step in range(T):
             new = (U @ mu.T).argmax(1)
             if assign is not None and torch.equal(new, assign):
                 break
             assign = new
+            if step == T - 1:
+                break
             for k in range(k2):
                 members = U[assign == k]
                 if len(members):
@@ -232,11 +234,11 @@ def _iterations(pipe: tp.Pipeline, tokens: tp.VisualTokens, R: int, routing) -> 
 
 
 def _parse_shape(text: str) -> tuple[int, int, int, int]:
-    """``M,L,Dv,D`` for custom shapes (e.g. tiny ones in tests)."""
+    """``MxLxDvxD`` for custom shapes (e.g. tiny ones in tests)."""
     try:
-        M, L, Dv, D = (int(x) for x in text.split(","))
+        M, L, Dv, D = (int(x) for x in text.split("x"))
     except ValueError:
-        raise ValueError(f"unknown shape '{text}': use one of {list(SHAPES)} or 'M,L,Dv,D'") from None
+        raise ValueError(f"unknown shape '{text}': use one of {list(SHAPES)} or 'MxLxDvxD'") from None
     return M, L, Dv, D
 
 

@@ -1,0 +1,109 @@
+"""The command line, the docs' promises, and the README's code."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune import hookspecs
+from tokenprune.bench import stages as bench
+from tokenprune.cli import main
+from tokenprune.registry import HOOK_KINDS
+
+
+def test_plugins_lists_every_builtin(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for info in tp.get_registry():
+        assert re.search(rf"^\s+{re.escape(info.name)}\s+tokenprune 0\.1\.0", out, re.M), info.name
+    assert "iterations=10" in out
+
+
+def test_plugins_json(capsys):
+    assert main(["plugins", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    clasp = next(r for r in rows if r["kind"] == "completion" and r["name"] == "clasp")
+    assert clasp["distribution"] == "tokenprune" and clasp["parameters"]["iterations"]["default"] == 10
+
+
+@pytest.mark.parametrize("path", sorted(Path("specs").rglob("*.toml")), ids=str)
+def test_spec_show_prints_a_valid_equivalent_spec(path, capsys, tmp_path):
+    assert main(["spec", "show", str(path)]) == 0
+    text = capsys.readouterr().out
+    data = tomllib.loads(text)
+    again = tp.PipelineSpec.model_validate(data)
+    assert again.resolved() == tp.load_spec(path).resolved()
+
+
+def test_cli_errors_are_one_line_messages(capsys, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(Path("specs/clasp.toml").read_text().replace('stage = "clasp"', 'stage = "kmeanz"'))
+    assert main(["spec", "show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown completion 'kmeanz'" in err and "divprune" in err
+    assert main(["spec", "show", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_bench_stages_runs_and_reports_both_ratios(capsys, tmp_path):
+    out_json = tmp_path / "b.json"
+    assert main(["bench", "stages", "--shapes", "48x4x16x24", "--batch", "1,2", "--budgets", "8,16",
+                 "--repeats", "1", "--quiet", "--json", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    assert "CLASP/matmul" in table and "naive/CLASP" in table
+    rows = json.loads(out_json.read_text())
+    assert len(rows) == 4 and all(r["clasp_ms"] > 0 and r["matmul_ms"] > 0 for r in rows)
+
+
+def test_naive_reference_selects_what_clasp_selects():
+    """The naive bench implementation is a hand-written reference of the same pipeline."""
+    spec = tp.load_spec("specs/clasp.toml")
+    pipe = tp.Pipeline(spec)
+    tokens = bench.make_inputs(200, 6, 16, 24, 3, "cpu", torch.float64)
+    routing = pipe.route(tokens.prompts)
+    alpha = spec.class_table.alpha(routing.classes, 6)
+    a = float(spec.budget_policy.pivot_ratio(routing, spec.class_table)[0])
+    R = 40
+    k1 = int(a * R + 1e-6)
+    sel = pipe(tokens, budget=R)
+    iters = bench._iterations(pipe, tokens, R, routing)
+    assert iters > 1
+    naive = bench.naive_clasp(tokens, alpha, k1, R - k1, iters)
+    assert [sel.row(b).tolist() for b in range(3)] == naive
+
+
+def test_demo_runs(capsys):
+    assert main(["demo", "--budget", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "class counting" in out and "class ocr" in out and "P" in out
+
+
+def _hook_signature(name: str) -> str:
+    fn = getattr(hookspecs, name)
+    return f"{name}({', '.join(inspect.signature(fn).parameters)})"
+
+
+def test_every_hook_has_a_docs_section_headed_by_its_signature():
+    doc = Path("docs/plugins.md").read_text()
+    for name in HOOK_KINDS:
+        assert f"### `{_hook_signature(name)}`" in doc, name
+        assert getattr(hookspecs, name).__doc__.strip()
+
+
+def test_readme_code_runs():
+    blocks = re.findall(r"```python\n(.*?)```", Path("README.md").read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_names_both_setup_commands():
+    text = Path("README.md").read_text()
+    assert "make demo" in text and "make test" in text
+    assert "make test" in Path(".ci/run").read_text()
