@@ -134,7 +134,6 @@ def test_class_table_path_is_relative_to_the_spec(tmp_path):
     table["classes"]["ocr"]["pivot_ratio"] = 0.9
     import json
 
-    lines = ["[classes]"]
     body = "\n".join(
         f"[classes.{c}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in row.items())
         for c, row in table["classes"].items()
@@ -148,7 +147,6 @@ def test_class_table_path_is_relative_to_the_spec(tmp_path):
     (tmp_path / "s2.toml").write_text(spec_text.replace("tables/mine.toml", "tables/none.toml"))
     with pytest.raises(ValidationError, match="does not exist"):
         tp.load_spec(tmp_path / "s2.toml")
-    del lines
 
 
 def test_budget_forms():

@@ -130,7 +130,7 @@ def compact(mask: Tensor) -> tuple[Tensor, Tensor]:
         ``index`` ``(B, N)`` int64 with ``N = max_b count_b`` (padding slots point at index 0) and
         ``valid`` ``(B, N)`` bool.
     """
-    idx, counts = mask_to_indices(mask)
+    idx, _ = mask_to_indices(mask)
     return idx.clamp_min(0), idx >= 0
 
 
