@@ -128,6 +128,7 @@ def _compile(rules: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[tuple[str,
 class FixedRouter(Router):
     """Always the same class, with confidence 1."""
 
+    reads_text = False
     class_name: str = Field("general", description=f"one of {list(CLASSES)}")
 
     @field_validator("class_name")

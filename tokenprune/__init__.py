@@ -7,6 +7,7 @@ stage plugins; a pipeline spec picks one stage per kind.
 from __future__ import annotations
 
 from . import ops
+from .apply import PruningHandle, apply
 from .classes import CLASSES, ClassTable
 from .contract import (
     Fused,
@@ -28,6 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CLASSES",
     "ClassTable",
+    "PruningHandle",
+    "apply",
     "Fused",
     "Pipeline",
     "PipelineSpec",

@@ -51,6 +51,9 @@ class Router(Stage):
     """Maps prompt texts to question classes. Registered through ``register_routers``."""
 
     kind: ClassVar[str] = "router"
+    #: whether :meth:`route` reads the prompt text. Adapters need a tokenizer (or explicit
+    #: prompts) to recover the text only when this is true.
+    reads_text: ClassVar[bool] = True
 
     @abstractmethod
     def route(self, prompts: Sequence[str]) -> Routing:

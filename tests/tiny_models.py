@@ -1,0 +1,161 @@
+"""Tiny random models of the five supported families, built from configs (no download), and
+batches of left-padded image prompts for them.
+
+Token ids: 0 pad, 1 bos, 5 image, 6 video, 7 vision start, 8 vision end; text ids are drawn
+from 10..199.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD, BOS, IMG, VID, VSTART, VEND = 0, 1, 5, 6, 7, 8
+VOCAB = 200
+FAMILIES = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+
+
+def _text(**extra):
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=BOS,
+                eos_token_id=2, **extra)
+
+
+def _clip(image_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            image_size=image_size, patch_size=14)
+
+
+_QWEN_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+_MROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+
+
+def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0):
+    """A tiny ``*ForConditionalGeneration`` of ``family`` in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "llava":
+        cfg = tf.LlavaConfig(vision_config=_clip(56), text_config=tf.LlamaConfig(**_text()),
+                             image_token_id=IMG, vision_feature_layer=-2)
+        cls = tf.LlavaForConditionalGeneration
+    elif family == "llava-next":
+        cfg = tf.LlavaNextConfig(vision_config=_clip(28), text_config=tf.LlamaConfig(**_text()), image_token_id=IMG,
+                                 vision_feature_layer=-2, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+        cls = tf.LlavaNextForConditionalGeneration
+    elif family in ("qwen2-vl", "qwen2.5-vl"):
+        vision = dict(depth=3, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2)
+        if family == "qwen2-vl":
+            vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
+            cfg = tf.Qwen2VLConfig(vision_config=vision, text_config=_text(rope_parameters=_MROPE), **_QWEN_IDS)
+            cls = tf.Qwen2VLForConditionalGeneration
+        else:
+            vision.update(intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[2])
+            cfg = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=_text(rope_parameters=_MROPE), **_QWEN_IDS)
+            cls = tf.Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen3-vl":
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,
+                      out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        text = _text(head_dim=16, rope_parameters=dict(_MROPE, mrope_interleaved=True))
+        cfg = tf.Qwen3VLConfig(vision_config=vision, text_config=text, **_QWEN_IDS)
+        cls = tf.Qwen3VLForConditionalGeneration
+    else:
+        raise ValueError(family)
+    model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype) if hasattr(cls, "_from_config") else cls(cfg)
+    return model.eval()
+
+
+@dataclass
+class Sample:
+    """One prompt: text ids before/after its images and the images' sizes in pixels."""
+
+    before: list[int]
+    after: list[int]
+    sizes: list[tuple[int, int]]
+
+
+def _qwen_patch(family: str) -> int:
+    return 16 if family == "qwen3-vl" else 14
+
+
+def batch(model, family: str, samples: list[Sample], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Processor-like inputs for ``samples``, left-padded, in the model's dtype."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    rows, extra = [], {}
+    if family == "llava":
+        n = (56 // 14) ** 2
+        for s in samples:
+            assert len(s.sizes) <= 1 or True
+        pix = [torch.randn(3, 56, 56, generator=g) for s in samples for _ in s.sizes]
+        rows = [s.before + [IMG] * (n * len(s.sizes)) + s.after for s in samples]
+        extra["pixel_values"] = torch.stack(pix).to(dtype)
+    elif family == "llava-next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = model.config
+        sizes, crops = [], []
+        for s in samples:
+            for hw in s.sizes:
+                sizes.append(list(hw))
+                crops.append(image_size_to_num_patches(image_size=hw, grid_pinpoints=cfg.image_grid_pinpoints,
+                                                       patch_size=cfg.vision_config.image_size))
+        C = max(crops)
+        pix = torch.zeros(len(sizes), C, 3, 28, 28)
+        for i, c in enumerate(crops):
+            pix[i, :c] = torch.randn(c, 3, 28, 28, generator=g)
+        image_sizes = torch.tensor(sizes)
+        # the model's own packer tells the token count of each image
+        feats = [torch.zeros(c, 4, 1) for c in crops]
+        packed, lens = model.model.pack_image_features(feats, image_sizes, "default", image_newline=torch.zeros(1))
+        counts = iter(lens.tolist())
+        rows = [s.before + sum(([IMG] * next(counts) for _ in s.sizes), []) + s.after for s in samples]
+        extra.update(pixel_values=pix.to(dtype), image_sizes=image_sizes)
+    else:
+        p = _qwen_patch(family)
+        grids, patches = [], []
+        for s in samples:
+            for (h, w) in s.sizes:
+                grids.append([1, h // p, w // p])
+                patches.append(torch.randn((h // p) * (w // p), 3 * 2 * p * p, generator=g))
+        grid = torch.tensor(grids)
+        counts = iter((grid.prod(-1) // 4).tolist())
+        rows = [s.before + sum(([VSTART] + [IMG] * next(counts) + [VEND] for _ in s.sizes), []) + s.after
+                for s in samples]
+        extra.update(pixel_values=torch.cat(patches).to(dtype), image_grid_thw=grid)
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), PAD)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, S - len(r):] = torch.tensor(r)
+        mask[b, S - len(r):] = 1
+    out = dict(input_ids=ids, attention_mask=mask, **extra)
+    if family.startswith("qwen"):
+        out["mm_token_type_ids"] = (ids == IMG).int()
+    return out
+
+
+def default_sizes(family: str) -> list[tuple[int, int]]:
+    """Image sizes that give a few dozen tokens and, for the anyres/Qwen families, different counts."""
+    return {
+        "llava": [(56, 56)],
+        "llava-next": [(28, 56), (56, 56), (56, 28)],
+        "qwen2-vl": [(56, 56), (56, 112), (112, 56)],
+        "qwen2.5-vl": [(56, 56), (112, 112), (56, 112)],
+        "qwen3-vl": [(64, 64), (64, 128), (128, 64)],
+    }[family]
+
+
+def samples(family: str, n: int, seed: int = 0) -> list[Sample]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = default_sizes(family)
+    out = []
+    for i in range(n):
+        k = int(torch.randint(2, 6, (1,), generator=g))
+        before = [BOS] + torch.randint(10, VOCAB, (k,), generator=g).tolist()
+        after = torch.randint(10, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+        out.append(Sample(before, after, [sizes[i % len(sizes)]]))
+    return out

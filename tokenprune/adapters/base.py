@@ -1,0 +1,321 @@
+"""What every model family shares: from the user's model inputs to pruned model inputs.
+
+The route (transformers 5.x ``mm_encoder_outputs``):
+
+1. route the prompts (text recovered from ``input_ids`` or given explicitly);
+2. run the vision encoder once, asking only for the layers and the one attention map the
+   pipeline needs (:meth:`Adapter.encode`, family-specific);
+3. run the pipeline on the images of the batch (one row per image, padded by a mask);
+4. delete the dropped image placeholders from ``input_ids``/``attention_mask`` (and every other
+   per-token input), re-left-pad the rows, and carry each kept token's *original* position;
+5. hand the kept features to the model through ``mm_encoder_outputs``.
+
+Shape letters: ``B`` prompts, ``S`` sequence, ``S'`` pruned sequence, ``N`` images, ``M`` visual
+tokens per image (padded), ``P`` placeholder slots per image (``M`` plus structural slots such as
+LLaVA-NeXT's newlines), ``D`` decoder width.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..contract import Requirements, Routing, Selection, VisualTokens
+from ..pipeline import Budget, Pipeline
+from . import capture
+from .sequence import left_pack, take
+
+Entry = Literal["forward", "generate"]
+
+#: per-token inputs that follow ``input_ids`` when columns are dropped, and their padding value.
+PER_TOKEN = {"attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0, "labels": -100}
+
+
+class UnsupportedInput(ValueError):
+    """The inputs cannot be pruned as given; the message says what to change."""
+
+
+@dataclass
+class Encoded:
+    """One encoder pass over the batch's images, ready for the pipeline and for assembly.
+
+    Attributes:
+        tokens: the pipeline's input, one row per image (``N`` rows).
+        own: ``(N, P, D)`` the features the unpruned model would feed the LLM, per placeholder
+            slot, zero padded.
+        slots: ``(N,)`` placeholder slots per image.
+        slot_token: ``(N, P)`` index of the visual token behind each slot, ``-1`` for structural
+            slots (newlines); ``None`` when slot ``j`` is token ``j``.
+        deepstack: per deepstack layer, ``(N, P, D)`` features added inside the LLM (Qwen3-VL).
+        layout: family-specific per-slot tensors that :meth:`Adapter.slot_keep` reads.
+    """
+
+    tokens: VisualTokens
+    own: Tensor
+    slots: Tensor
+    slot_token: Tensor | None = None
+    deepstack: list[Tensor] = field(default_factory=list)
+    layout: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PruneRecord:
+    """What the last pruned call did. ``handle.last`` holds it.
+
+    Attributes:
+        selection: the pipeline's :class:`~tokenprune.contract.Selection`, one row per image
+            (indices into that image's visual tokens, provenance pivot/completion).
+        image_sample: ``(N,)`` the prompt (batch row) each image belongs to.
+        classes: the routed class of each prompt.
+        prompts: the texts that were routed.
+        kept: ``(N,)`` visual tokens kept per image; ``total``: ``(N,)`` before pruning.
+        keep_mask: ``(B, S)`` bool over the caller's sequence: true where the column reached the
+            model (text and kept image tokens; false for dropped tokens and padding).
+        source: ``(B, S')`` column of the caller's sequence behind each pruned position.
+        seconds: wall time of ``route``/``encode``/``select``/``assemble``.
+    """
+
+    selection: Selection
+    image_sample: Tensor
+    classes: tuple[str, ...]
+    prompts: tuple[str, ...]
+    kept: Tensor
+    total: Tensor
+    keep_mask: Tensor
+    source: Tensor
+    seconds: dict[str, float]
+
+
+class Adapter:
+    """Base class of the per-family adapters (see the module docstring for the route)."""
+
+    family: ClassVar[str]
+    #: whether the vision tower has a [CLS] token (``cls-attention`` scoring needs one)
+    has_cls: ClassVar[bool] = True
+    #: input names consumed by the encoder, dropped from the pruned call
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: inputs this adapter cannot prune yet
+    unsupported_inputs: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -- family-specific -------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    def attention_module(self, layer: int) -> nn.Module:
+        """The attention module that produces hidden state ``layer`` (``1..L``)."""
+        raise NotImplementedError
+
+    def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
+        raise NotImplementedError
+
+    def positions(self, ids: Tensor, mask: Tensor, inputs: dict[str, Any], entry: Entry) -> Tensor:
+        """The original positions of every column: ``(B, S)``, or ``(3, B, S)`` for M-RoPE."""
+        given = inputs.get("position_ids")
+        if given is not None:
+            return given
+        if entry == "generate":  # what GenerationMixin builds from the mask
+            pos = mask.long().cumsum(-1) - 1
+            return pos.masked_fill(mask == 0, 0)
+        B, S = ids.shape  # plain forward: the decoder counts 0..S-1
+        return torch.arange(S, device=ids.device).expand(B, S)
+
+    def pruned_positions(self, pos: Tensor, src: Tensor, valid: Tensor, entry: Entry) -> Tensor:
+        return take(pos, src, valid, 0)
+
+    def slot_keep(self, enc: Encoded, token_keep: Tensor) -> Tensor:
+        """``(N, P)`` bool: the placeholder slots that survive, given the kept visual tokens."""
+        return token_keep
+
+    def encoder_output(self, features: Tensor, deepstack: list[Tensor]) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=[features])
+
+    def signal_rows(self, enc_inputs: dict[str, Any], records: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------
+    def check_scoring(self, need: Requirements) -> None:
+        if need.cls_attention and not self.has_cls:
+            raise ValueError(
+                f"the {self.family} vision tower has no [CLS] token, so scoring stage 'cls-attention' "
+                "cannot run on it; use 'received-attention' (e.g. specs/variants/clasp-qwen.toml), "
+                "'feature-norm' or 'text-similarity'"
+            )
+        for layer in need.cls_attention | need.received_attention:
+            if layer == 0:
+                raise ValueError(
+                    "attention scoring at hidden-state 0 (the patch embeddings) is impossible: no "
+                    "attention produced it; use a layer in 1..L or -1..-L"
+                )
+
+    def check_inputs(self, inputs: dict[str, Any]) -> None:
+        for name, why in self.unsupported_inputs.items():
+            if inputs.get(name) is not None:
+                raise UnsupportedInput(why)
+        if inputs.get("input_ids") is None:
+            raise UnsupportedInput(
+                "tokenprune needs input_ids to find the image placeholders; pass input_ids (not "
+                "inputs_embeds) together with the image inputs"
+            )
+        cache = inputs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise UnsupportedInput(
+                "images arrived together with a non-empty KV cache; tokenprune prunes at prefill "
+                "only, so pass the images in the first call"
+            )
+
+    def prompt_texts(self, ids: Tensor, text_cols: Tensor, tokenizer: Any) -> list[str]:
+        rows = [ids[b][text_cols[b]].tolist() for b in range(ids.shape[0])]  # decoding is per row
+        return [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    def text_embedding(self, ids: Tensor, text_cols: Tensor) -> Tensor:
+        emb = self.model.get_input_embeddings()(ids)  # (B, S, D)
+        w = text_cols.to(emb.dtype).unsqueeze(-1)  # (B, S, 1)
+        return ((emb * w).sum(1) / w.sum(1).clamp_min(1)).float()  # (B, D)
+
+    def prepare(
+        self,
+        inputs: dict[str, Any],
+        pipeline: Pipeline,
+        budget: Budget | None,
+        *,
+        prompts: Sequence[str] | None,
+        tokenizer: Any,
+        entry: Entry,
+    ) -> tuple[dict[str, Any], PruneRecord]:
+        """Turn the caller's model inputs into pruned inputs (see the module docstring)."""
+        self.check_inputs(inputs)
+        clock: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ids: Tensor = inputs["input_ids"]  # (B, S)
+        B, S = ids.shape
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask  # (B, S)
+        is_img = ids == self.image_token_id  # (B, S)
+        text_cols = mask.bool() & ~is_img
+
+        # 1. route
+        router = pipeline.spec.router
+        if prompts is not None:
+            prompts = [str(p) for p in prompts]
+            if len(prompts) != B:
+                raise ValueError(f"got {len(prompts)} prompts for a batch of {B} sequences")
+        elif tokenizer is not None:
+            prompts = self.prompt_texts(ids, text_cols, tokenizer)
+        elif router.reads_text:
+            raise ValueError(
+                f"router '{pipeline.spec.stage_name('router')}' reads the prompt text, but tokenprune "
+                "cannot decode input_ids without a tokenizer: pass tokenprune.apply(model, spec, "
+                "tokenizer=processor.tokenizer), or tokenprune_prompts=[...] to the call"
+            )
+        else:
+            prompts = [""] * B
+        routing = pipeline.route(prompts)
+        need = pipeline.requirements(routing, self.num_layers)
+        self.check_scoring(need)
+        clock["route"] = time.perf_counter() - t0
+
+        # 2. encode, recording only the attention the scorer reads
+        t0 = time.perf_counter()
+        wanted: dict[nn.Module, tuple[int, frozenset[str]]] = {}
+        for layer in need.cls_attention | need.received_attention:
+            signals = {"cls"} if layer in need.cls_attention else set()
+            signals |= {"received"} if layer in need.received_attention else set()
+            wanted[self.attention_module(layer)] = (layer, frozenset(signals))
+        with capture.recording(wanted) as rec:
+            enc = self.encode(inputs, need, rec)
+        clock["encode"] = time.perf_counter() - t0
+
+        # 3. the images' prompts, then the pipeline
+        t0 = time.perf_counter()
+        slots_flat = is_img.flatten().nonzero().squeeze(1)  # (sum P_i,) row-major = image order
+        if slots_flat.numel() != int(enc.slots.sum()):
+            raise UnsupportedInput(
+                f"input_ids hold {slots_flat.numel()} image placeholder tokens, but the images give "
+                f"{int(enc.slots.sum())} ({enc.slots.tolist()} per image): build input_ids with the "
+                "model's processor, which expands each image placeholder to its token count"
+            )
+        starts = enc.slots.cumsum(0) - enc.slots  # (N,)
+        image_sample = slots_flat[starts.to(slots_flat.device)] // S  # (N,)
+        N = image_sample.shape[0]
+        first = torch.ones(N, dtype=torch.long, device=image_sample.device)
+        key = torch.zeros(N, dtype=torch.long, device=image_sample.device)
+        if N > 1:  # key = ordinal of the image within its prompt
+            same = image_sample[1:] == image_sample[:-1]
+            first[1:] = (~same).long()
+            run = torch.arange(N, device=image_sample.device)
+            key = run - torch.cummax(torch.where(first.bool(), run, 0), 0).values
+        pick = image_sample.cpu()
+        img_routing = Routing(tuple(routing.classes[i] for i in pick.tolist()), routing.confidence[pick])
+        text = self.text_embedding(ids, text_cols)[image_sample] if need.text_embedding else None
+        tokens = enc.tokens
+        tokens = VisualTokens(
+            layers=tokens.layers, num_layers=tokens.num_layers, mask=tokens.mask, positions=tokens.positions,
+            cls_attention=tokens.cls_attention, received_attention=tokens.received_attention,
+            text_embedding=text, project=tokens.project, projected=tokens.projected,
+            prompts=[prompts[i] for i in pick.tolist()], sample_keys=key,
+        )
+        sel = pipeline(tokens, budget=budget, routing=img_routing)
+        clock["select"] = time.perf_counter() - t0
+
+        # 4. which slots survive, with which features
+        t0 = time.perf_counter()
+        M = tokens.shape[1]
+        token_keep = sel.token_mask(M)  # (N, M)
+        slot_keep = self.slot_keep(enc, token_keep)  # (N, P)
+        feats = enc.own
+        if sel.features is not None:  # fused / merged features replace the model's own
+            D = feats.shape[-1]
+            dest = torch.where(sel.keep_mask, sel.indices, M)  # padding -> spare row
+            repl = feats.new_zeros(N, M + 1, D).scatter(1, dest.unsqueeze(-1).expand(-1, -1, D),
+                                                        sel.features.to(feats.dtype))
+            has = torch.zeros(N, M + 1, dtype=torch.bool, device=feats.device).scatter(1, dest, True)
+            at = enc.slot_token if enc.slot_token is not None else torch.arange(feats.shape[1], device=feats.device).expand(N, -1)
+            at = torch.where(at >= 0, at, M)  # (N, P); structural slots read the spare row
+            feats = torch.where(has.gather(1, at).unsqueeze(-1), repl.gather(1, at.unsqueeze(-1).expand(-1, -1, D)), feats)
+        kept_features = feats[slot_keep]  # (sum K_i, D) in image order
+        deepstack = [d[slot_keep] for d in enc.deepstack]
+
+        # 5. the pruned sequence
+        P = enc.own.shape[1]
+        slot_valid = torch.arange(P, device=slot_keep.device) < enc.slots.to(slot_keep.device).unsqueeze(1)
+        keep = text_cols.clone()  # (B, S)
+        keep.view(-1)[slots_flat[slot_keep[slot_valid].to(slots_flat.device)]] = True
+        src, valid = left_pack(keep)  # (B, S')
+        out = {k: v for k, v in inputs.items() if k not in self.image_inputs and k not in ("position_ids", "cache_position")}
+        out["input_ids"] = take(ids, src, valid, self.pad_id())
+        for name, fill in PER_TOKEN.items():
+            value = mask if name == "attention_mask" else inputs.get(name)
+            if value is not None:
+                out[name] = take(value, src, valid, fill)
+        out["position_ids"] = self.pruned_positions(self.positions(ids, mask, inputs, entry), src, valid, entry)
+        out["mm_encoder_outputs"] = {"image": self.encoder_output(kept_features, deepstack)}
+        clock["assemble"] = time.perf_counter() - t0
+
+        record = PruneRecord(
+            selection=sel, image_sample=image_sample, classes=routing.classes, prompts=tuple(prompts),
+            kept=sel.counts, total=tokens.valid().sum(1),
+            keep_mask=keep, source=src.masked_fill(~valid, -1), seconds=clock,
+        )
+        return out, record
+
+    def pad_id(self) -> int:
+        cfg = self.model.config
+        pad = getattr(cfg, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(getattr(cfg, "text_config", None), "pad_token_id", None)
+        return int(pad) if pad is not None else 0

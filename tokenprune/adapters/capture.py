@@ -1,0 +1,149 @@
+"""Attention probabilities from one encoder layer, without leaving SDPA/FlashAttention.
+
+transformers 5.x attention modules look their kernel up by name in ``AttentionInterface``
+(``self.config._attn_implementation``). tokenprune registers one extra kernel,
+``"tokenprune-capture"``, that calls the layer's original kernel unchanged and, while an adapter
+is encoding, also computes the softmax probabilities it needs from the same ``query``/``key``.
+
+Only the flagged attention modules use it: each gets its *own* shallow copy of its config with
+the kernel name changed (:func:`flag_module`); every other layer, and the model's configs, keep
+their implementation. :func:`unflag_module` puts the shared config object back.
+
+What is recorded per call (one call per image chunk / window in Qwen towers):
+
+- ``"cls"``: the first query's probabilities over all keys, ``(B, H, S)`` float32;
+- ``"received"``: the mean over queries of the probabilities, ``(B, H, S)`` float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+KERNEL = "tokenprune-capture"
+_ATTR = "_tokenprune_capture"
+
+
+@dataclass
+class _Flag:
+    """What a flagged module needs to restore itself and to call its real kernel."""
+
+    config: object  # the shared config object the module had
+    implementation: str  # its kernel name, e.g. "sdpa"
+
+
+@dataclass
+class Recorder:
+    """Collects probabilities for flagged modules during one encoder call.
+
+    Attributes:
+        wanted: module -> (hidden-state layer index, signal names wanted there).
+        records: (layer, signal) -> list of ``(B, H, S)`` tensors, one per kernel call.
+    """
+
+    wanted: dict[int, tuple[int, frozenset[str]]]
+    records: dict[tuple[int, str], list[Tensor]] = field(default_factory=dict)
+
+    def take(self, layer: int, signal: str) -> list[Tensor]:
+        got = self.records.get((layer, signal))
+        if not got:
+            raise RuntimeError(
+                f"no {signal} attention was captured at encoder layer {layer}: the layer's attention "
+                "module did not run through tokenprune's capture kernel (was the model patched by "
+                "something else after tokenprune.apply?)"
+            )
+        return got
+
+
+_RECORDER: ContextVar[Recorder | None] = ContextVar("tokenprune_recorder", default=None)
+
+
+def _real_kernel(module: nn.Module, implementation: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if implementation == "eager" or implementation is None:
+        if eager is None:
+            raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward in its modeling file")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+
+
+def _probabilities(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None) -> Tensor:
+    """Softmax of ``q k^T`` in float32: ``(B, H, Q, S)``."""
+    H, Hkv = query.shape[1], key.shape[1]
+    k = key.repeat_interleave(H // Hkv, 1) if H != Hkv else key  # (B, H, S, Dh)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    s = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, S)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask[..., : s.shape[-2], : s.shape[-1]], float("-inf"))
+        else:
+            s = s + mask[..., : s.shape[-2], : s.shape[-1]].float()
+    return s.softmax(-1)
+
+
+def capture_kernel(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered kernel: the module's real kernel, plus recording while a recorder is active."""
+    flag: _Flag = getattr(module, _ATTR)
+    out = _real_kernel(module, flag.implementation)(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+    rec = _RECORDER.get()
+    if rec is not None and id(module) in rec.wanted:
+        layer, signals = rec.wanted[id(module)]
+        with torch.no_grad():
+            if "received" in signals:
+                p = _probabilities(query, key, attention_mask, scaling)  # (B, H, Q, S)
+                rec.records.setdefault((layer, "received"), []).append(p.mean(2))  # (B, H, S)
+                if "cls" in signals:
+                    rec.records.setdefault((layer, "cls"), []).append(p[:, :, 0])
+            elif "cls" in signals:
+                p = _probabilities(query[:, :, :1], key, attention_mask, scaling)  # (B, H, 1, S)
+                rec.records.setdefault((layer, "cls"), []).append(p[:, :, 0])  # (B, H, S)
+    return out
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KERNEL, capture_kernel)
+
+
+def flag_module(module: nn.Module) -> None:
+    """Route one attention module through the capture kernel (idempotent, per instance)."""
+    if hasattr(module, _ATTR):
+        return
+    _register()
+    config = module.config
+    implementation = config._attn_implementation
+    own = copy.copy(config)  # shallow: only the kernel name differs
+    own._attn_implementation = KERNEL
+    object.__setattr__(module, _ATTR, _Flag(config, implementation))
+    module.config = own
+
+
+def unflag_module(module: nn.Module) -> None:
+    """Undo :func:`flag_module`: the module shares its original config object again."""
+    flag = module.__dict__.pop(_ATTR, None)
+    if flag is not None:
+        module.config = flag.config
+
+
+@contextlib.contextmanager
+def recording(wanted: dict[nn.Module, tuple[int, frozenset[str]]]) -> Iterator[Recorder]:
+    """Record the wanted signals of flagged modules for the duration of the block."""
+    rec = Recorder({id(m): v for m, v in wanted.items()})
+    token = _RECORDER.set(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDER.reset(token)

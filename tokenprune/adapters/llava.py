@@ -1,0 +1,197 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT (``LlavaNextForConditionalGeneration``).
+
+Both run a CLIP-style tower with a [CLS] token, drop the [CLS] (``vision_feature_select_strategy
+= "default"``), project with ``multi_modal_projector`` and use plain 1-D positions.
+
+LLaVA-NeXT packs each image as its base crop (576 tokens) followed by the unpadded high-resolution
+grid, with one ``image_newline`` slot after every grid row. The adapter pushes an index tensor
+through the model's own ``pack_image_features`` to map every packed slot back to its crop and
+patch, so no layout rule is re-implemented. The pipeline sees the visual tokens only; a row's
+newline is kept when at least one token of that grid row is kept (a budget of all tokens keeps
+all of them) and it does not count against the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..contract import Requirements, VisualTokens, grid_positions, normalize_layer
+from . import capture
+from .base import Adapter, Encoded
+from .sequence import pad_flat
+
+
+class UnsupportedModel(ValueError):
+    """The model's configuration is outside what the adapter handles; the message says why."""
+
+
+def _tower_layers(need: Requirements, feature_layer: int, num_layers: int) -> list[int]:
+    layers = set(need.layers) | {normalize_layer(feature_layer, num_layers)}
+    return sorted(layers)
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    image_inputs = ("pixel_values", "image_sizes")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cfg = model.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise UnsupportedModel(
+                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} keeps the [CLS] "
+                "as an LLM token; tokenprune supports 'default' (patch tokens only)"
+            )
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise UnsupportedModel(
+                f"vision_feature_layer={cfg.vision_feature_layer} concatenates several layers; "
+                "tokenprune supports one feature layer"
+            )
+        self.tower = model.model.vision_tower
+        if not hasattr(self.tower, "encoder") or not hasattr(self.tower.encoder, "layers"):
+            raise UnsupportedModel(
+                f"the vision tower {type(self.tower).__name__} has no encoder.layers; tokenprune's "
+                "LLaVA adapter supports CLIP/SigLIP-style towers"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.tower.encoder.layers)
+
+    def attention_module(self, layer: int) -> nn.Module:
+        return self.tower.encoder.layers[layer - 1].self_attn
+
+    def _project(self, x: Tensor) -> Tensor:
+        return self.model.model.multi_modal_projector(x)  # (N, M, Dv) -> (N, M, D)
+
+    def _features(self, inputs: dict[str, Any], need: Requirements, **extra: Any):
+        cfg = self.model.config
+        layers = _tower_layers(need, cfg.vision_feature_layer, self.num_layers)
+        out = self.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy="default",
+            output_hidden_states=layers,
+            return_dict=True,
+            **extra,
+        )
+        feats = {li: out.hidden_states[li][:, 1:] for li in (need.layers or layers)}  # (C, M, Dv)
+        return out, feats
+
+    def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
+        out, feats = self._features(inputs, need)
+        own = torch.stack(list(out.pooler_output))  # (N, M, D)
+        N, M, _ = own.shape
+        side = math.isqrt(M)
+        tokens = VisualTokens(
+            layers=feats,
+            num_layers=self.num_layers,
+            positions=grid_positions(side, M // side, N, own.device) if side * side == M else None,
+            cls_attention={li: recorder.take(li, "cls")[0][:, :, 1:] for li in need.cls_attention},
+            received_attention={li: recorder.take(li, "received")[0][:, :, 1:] for li in need.received_attention},
+            project=self._project,
+        )
+        return Encoded(tokens, own, torch.full((N,), M, dtype=torch.long, device=own.device))
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava-next"
+
+    def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        model = self.model.model
+        cfg = self.model.config
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes next to pixel_values (the processor returns both)")
+        out, feats = self._features(inputs, need, image_sizes=sizes)
+        packed = list(out.pooler_output)  # per image (P_i, D), newline slots included
+        slots = torch.tensor([p.shape[0] for p in packed], device=packed[0].device)  # (N,)
+        own, _ = pad_flat(torch.cat(packed), slots)  # (N, P, D)
+        N = slots.shape[0]
+
+        # map each packed slot to (crop, patch) through the model's own packer
+        ref = next(iter(feats.values()))  # (C, 576, Dv) crops of all images
+        C, Mc, _ = ref.shape
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        crops = self._crops_per_image(sizes)  # (N,)
+        flat_ids = torch.arange(C * Mc, dtype=torch.float64, device=ref.device).view(C, Mc, 1)
+        per_image = torch.split(flat_ids, crops.tolist())
+        mapped, _ = model.pack_image_features(
+            list(per_image), sizes, "default", image_newline=torch.tensor([-1.0], dtype=torch.float64, device=ref.device)
+        )
+        slot_flat, _ = pad_flat(torch.cat(mapped).squeeze(-1).round().long(), slots)  # (N, P); -1 newline
+        slot_valid = torch.arange(slot_flat.shape[1], device=ref.device) < slots.unsqueeze(1)
+        is_token = slot_valid & (slot_flat >= 0)  # (N, P)
+        slot_token = torch.where(is_token, is_token.long().cumsum(1) - 1, -1)  # (N, P)
+        counts = is_token.sum(1)  # (N,)
+        token_flat, token_valid = pad_flat(slot_flat[is_token], counts)  # (N, M) global crop*576+patch
+
+        # newline bookkeeping: the grid row each slot belongs to (-1: base crop / not in the grid)
+        newline = slot_valid & (slot_flat < 0)
+        row = newline.long().cumsum(1) - newline.long()  # newlines strictly before the slot
+        crop_start = (crops.cumsum(0) - crops).to(ref.device)  # (N,)
+        local_crop = torch.div(slot_flat.clamp_min(0), Mc, rounding_mode="floor") - crop_start.unsqueeze(1)
+        in_base = is_token & (local_crop == 0) & (crops.to(ref.device).unsqueeze(1) > 1)
+        rows = torch.where(in_base | ~slot_valid, -1, row)  # (N, P)
+
+        # features, attention and positions per token
+        def per_token(x: Tensor) -> Tensor:  # (C, 576, ...) -> (N, M, ...)
+            flat = x.reshape(C * Mc, *x.shape[2:])
+            out = flat.index_select(0, token_flat.flatten()).view(N, -1, *x.shape[2:])
+            return out.masked_fill(~token_valid.view(N, -1, *([1] * (x.dim() - 2))), 0)
+
+        def attention(name: str, signal: str, layers: frozenset[int]) -> dict[int, Tensor]:
+            return {
+                li: per_token(recorder.take(li, signal)[0][:, :, 1:].transpose(1, 2)).transpose(1, 2)
+                for li in layers
+            }  # (C, H, 577) -> (N, H, M)
+
+        grids = torch.tensor(
+            [get_anyres_image_grid_shape(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+             for s in sizes.tolist()], device=ref.device
+        )  # (N, 2) crops high x wide of the grid
+        local = token_flat % Mc
+        pr, pc = torch.div(local, side, rounding_mode="floor"), local % side
+        lc = torch.div(token_flat, Mc, rounding_mode="floor") - crop_start.unsqueeze(1)  # 0 = base crop
+        gh, gw = grids[:, :1], grids[:, 1:]
+        grid_r = torch.div(lc - 1, gw, rounding_mode="floor") * side + pr
+        grid_c = ((lc - 1) % gw) * side + pc
+        base = lc == 0
+        r = torch.where(base, pr * gh, grid_r).float()
+        c = torch.where(base, pc * gw, grid_c).float()
+        tokens = VisualTokens(
+            layers={li: per_token(h) for li, h in feats.items()},
+            num_layers=self.num_layers,
+            mask=token_valid,
+            positions=torch.stack([r, c], -1),
+            cls_attention=attention("cls_attention", "cls", need.cls_attention),
+            received_attention=attention("received_attention", "received", need.received_attention),
+            project=self._project,
+        )
+        return Encoded(tokens, own, slots, slot_token, layout={"rows": rows, "newline": newline})
+
+    def _crops_per_image(self, sizes: Tensor) -> Tensor:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        return torch.tensor([
+            image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                      patch_size=cfg.vision_config.image_size)
+            for s in sizes.tolist()
+        ])
+
+    def slot_keep(self, enc: Encoded, token_keep: Tensor) -> Tensor:
+        at = enc.slot_token  # (N, P)
+        kept = token_keep.gather(1, at.clamp_min(0)) & (at >= 0)  # (N, P) kept token slots
+        rows = enc.layout["rows"]  # (N, P), -1 outside the grid
+        R = int(rows.max()) + 2
+        per_row = torch.zeros(kept.shape[0], R, dtype=torch.long, device=kept.device)
+        per_row.scatter_add_(1, rows + 1, (kept & (rows >= 0)).long())  # kept tokens per grid row
+        line = enc.layout["newline"] & (per_row.gather(1, rows + 1) > 0)
+        return kept | line

@@ -1,0 +1,150 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+
+The towers have no [CLS]; every LLM token is one 2x2 merge unit of four consecutive patches.
+The pipeline sees one row per image whose token features are the four patches' encoder features
+side by side, ``(N, M, 4*Dv)``: fusion is a weighted sum, so it runs at patch level, and the
+projector is the model's own merger applied to those patches. Received attention is averaged
+over the unit's patches.
+
+- Qwen2.5-VL runs its blocks in window order; hidden states and attention are un-permuted with
+  the tower's own ``get_vision_window_index``.
+- Qwen3-VL also feeds deepstack features into the first LLM layers; they are pruned with the
+  same indices.
+- Positions are M-RoPE (t, h, w) from the model's ``get_rope_index`` on the *unpruned*
+  sequence, gathered at the kept columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..contract import Requirements, VisualTokens
+from . import capture
+from .base import Adapter, Encoded, Entry, UnsupportedInput
+from .sequence import pad_flat, take
+
+_VIDEO = ("tokenprune does not prune video inputs yet: call the model without pixel_values_videos "
+          "inside tokenprune.apply, or remove the handle for video prompts")
+
+
+class QwenAdapter(Adapter):
+    family = "qwen2-vl"
+    has_cls = False
+    image_inputs = ("pixel_values", "image_grid_thw")
+    unsupported_inputs = {"pixel_values_videos": _VIDEO, "video_grid_thw": _VIDEO}
+    windowed = False
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.visual = model.model.visual
+        self.unit = self.visual.spatial_merge_size ** 2
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.visual.blocks)
+
+    def attention_module(self, layer: int) -> nn.Module:
+        return self.visual.blocks[layer - 1].attn
+
+    def _project(self, x: Tensor) -> Tensor:  # (N, M, unit*Dv) -> (N, M, D)
+        N, M, _ = x.shape
+        return self.visual.merger(x.reshape(N * M * self.unit, -1)).view(N, M, -1)
+
+    def _order(self, grid: Tensor) -> Tensor | None:
+        """Token-order -> tower-order index over merge units (Qwen2.5-VL's windows), or None."""
+        return None
+
+    def check_inputs(self, inputs: dict[str, Any]) -> None:
+        super().check_inputs(inputs)
+        if inputs.get("image_grid_thw") is None:
+            raise UnsupportedInput("Qwen-VL images need image_grid_thw next to pixel_values (the image processor returns both)")
+        if inputs.get("mm_token_type_ids") is None and inputs.get("position_ids") is None:
+            raise UnsupportedInput(
+                "Qwen-VL needs mm_token_type_ids to compute M-RoPE positions; pass what the processor "
+                "returns (or mm_token_type_ids = (input_ids == image_token_id).int())"
+            )
+
+    def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
+        grid = inputs["image_grid_thw"]  # (N, 3)
+        L = self.num_layers
+        layers = sorted(need.layers) or [L]
+        out = self.model.model.get_image_features(
+            inputs["pixel_values"], grid, output_hidden_states=layers, return_dict=True
+        )
+        pooled = list(out.pooler_output)  # per image (M_i, D)
+        counts = torch.tensor([p.shape[0] for p in pooled], device=pooled[0].device)  # (N,)
+        own, valid = pad_flat(torch.cat(pooled), counts)  # (N, M, D)
+        N, M, _ = own.shape
+        order = self._order(grid)
+
+        def units(x: Tensor) -> Tensor:  # (sum patches, ...) tower order -> (sum tokens, unit, ...) token order
+            x = x.reshape(-1, self.unit, *x.shape[1:])
+            return x if order is None else x.index_select(0, order)
+
+        feats = {li: pad_flat(units(out.hidden_states[li]).flatten(1), counts)[0] for li in (need.layers or layers)}
+        received = {}
+        for li in need.received_attention:
+            chunks = recorder.take(li, "received")  # per kernel call (1, H, n)
+            a = torch.cat([c[0] for c in chunks], -1).transpose(0, 1)  # (sum patches, H)
+            a = units(a).mean(1)  # (sum tokens, H)
+            received[li] = pad_flat(a, counts)[0].transpose(1, 2)  # (N, H, M)
+
+        # (row, col) of each token in its image's merged grid
+        side = self.visual.spatial_merge_size
+        w = (grid[:, 2] // side).to(own.device)  # (N,)
+        local = torch.arange(M, device=own.device).expand(N, M)
+        pos = torch.stack([torch.div(local, w.unsqueeze(1), rounding_mode="floor"), local % w.unsqueeze(1)], -1)
+        tokens = VisualTokens(
+            layers=feats, num_layers=L, mask=valid, positions=pos.float(),
+            received_attention=received, project=self._project,
+        )
+        deep = getattr(out, "deepstack_features", None) or []
+        deepstack = [pad_flat(torch.cat(list(d)), counts)[0] for d in deep]
+        return Encoded(tokens, own, counts, deepstack=deepstack)
+
+    def positions(self, ids: Tensor, mask: Tensor, inputs: dict[str, Any], entry: Entry) -> Tensor:
+        given = inputs.get("position_ids")
+        if given is not None:
+            if given.dim() != 3:
+                raise UnsupportedInput(
+                    f"Qwen-VL position_ids must be (3, B, S) or (4, B, S) M-RoPE positions, got {tuple(given.shape)}"
+                )
+            return given[-3:]
+        pos, _ = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=mask,
+        )
+        return pos  # (3, B, S)
+
+    def pruned_positions(self, pos: Tensor, src: Tensor, valid: Tensor, entry: Entry) -> Tensor:
+        kept = take(pos, src, valid, 1)  # (3, B, S')
+        if entry == "forward":
+            return kept
+        text = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)  # generate's text row
+        return torch.cat([text.unsqueeze(0), kept], 0)  # (4, B, S')
+
+
+class Qwen25Adapter(QwenAdapter):
+    family = "qwen2.5-vl"
+
+    def _order(self, grid: Tensor) -> Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        v = self.visual
+        win, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size,
+                                         window_size=v.window_size, patch_size=v.patch_size)
+        return torch.argsort(win.to(grid.device))
+
+
+class Qwen3Adapter(QwenAdapter):
+    family = "qwen3-vl"
+
+    def encoder_output(self, features: Tensor, deepstack: list[Tensor]) -> Any:
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        return BaseModelOutputWithDeepstackFeatures(
+            pooler_output=[features], deepstack_features=[[d] for d in deepstack]
+        )

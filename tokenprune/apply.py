@@ -1,0 +1,254 @@
+"""``tokenprune.apply``: prune one Hugging Face model instance, reversibly.
+
+>>> with tokenprune.apply(model, "specs/clasp.toml", budget=64, tokenizer=processor.tokenizer) as pruning:
+...     out = model.generate(**processor(images=img, text=prompt, return_tensors="pt"))   # doctest: +SKIP
+...     pruning.last.classes, pruning.last.kept                                              # doctest: +SKIP
+
+How it patches: ``forward`` and ``generate`` get *instance* attributes that wrap the bound
+methods (the class, other instances and transformers' globals are untouched). A call that carries
+images is rewritten into a pruned call (see :mod:`tokenprune.adapters.base`); every other call,
+including the decode steps inside ``generate``, goes straight to the original method. Handles
+stack: applying again on the same model makes the newest handle the active one, and removing a
+handle (in any order) re-activates the one below; removing the last restores the instance
+exactly as it was. ``remove()`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, PruneRecord, adapter_for
+from .adapters import capture
+from .pipeline import Budget, Pipeline, resolve_budget
+from .spec import PipelineSpec
+
+__all__ = ["apply", "PruningHandle"]
+
+_STACK = "_tokenprune_stack"
+_SAVED = "_tokenprune_saved"
+_MISSING = object()
+_PATCHED = ("forward", "generate")
+
+
+def _as_pipeline(spec: Pipeline | PipelineSpec | str | Path) -> Pipeline:
+    if isinstance(spec, Pipeline):
+        return spec
+    if isinstance(spec, PipelineSpec):
+        return Pipeline(spec)
+    if isinstance(spec, (str, Path)):
+        return Pipeline.from_file(spec)
+    raise TypeError(
+        f"apply() takes a Pipeline, a PipelineSpec or the path of a spec TOML file, not {type(spec).__name__}"
+    )
+
+
+def _check_budget(budget: Budget | None, pipeline: Pipeline) -> None:
+    spec = pipeline.spec
+    if budget is None and spec.budget is None and spec.budget_ratio is None:
+        raise ValueError("no budget: pass apply(..., budget=64) (tokens per image) or a ratio such as 0.25")
+    if budget is not None:
+        resolve_budget(budget, torch.tensor([1_000_000]))  # raises on a malformed budget
+
+
+class PruningHandle:
+    """The result of :func:`apply`: a context manager with :meth:`remove` and the last call's record.
+
+    Attributes:
+        model: the patched model instance.
+        pipeline: the :class:`~tokenprune.Pipeline` that selects tokens.
+        budget: tokens per image (int), a ratio in (0, 1], or ``None`` for the spec's budget.
+            May be changed between calls; ``tokenprune_budget=`` on one call overrides it.
+        tokenizer: decodes ``input_ids`` into the router's prompt text (a tokenizer or processor).
+        last: :class:`~tokenprune.adapters.PruneRecord` of the last pruned call (``None`` before
+            any call with images): routed classes, kept indices and provenance per image, the keep
+            mask over the caller's sequence, timings.
+    """
+
+    def __init__(self, model: nn.Module, pipeline: Pipeline, adapter: Adapter, budget: Budget | None, tokenizer: Any):
+        self.model = model
+        self.pipeline = pipeline
+        self.adapter = adapter
+        self.budget = budget
+        self.tokenizer = tokenizer
+        self.last: PruneRecord | None = None
+        self._modules = [
+            adapter.attention_module(layer)
+            for layer in sorted(self._attention_layers())
+        ]
+        self._removed = False
+
+    def _attention_layers(self) -> set[int]:
+        need = self.pipeline.spec.scoring.requirements(self.adapter.num_layers)
+        self.adapter.check_scoring(need)
+        return set(need.cls_attention | need.received_attention)
+
+    @property
+    def active(self) -> bool:
+        """Whether this handle is the one that prunes the model's calls now."""
+        stack = self.model.__dict__.get(_STACK) or []
+        return bool(stack) and stack[-1] is self
+
+    # -- context manager -----------------------------------------------------------------------------
+    def __enter__(self) -> PruningHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else ("active" if self.active else "stacked")
+        return f"<PruningHandle {self.pipeline.spec.name!r} on {type(self.model).__name__}, budget={self.budget}, {state}>"
+
+    # -- install / remove ------------------------------------------------------------------------------
+    def _install(self) -> None:
+        model = self.model
+        stack = model.__dict__.get(_STACK)
+        if stack is None:
+            model.__dict__[_SAVED] = {name: model.__dict__.get(name, _MISSING) for name in _PATCHED}
+            originals = {name: getattr(model, name) for name in _PATCHED}  # bound methods (or prior wrappers)
+            stack = model.__dict__[_STACK] = []
+            model.__dict__["forward"] = _wrap_forward(model, originals["forward"])
+            model.__dict__["generate"] = _wrap_generate(model, originals["generate"])
+        stack.append(self)
+        for module in self._modules:
+            capture.flag_module(module)
+
+    def remove(self) -> None:
+        """Stop pruning with this handle; the model is restored when no handle is left."""
+        if self._removed:
+            return
+        self._removed = True
+        model = self.model
+        stack: list[PruningHandle] = model.__dict__.get(_STACK) or []
+        if self in stack:
+            stack.remove(self)
+        still = {id(m) for h in stack for m in h._modules}
+        for module in self._modules:
+            if id(module) not in still:
+                capture.unflag_module(module)
+        if not stack:
+            saved = model.__dict__.pop(_SAVED, {})
+            model.__dict__.pop(_STACK, None)
+            for name, value in saved.items():
+                if value is _MISSING:
+                    model.__dict__.pop(name, None)
+                else:
+                    model.__dict__[name] = value
+
+    # -- one call ------------------------------------------------------------------------------------------
+    def _prepare(self, kwargs: dict[str, Any], prompts: Any, budget: Any, entry: str):
+        new, record = self.adapter.prepare(
+            kwargs, self.pipeline, self.budget if budget is None else budget,
+            prompts=prompts, tokenizer=self.tokenizer, entry=entry,
+        )
+        self.last = record
+        return new
+
+
+def _top(model: nn.Module) -> PruningHandle | None:
+    stack = model.__dict__.get(_STACK)
+    return stack[-1] if stack else None
+
+
+def _bind(method: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not args:
+        return kwargs
+    bound = inspect.signature(method).bind_partial(*args, **kwargs)
+    out = dict(bound.arguments)
+    extra = out.pop("kwargs", None)
+    if isinstance(extra, dict):
+        out.update(extra)
+    return out
+
+
+def _wrap_forward(model: nn.Module, original: Any):
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any):
+        prompts = kwargs.pop("tokenprune_prompts", None)
+        budget = kwargs.pop("tokenprune_budget", None)
+        handle = _top(model)
+        if handle is None:
+            return original(*args, **kwargs)
+        kwargs = _bind(original, args, kwargs)
+        if kwargs.get("pixel_values") is None:  # text-only call, or a decode step: nothing to prune
+            return original(**kwargs)
+        return original(**handle._prepare(kwargs, prompts, budget, "forward"))
+
+    return forward
+
+
+def _wrap_generate(model: nn.Module, original: Any):
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any):
+        prompts = kwargs.pop("tokenprune_prompts", None)
+        budget = kwargs.pop("tokenprune_budget", None)
+        handle = _top(model)
+        if handle is None:
+            return original(*args, **kwargs)
+        kwargs = _bind(original, args, kwargs)
+        if "inputs" in kwargs:  # generate(tensor) names its first argument `inputs`
+            kwargs["input_ids"] = kwargs.pop("inputs")
+        if kwargs.get("pixel_values") is None:
+            return original(**kwargs)
+        ids = kwargs["input_ids"]
+        new = handle._prepare(kwargs, prompts, budget, "generate")
+        out = original(**new)
+        return _with_prompt(out, ids, new["input_ids"].shape[1])
+
+    return generate
+
+
+def _with_prompt(out: Any, ids: torch.Tensor, pruned_len: int) -> Any:
+    """Give back the caller's own prompt followed by the new tokens, as an unpruned generate does."""
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
+    new_tokens = seq[:, pruned_len:]
+    prompt = ids.repeat_interleave(seq.shape[0] // ids.shape[0], 0)  # beams / num_return_sequences
+    full = torch.cat([prompt.to(seq.device), new_tokens], 1)
+    if isinstance(out, torch.Tensor):
+        return full
+    out.sequences = full
+    return out
+
+
+def apply(
+    model: nn.Module,
+    spec: Pipeline | PipelineSpec | str | Path,
+    budget: Budget | None = None,
+    *,
+    tokenizer: Any = None,
+) -> PruningHandle:
+    """Prune the visual tokens of ``model``'s image prompts with ``spec``, on this instance only.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+            ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+            ``Qwen3VLForConditionalGeneration`` (transformers 5.x).
+        spec: a :class:`~tokenprune.Pipeline`, a :class:`~tokenprune.PipelineSpec` or a spec file.
+        budget: visual tokens kept per image (int), or a ratio of each image's tokens in
+            ``(0, 1]``; ``None`` takes the spec's ``budget``.
+        tokenizer: the tokenizer (or processor) that made ``input_ids``, so the router can read
+            the prompt. Without it, pass ``tokenprune_prompts=[...]`` to each call, or use a router
+            that reads no text (``fixed``).
+
+    Returns:
+        a :class:`PruningHandle`: use it as a context manager, or call ``.remove()``.
+
+    Inside, call ``model(**inputs)`` or ``model.generate(**inputs)`` exactly as without pruning.
+    ``generate`` returns the caller's prompt followed by the new tokens; ``forward`` returns
+    outputs over the pruned sequence (``handle.last.source`` maps each position back).
+    Calls without images pass through unchanged; video inputs raise a clear error.
+    """
+    pipeline = _as_pipeline(spec)
+    _check_budget(budget, pipeline)
+    adapter = adapter_for(model)
+    if tokenizer is not None and not hasattr(tokenizer, "batch_decode"):
+        raise TypeError(f"tokenizer must have batch_decode (a tokenizer or processor), got {type(tokenizer).__name__}")
+    handle = PruningHandle(model, pipeline, adapter, budget, tokenizer)
+    handle._install()
+    return handle
