@@ -36,6 +36,18 @@ Entry = Literal["forward", "generate"]
 PER_TOKEN = {"attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0, "labels": -100}
 
 
+def question_columns(mask: Tensor, is_img: Tensor) -> Tensor:
+    """``(B, S)`` bool: the text the router reads, i.e. what follows a row's last image (the
+    question and the assistant tag in chat templates, without the system prompt), or all of the
+    row's text when nothing follows its images."""
+    S = mask.shape[1]
+    col = torch.arange(S, device=mask.device)
+    last = torch.where(is_img, col, -1).max(1, keepdim=True).values  # (B, 1)
+    after = mask & (col > last)
+    text = mask & ~is_img
+    return torch.where(after.any(1, keepdim=True), after, text)
+
+
 class UnsupportedInput(ValueError):
     """The inputs cannot be pruned as given; the message says what to change."""
 
@@ -206,7 +218,7 @@ class Adapter:
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask  # (B, S)
         is_img = ids == self.image_token_id  # (B, S)
-        text_cols = mask.bool() & ~is_img
+        text_cols = question_columns(mask.bool(), is_img)  # (B, S)
 
         # 1. route
         router = pipeline.spec.router
@@ -293,7 +305,7 @@ class Adapter:
         # 5. the pruned sequence
         P = enc.own.shape[1]
         slot_valid = torch.arange(P, device=slot_keep.device) < enc.slots.to(slot_keep.device).unsqueeze(1)
-        keep = text_cols.clone()  # (B, S)
+        keep = mask.bool() & ~is_img  # (B, S) every text column
         keep.view(-1)[slots_flat[slot_keep[slot_valid].to(slots_flat.device)]] = True
         src, valid = left_pack(keep)  # (B, S')
         out = {k: v for k, v in inputs.items() if k not in self.image_inputs and k not in ("position_ids", "cache_position")}

