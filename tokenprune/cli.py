@@ -128,6 +128,27 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_prefill(args: argparse.Namespace) -> int:
+    from .bench import prefill as bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"device '{device}' requested but CUDA is not available")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench.run(
+        args.model, args.spec or _default_spec(), tuple(_csv_ints(args.batch)), tuple(_csv_ints(args.budgets)),
+        repeats=args.repeats, new_tokens=args.new_tokens, device=device, dtype=dtype,
+        progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
+    )
+    print(bench.format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -165,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--json", help="also write the rows as JSON to this file")
     bs.add_argument("--quiet", action="store_true")
     bs.set_defaults(func=cmd_bench_stages)
+
+    bf = bsub.add_parser("prefill", help="end-to-end prefill/decode latency and memory, unpruned vs pruned")
+    bf.add_argument("--model", default="smollm2", choices=["smollm2", "llava-1.5-7b", "tiny"],
+                    help="smollm2: real SmolLM2-135M LM in a LLaVA (CPU); llava-1.5-7b: full-size random (GPU)")
+    bf.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
+    bf.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bf.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    bf.add_argument("--batch", default="1,8", help="batch sizes")
+    bf.add_argument("--budgets", default="192,128,64", help="visual tokens kept per image (of 576)")
+    bf.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    bf.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per token")
+    bf.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    bf.add_argument("--json", help="also write the result as JSON to this file")
+    bf.add_argument("--quiet", action="store_true")
+    bf.set_defaults(func=cmd_bench_prefill)
 
     dp = sub.add_parser("demo", help="run CLASP on a synthetic LLaVA-1.5-shaped batch")
     dp.add_argument("--spec", help="spec file (default: specs/clasp.toml)")

@@ -1,0 +1,293 @@
+"""``tokenprune bench prefill``: end-to-end prefill and decode, unpruned vs pruned, side by side.
+
+For each batch size and budget ``R`` (of 576 visual tokens per image) it measures, in one run:
+
+- prefill latency: the first model call (vision tower + projector + LLM over the prompt,
+  ``logits_to_keep=1``), unpruned and inside :func:`tokenprune.apply`;
+- decode latency per token: ``(t(generate n+1 tokens) - t(generate 1 token)) / n``;
+- peak memory: CUDA ``max_memory_allocated`` over the call, or on the CPU the peak resident set
+  size above the pre-call level, sampled every millisecond;
+- the pruning overhead (route + select + assemble, from the handle's record) and its share of
+  the pruned prefill.
+
+Each speed-up is printed next to two bounds:
+
+- the token-count ratio ``(T + 576) / (T + R)``, ``T`` = text tokens of the prompt;
+- the roofline bound: the pruned prefill can be no faster than its FLOPs at the unpruned run's
+  achieved FLOP rate, nor than one read of the weights at the device's measured memory
+  bandwidth, i.e. ``min(F_unpruned / F_pruned, t_unpruned / (W / BW))``.
+
+FLOPs are counted analytically from the configs (matmuls ``2 * params * tokens`` plus causal
+attention ``2 * L * d * S^2`` in the LLM and full attention ``4 * L * d * S^2`` in the tower).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tokenprune as tp
+
+MODELS = ("smollm2", "llava-1.5-7b", "tiny")
+
+
+@dataclass
+class Row:
+    batch: int
+    budget: int  # R; 576 = unpruned
+    text_tokens: int
+    prefill_ms: float
+    decode_ms_per_token: float
+    peak_mem_mb: float
+    speedup: float = 1.0
+    token_bound: float = 1.0
+    roofline_bound: float = 1.0
+    share_of_roofline: float = 1.0
+    overhead_ms: float = 0.0
+    overhead_share: float = 0.0
+    flops: float = 0.0
+    pruned: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- models -------------------------------------------------------------------------------------
+def build_model(name: str, device: str, dtype: torch.dtype):
+    """``(model, make_inputs(B) -> dict, tokenizer)`` for a benchmark model."""
+    import transformers as tf
+
+    if name == "smollm2":
+        from . import smollm
+
+        model, processor = smollm.load(dtype=dtype)
+        model = model.to(device)
+
+        def make(B: int) -> dict:
+            texts = [smollm.chat(processor, "How many shapes are in the picture?")] * B
+            pics = [smollm.picture(i) for i in range(B)]
+            enc = processor(images=pics, text=texts, return_tensors="pt", padding=True)
+            return {k: v.to(device) for k, v in enc.items()}
+
+        return model, make, processor
+    if name == "llava-1.5-7b":  # the full-size architecture, random weights
+        vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        text = tf.LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                              pad_token_id=0)
+        cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2)
+    elif name == "tiny":
+        vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                     num_attention_heads=4, image_size=336, patch_size=14)
+        text = tf.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+        cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=999, vision_feature_layer=-2)
+    else:
+        raise ValueError(f"unknown bench model {name!r}; choose from {', '.join(MODELS)}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    model = model.eval()
+    image_id = cfg.image_token_id
+
+    def make(B: int) -> dict:
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(3, 900, (B, 40), generator=g)
+        ids = torch.cat([torch.ones(B, 1, dtype=torch.long), text[:, :5],
+                         torch.full((B, 576), image_id), text[:, 5:]], 1)
+        pix = torch.randn(B, 3, 336, 336, generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                "pixel_values": pix.to(device, dtype)}
+
+    return model, make, None
+
+
+def count_flops(model, B: int, S: int, images: int) -> float:
+    """Analytic forward FLOPs of one prefill with ``S`` LLM positions and ``images`` images."""
+    cfg = model.config
+    lm = model.model.language_model
+    tc = cfg.get_text_config()
+    p_lm = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    flops = B * (2 * p_lm * S + 2 * tc.num_hidden_layers * tc.hidden_size * S * S)
+    flops += B * 2 * tc.hidden_size * tc.vocab_size  # lm_head on the last position
+    vc = cfg.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2 + 1
+    p_tower = sum(p.numel() for p in model.model.vision_tower.parameters())
+    p_proj = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    flops += images * (2 * p_tower * n + 4 * vc.num_hidden_layers * vc.hidden_size * n * n + 2 * p_proj * (n - 1))
+    return float(flops)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# -- measurement --------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bandwidth(device: str, mbytes: int = 512, repeats: int = 5) -> float:
+    """Measured copy bandwidth in bytes/s (read + write)."""
+    n = mbytes * 2**20 // 4
+    x = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * x.numel() * 4 / statistics.median(times[1:])
+
+
+class _PeakRSS:
+    """Peak resident set size above the level at entry, sampled every millisecond (CPU)."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+
+    def __enter__(self):
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, float, Any]:
+    """Median seconds over ``repeats`` (after one warm-up), peak memory MB of one call, last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        _sync(device)
+        mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        with _PeakRSS() as peak:
+            fn()
+        mem = peak.mb
+    return statistics.median(times), mem, out
+
+
+def run(
+    model_name: str = "smollm2",
+    spec: str | Path = "specs/clasp.toml",
+    batches: tuple[int, ...] = (1, 8),
+    budgets: tuple[int, ...] = (192, 128, 64),
+    repeats: int = 3,
+    new_tokens: int = 8,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    say = progress or (lambda m: None)
+    model, make, tokenizer = build_model(model_name, device, dtype)
+    bw = bandwidth(device)
+    wbytes = weight_bytes(model)
+    rows: list[Row] = []
+    image_id = model.config.image_token_id
+    for B in batches:
+        inputs = make(B)
+        S = inputs["input_ids"].shape[1]
+        M = int((inputs["input_ids"][0] == image_id).sum())
+        T = S - M
+
+        extra: dict[str, Any] = {}  # explicit prompts when the model has no tokenizer to decode with
+
+        def prefill():
+            with torch.no_grad():
+                return model(**inputs, **extra, logits_to_keep=1)
+
+        def gen(n: int):
+            with torch.no_grad():
+                return model.generate(**inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        say(f"B={B} unpruned")
+        t0, mem0, _ = _timed(prefill, device, repeats)
+        g1, _, _ = _timed(lambda: gen(1), device, repeats)
+        gn, _, _ = _timed(lambda: gen(new_tokens + 1), device, repeats)
+        f0 = count_flops(model, B, S, B)
+        rows.append(Row(B, M, T, 1e3 * t0, 1e3 * (gn - g1) / new_tokens, mem0, flops=f0))
+        for R in budgets:
+            say(f"B={B} R={R}")
+            with tp.apply(model, spec, budget=R, tokenizer=tokenizer) as handle:
+                if tokenizer is None:
+                    extra["tokenprune_prompts"] = ["How many shapes are in the picture?"] * B
+                t1, mem1, _ = _timed(prefill, device, repeats)
+                rec = handle.last
+                over = []
+                for _ in range(repeats):
+                    prefill()
+                    s = handle.last.seconds
+                    over.append(s["route"] + s["select"] + s["assemble"])
+                p1, _, _ = _timed(lambda: gen(1), device, repeats)
+                pn, _, _ = _timed(lambda: gen(new_tokens + 1), device, repeats)
+                extra.clear()
+            kept = int(rec.kept[0])
+            f1 = count_flops(model, B, T + kept, B)
+            bound = min(f0 / f1, t0 / (wbytes / bw))
+            speed = t0 / t1
+            o = statistics.median(over)
+            rows.append(Row(B, R, T, 1e3 * t1, 1e3 * (pn - p1) / new_tokens, mem1, speed, (T + M) / (T + kept),
+                            bound, speed / bound, 1e3 * o, o / t1, f1, pruned=True))
+    meta = {
+        "model": model_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "bandwidth_GBps": bw / 1e9, "weights_MB": wbytes / 2**20,
+        "repeats": repeats, "new_tokens": new_tokens, "spec": str(spec),
+    }
+    return {"meta": meta, "rows": [r.as_dict() for r in rows]}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    m = result["meta"]
+    head = (f"{m['model']} on {m['device_name']} ({m['dtype']}), weights {m['weights_MB']:.0f} MB, "
+            f"measured bandwidth {m['bandwidth_GBps']:.1f} GB/s, median of {m['repeats']}\n\n")
+    lines = ["| B | R | T | prefill ms | speed-up | token bound | roofline bound | % of roofline | overhead ms | overhead % | decode ms/tok | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        pruned = r["pruned"]
+        lines.append(
+            f"| {r['batch']} | {r['budget'] if pruned else '576 (unpruned)'} | {r['text_tokens']} | {r['prefill_ms']:.1f} | "
+            + (f"{r['speedup']:.2f}x | {r['token_bound']:.2f}x | {r['roofline_bound']:.2f}x | {100 * r['share_of_roofline']:.0f} % | "
+               f"{r['overhead_ms']:.1f} | {100 * r['overhead_share']:.1f} % | " if pruned else "- | - | - | - | - | - | ")
+            + f"{r['decode_ms_per_token']:.1f} | {r['peak_mem_mb']:.0f} |"
+        )
+    return head + "\n".join(lines)
