@@ -107,3 +107,22 @@ def test_readme_names_both_setup_commands():
     text = Path("README.md").read_text()
     assert "make demo" in text and "make test" in text
     assert "make test" in Path(".ci/run").read_text()
+
+
+def test_bench_prefill_runs_and_reports_bounds(tmp_path, capsys):
+    """`tokenprune bench prefill` on the tiny model: one row per budget, bounds and overhead filled."""
+    out = tmp_path / "prefill.json"
+    assert main(["bench", "prefill", "--model", "tiny", "--batch", "1,2", "--budgets", "64,32",
+                 "--repeats", "1", "--new-tokens", "2", "--device", "cpu", "--quiet", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["batch"], r["budget"], r["pruned"]) for r in rows] == [
+        (1, 576, False), (1, 64, True), (1, 32, True), (2, 576, False), (2, 64, True), (2, 32, True)]
+    for r in rows:
+        if r["pruned"]:
+            T = r["text_tokens"]
+            assert r["token_bound"] == pytest.approx((T + 576) / (T + r["budget"]))
+            assert 1.0 < r["roofline_bound"] <= r["token_bound"] * 1.5
+            assert 0 < r["overhead_share"] < 1
+            assert r["flops"] < rows[0]["flops"] * r["batch"]
+    assert "roofline bound" in capsys.readouterr().out
