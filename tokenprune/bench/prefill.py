@@ -6,7 +6,8 @@ For each batch size and budget ``R`` (of 576 visual tokens per image) it measure
   ``logits_to_keep=1``), unpruned and inside :func:`tokenprune.apply`;
 - decode latency per token: ``(t(generate n+1 tokens) - t(generate 1 token)) / n``;
 - peak memory: CUDA ``max_memory_allocated`` over the call, or on the CPU the peak resident set
-  size above the pre-call level, sampled every millisecond;
+  size above the pre-call level, sampled every millisecond (glibc is told to unmap freed large
+  blocks, so the resident set follows live tensors);
 - the pruning overhead (route + select + assemble, from the handle's record) and its share of
   the pruned prefill.
 
@@ -23,6 +24,7 @@ attention ``2 * L * d * S^2`` in the LLM and full attention ``4 * L * d * S^2`` 
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import threading
 import time
@@ -151,6 +153,17 @@ def bandwidth(device: str, mbytes: int = 512, repeats: int = 5) -> float:
     return 2 * x.numel() * 4 / statistics.median(times[1:])
 
 
+def _return_freed_memory_to_os() -> bool:
+    """Make glibc serve blocks >= 128 KiB by mmap and unmap them on free (no dynamic threshold),
+    so the resident set size follows live tensors and a per-call peak above the entry level is
+    meaningful. Returns False where this is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
+
+
 class _PeakRSS:
     """Peak resident set size above the level at entry, sampled every millisecond (CPU)."""
 
@@ -219,6 +232,8 @@ def run(
 ) -> dict[str, Any]:
     say = progress or (lambda m: None)
     model, make, tokenizer = build_model(model_name, device, dtype)
+    if not device.startswith("cuda") and not _return_freed_memory_to_os():
+        say("note: not glibc; CPU peak memory may read low (freed blocks are not returned to the OS)")
     bw = bandwidth(device)
     wbytes = weight_bytes(model)
     rows: list[Row] = []
