@@ -25,6 +25,8 @@ from tiny_models import FAMILIES, IMG, Sample, batch, build, default_sizes, samp
 from conftest import DEVICES
 
 SPEC = tp.load_spec("specs/clasp.toml")
+#: fp32 tolerance between runs whose shapes differ (padding, batch): CUDA picks other kernels
+TOL = {"cpu": dict(atol=1e-5, rtol=1e-5), "cuda": dict(atol=1e-4, rtol=1e-4)}
 #: identity stages: no routing, the model's own feature layer, keep-all budgets
 IDENTITY = SPEC.replace(
     router={"stage": "fixed"},
@@ -177,8 +179,7 @@ def test_pruned_logits_equal_hand_built_per_sample_reference(family, device):
             one = rows_of(inp, b, family, [1] * len(smp))
             ref, cols = reference_logits(m, family, one, [slots[b]], None)
             valid = rec.source[b] >= 0
-            tol = dict(atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got[b][valid], ref, **tol)
+            torch.testing.assert_close(got[b][valid], ref, **TOL[device])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -199,7 +200,7 @@ def test_llava_clasp_feeds_hand_fused_features(device):
             idx = rec.selection.row(b)
             one = rows_of(inp, b, "llava", [1, 1])
             ref, _ = reference_logits(m, "llava", one, [idx], [proj[b, idx]])
-            torch.testing.assert_close(got[b][rec.source[b] >= 0], ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[b][rec.source[b] >= 0], ref, **TOL[device])
 
 
 # -- 3 + 7. hypothesis: budgets, batch composition and image sizes ---------------------------------
@@ -223,7 +224,7 @@ def compositions(draw, family: str):
 def test_batched_equals_per_sample_runs(family, device):
     m = model(family, device)
 
-    @settings(max_examples=8, deadline=None)
+    @settings(max_examples=max(8, settings().max_examples // 5), deadline=None)
     @given(compositions(family))
     def check(case):
         smp, budget, cls = case
@@ -239,7 +240,7 @@ def test_batched_equals_per_sample_runs(family, device):
                 one = rows_of(inp, b, family, per_image)
                 solo = m(**one).logits[0]
                 valid = rec.source[b] >= 0
-                torch.testing.assert_close(got[b][valid], solo, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(got[b][valid], solo, **TOL[device])
 
     check()
 

@@ -4,7 +4,8 @@ For each batch size and budget ``R`` (of 576 visual tokens per image) it measure
 
 - prefill latency: the first model call (vision tower + projector + LLM over the prompt,
   ``logits_to_keep=1``), unpruned and inside :func:`tokenprune.apply`;
-- decode latency per token: ``(t(generate n+1 tokens) - t(generate 1 token)) / n``;
+- decode latency per token: inside one ``generate`` of ``n + 1`` tokens, the time from the end of
+  the prefill to the end of the last decode step, divided by ``n``;
 - peak memory: CUDA ``max_memory_allocated`` over the call, or on the CPU the peak resident set
   size above the pre-call level, sampled every millisecond (glibc is told to unmap freed large
   blocks, so the resident set follows live tensors);
@@ -250,16 +251,28 @@ def run(
             with torch.no_grad():
                 return model(**inputs, **extra, logits_to_keep=1)
 
-        def gen(n: int):
-            with torch.no_grad():
-                return model.generate(**inputs, **extra, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        def decode_ms() -> float:
+            """ms per decode step inside one generate call: the spacing of the LLM's call ends."""
+            stamps: list[float] = []
+
+            def stamp(*_):
+                _sync(device)
+                stamps.append(time.perf_counter())
+
+            hook = model.model.language_model.register_forward_hook(stamp)
+            try:
+                with torch.no_grad():
+                    model.generate(**inputs, **extra, max_new_tokens=new_tokens + 1,
+                                   min_new_tokens=new_tokens + 1, do_sample=False)
+            finally:
+                hook.remove()
+            return 1e3 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # first stamp ends the prefill
 
         say(f"B={B} unpruned")
         t0, mem0, _ = _timed(prefill, device, repeats)
-        g1, _, _ = _timed(lambda: gen(1), device, repeats)
-        gn, _, _ = _timed(lambda: gen(new_tokens + 1), device, repeats)
+        d0 = statistics.median(decode_ms() for _ in range(repeats))
         f0 = count_flops(model, B, S, B)
-        rows.append(Row(B, M, T, 1e3 * t0, 1e3 * (gn - g1) / new_tokens, mem0, flops=f0))
+        rows.append(Row(B, M, T, 1e3 * t0, d0, mem0, flops=f0))
         for R in budgets:
             say(f"B={B} R={R}")
             with tp.apply(model, spec, budget=R, tokenizer=tokenizer) as handle:
@@ -272,15 +285,14 @@ def run(
                     prefill()
                     s = handle.last.seconds
                     over.append(s["route"] + s["select"] + s["assemble"])
-                p1, _, _ = _timed(lambda: gen(1), device, repeats)
-                pn, _, _ = _timed(lambda: gen(new_tokens + 1), device, repeats)
+                d1 = statistics.median(decode_ms() for _ in range(repeats))
                 extra.clear()
             kept = int(rec.kept[0])
             f1 = count_flops(model, B, T + kept, B)
             bound = min(f0 / f1, t0 / (wbytes / bw))
             speed = t0 / t1
             o = statistics.median(over)
-            rows.append(Row(B, R, T, 1e3 * t1, 1e3 * (pn - p1) / new_tokens, mem1, speed, (T + M) / (T + kept),
+            rows.append(Row(B, R, T, 1e3 * t1, d1, mem1, speed, (T + M) / (T + kept),
                             bound, speed / bound, 1e3 * o, o / t1, f1, pruned=True))
     meta = {
         "model": model_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
@@ -303,6 +315,6 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {r['batch']} | {r['budget'] if pruned else '576 (unpruned)'} | {r['text_tokens']} | {r['prefill_ms']:.1f} | "
             + (f"{r['speedup']:.2f}x | {r['token_bound']:.2f}x | {r['roofline_bound']:.2f}x | {100 * r['share_of_roofline']:.0f} % | "
                f"{r['overhead_ms']:.1f} | {100 * r['overhead_share']:.1f} % | " if pruned else "- | - | - | - | - | - | ")
-            + f"{r['decode_ms_per_token']:.1f} | {r['peak_mem_mb']:.0f} |"
+            + f"{r['decode_ms_per_token']:.1f} | {r['peak_mem_mb']:.1f} |"
         )
     return head + "\n".join(lines)
