@@ -6,9 +6,9 @@ For each batch size and budget ``R`` (of 576 visual tokens per image) it measure
   ``logits_to_keep=1``), unpruned and inside :func:`tokenprune.apply`;
 - decode latency per token: inside one ``generate`` of ``n + 1`` tokens, the time from the end of
   the prefill to the end of the last decode step, divided by ``n``;
-- peak memory: CUDA ``max_memory_allocated`` over the call, or on the CPU the peak resident set
-  size above the pre-call level, sampled every millisecond (glibc is told to unmap freed large
-  blocks, so the resident set follows live tensors);
+- memory: the KV cache the prefill leaves (exact, from the returned cache), and on CUDA the
+  peak ``max_memory_allocated`` above the pre-call level. On the CPU the peak is not reported:
+  sampling the resident set misses blocks that live for a millisecond;
 - the pruning overhead (route + select + assemble, from the handle's record) and its share of
   the pruned prefill.
 
@@ -25,9 +25,7 @@ attention ``2 * L * d * S^2`` in the LLM and full attention ``4 * L * d * S^2`` 
 
 from __future__ import annotations
 
-import ctypes
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -48,7 +46,8 @@ class Row:
     text_tokens: int
     prefill_ms: float
     decode_ms_per_token: float
-    peak_mem_mb: float
+    peak_mem_mb: float  # CUDA: max_memory_allocated above the entry level; CPU: not measured (nan)
+    kv_cache_mb: float
     speedup: float = 1.0
     token_bound: float = 1.0
     roofline_bound: float = 1.0
@@ -154,47 +153,14 @@ def bandwidth(device: str, mbytes: int = 512, repeats: int = 5) -> float:
     return 2 * x.numel() * 4 / statistics.median(times[1:])
 
 
-def _return_freed_memory_to_os() -> bool:
-    """Make glibc serve blocks >= 128 KiB by mmap and unmap them on free (no dynamic threshold),
-    so the resident set size follows live tensors and a per-call peak above the entry level is
-    meaningful. Returns False where this is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
-
-
-class _PeakRSS:
-    """Peak resident set size above the level at entry, sampled every millisecond (CPU)."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.peak = 0
-
-    def __enter__(self):
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.base) / 2**20
+def cache_mb(out: Any) -> float:
+    """Size of the KV cache a prefill returned, in MB."""
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        return float("nan")
+    layers = getattr(cache, "layers", [])
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values)
+               if t is not None) / 2**20
 
 
 def _timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, float, Any]:
@@ -207,16 +173,13 @@ def _timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, flo
         out = fn()
         _sync(device)
         times.append(time.perf_counter() - t)
+    mem = float("nan")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         _sync(device)
         mem = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        with _PeakRSS() as peak:
-            fn()
-        mem = peak.mb
     return statistics.median(times), mem, out
 
 
@@ -233,8 +196,6 @@ def run(
 ) -> dict[str, Any]:
     say = progress or (lambda m: None)
     model, make, tokenizer = build_model(model_name, device, dtype)
-    if not device.startswith("cuda") and not _return_freed_memory_to_os():
-        say("note: not glibc; CPU peak memory may read low (freed blocks are not returned to the OS)")
     bw = bandwidth(device)
     wbytes = weight_bytes(model)
     rows: list[Row] = []
@@ -269,16 +230,18 @@ def run(
             return 1e3 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # first stamp ends the prefill
 
         say(f"B={B} unpruned")
-        t0, mem0, _ = _timed(prefill, device, repeats)
+        t0, mem0, out = _timed(prefill, device, repeats)
+        kv0 = cache_mb(out)
         d0 = statistics.median(decode_ms() for _ in range(repeats))
         f0 = count_flops(model, B, S, B)
-        rows.append(Row(B, M, T, 1e3 * t0, d0, mem0, flops=f0))
+        rows.append(Row(B, M, T, 1e3 * t0, d0, mem0, kv0, flops=f0))
         for R in budgets:
             say(f"B={B} R={R}")
             with tp.apply(model, spec, budget=R, tokenizer=tokenizer) as handle:
                 if tokenizer is None:
                     extra["tokenprune_prompts"] = ["How many shapes are in the picture?"] * B
-                t1, mem1, _ = _timed(prefill, device, repeats)
+                t1, mem1, out = _timed(prefill, device, repeats)
+                kv1 = cache_mb(out)
                 rec = handle.last
                 over = []
                 for _ in range(repeats):
@@ -292,7 +255,7 @@ def run(
             bound = min(f0 / f1, t0 / (wbytes / bw))
             speed = t0 / t1
             o = statistics.median(over)
-            rows.append(Row(B, R, T, 1e3 * t1, d1, mem1, speed, (T + M) / (T + kept),
+            rows.append(Row(B, R, T, 1e3 * t1, d1, mem1, kv1, speed, (T + M) / (T + kept),
                             bound, speed / bound, 1e3 * o, o / t1, f1, pruned=True))
     meta = {
         "model": model_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
@@ -307,14 +270,15 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["meta"]
     head = (f"{m['model']} on {m['device_name']} ({m['dtype']}), weights {m['weights_MB']:.0f} MB, "
             f"measured bandwidth {m['bandwidth_GBps']:.1f} GB/s, median of {m['repeats']}\n\n")
-    lines = ["| B | R | T | prefill ms | speed-up | token bound | roofline bound | % of roofline | overhead ms | overhead % | decode ms/tok | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| B | R | T | prefill ms | speed-up | token bound | roofline bound | % of roofline | overhead ms | overhead % | decode ms/tok | KV cache MB | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         pruned = r["pruned"]
         lines.append(
             f"| {r['batch']} | {r['budget'] if pruned else '576 (unpruned)'} | {r['text_tokens']} | {r['prefill_ms']:.1f} | "
             + (f"{r['speedup']:.2f}x | {r['token_bound']:.2f}x | {r['roofline_bound']:.2f}x | {100 * r['share_of_roofline']:.0f} % | "
                f"{r['overhead_ms']:.1f} | {100 * r['overhead_share']:.1f} % | " if pruned else "- | - | - | - | - | - | ")
-            + f"{r['decode_ms_per_token']:.1f} | {r['peak_mem_mb']:.1f} |"
+            + f"{r['decode_ms_per_token']:.1f} | {r['kv_cache_mb']:.1f} | "
+            + ("n/a" if r["peak_mem_mb"] != r["peak_mem_mb"] else f"{r['peak_mem_mb']:.0f}") + " |"
         )
     return head + "\n".join(lines)
