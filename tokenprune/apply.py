@@ -113,8 +113,8 @@ class PruningHandle:
             model.__dict__[_SAVED] = {name: model.__dict__.get(name, _MISSING) for name in _PATCHED}
             originals = {name: getattr(model, name) for name in _PATCHED}  # bound methods (or prior wrappers)
             stack = model.__dict__[_STACK] = []
-            model.__dict__["forward"] = _wrap_forward(model, originals["forward"])
-            model.__dict__["generate"] = _wrap_generate(model, originals["generate"])
+            for name in _PATCHED:
+                model.__dict__[name] = _wrap(model, originals[name], name)
         stack.append(self)
         for module in self._modules:
             capture.flag_module(module)
@@ -167,25 +167,11 @@ def _bind(method: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _wrap_forward(model: nn.Module, original: Any):
+def _wrap(model: nn.Module, original: Any, entry: str):
+    """The instance attribute that replaces ``forward`` or ``generate`` (``entry``)."""
+
     @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any):
-        prompts = kwargs.pop("tokenprune_prompts", None)
-        budget = kwargs.pop("tokenprune_budget", None)
-        handle = _top(model)
-        if handle is None:
-            return original(*args, **kwargs)
-        kwargs = _bind(original, args, kwargs)
-        if kwargs.get("pixel_values") is None:  # text-only call, or a decode step: nothing to prune
-            return original(**kwargs)
-        return original(**handle._prepare(kwargs, prompts, budget, "forward"))
-
-    return forward
-
-
-def _wrap_generate(model: nn.Module, original: Any):
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any):
+    def wrapper(*args: Any, **kwargs: Any):
         prompts = kwargs.pop("tokenprune_prompts", None)
         budget = kwargs.pop("tokenprune_budget", None)
         handle = _top(model)
@@ -194,14 +180,15 @@ def _wrap_generate(model: nn.Module, original: Any):
         kwargs = _bind(original, args, kwargs)
         if "inputs" in kwargs:  # generate(tensor) names its first argument `inputs`
             kwargs["input_ids"] = kwargs.pop("inputs")
-        if kwargs.get("pixel_values") is None:
+        if kwargs.get("pixel_values") is None:  # text-only call, or a decode step: nothing to prune
             return original(**kwargs)
-        ids = kwargs["input_ids"]
-        new = handle._prepare(kwargs, prompts, budget, "generate")
+        new = handle._prepare(kwargs, prompts, budget, entry)
         out = original(**new)
-        return _with_prompt(out, ids, new["input_ids"].shape[1])
+        if entry == "generate":
+            return _with_prompt(out, kwargs["input_ids"], new["input_ids"].shape[1])
+        return out
 
-    return generate
+    return wrapper
 
 
 def _with_prompt(out: Any, ids: torch.Tensor, pruned_len: int) -> Any:

