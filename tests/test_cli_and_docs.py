@@ -79,7 +79,7 @@ def test_naive_reference_selects_what_clasp_selects():
 
 
 def test_demo_runs(capsys):
-    assert main(["demo", "--budget", "32"]) == 0
+    assert main(["demo", "--synthetic", "--budget", "32"]) == 0
     out = capsys.readouterr().out
     assert "class counting" in out and "class ocr" in out and "P" in out
 

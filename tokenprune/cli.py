@@ -3,7 +3,10 @@
 - ``tokenprune plugins``: every registered stage with its distribution and parameters.
 - ``tokenprune spec show FILE``: the resolved spec (all defaults filled in).
 - ``tokenprune bench stages``: stage and pipeline timings with the matmul and naive references.
-- ``tokenprune demo``: CLASP on a batch of synthetic LLaVA-1.5-shaped inputs.
+- ``tokenprune demo``: the shipped testbed model answers questions, unpruned and pruned, with PNGs of
+  the kept patches (``--synthetic``: CLASP on synthetic LLaVA-1.5-shaped tensors, no model).
+- ``tokenprune eval``, ``tokenprune ablate``, ``tokenprune calibrate``: accuracy on the testbed.
+- ``tokenprune testbed train``: train the testbed model (checkpoints; run again to resume).
 """
 
 from __future__ import annotations
@@ -150,9 +153,117 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    if args.synthetic:
+        from .demo import run_demo
 
-    return run_demo(args.spec or _default_spec(), args.budget)
+        return run_demo(args.spec or _default_spec(), args.budget)
+    from .testbed.demo import run_demo as run_testbed_demo
+
+    return run_testbed_demo(args.spec or _default_spec(), args.budget, args.out, args.model)
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+
+
+def _write_report(report: dict, out: Path, stem: str, title: str) -> None:
+    from .testbed.report import plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    plot(report, out / f"{stem}.png", title)
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}", file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .testbed.evaluate import Dist, Variant, evaluate, progress_bar
+    from .testbed.model import load
+    from .testbed.report import text_table
+
+    _threads(args)
+    specs = [load_spec(p) for p in (args.spec or [_default_spec()])]
+    variants = [Variant(s.name, s) for s in specs]
+    dist = Dist.from_env()
+    model, processor = load(args.model, device=args.device)
+    report = evaluate(model, processor, variants, _csv_ints(args.budgets), args.split, scenes=args.scenes,
+                      batch_size=args.batch, dist=dist, progress=None if args.quiet else progress_bar("eval"),
+                      device=args.device)
+    if dist.rank == 0:
+        print(text_table(report))
+        stem = args.name or "-".join(s.name for s in specs) + f"-{args.split}"
+        _write_report(report, Path(args.out), stem, f"{', '.join(s.name for s in specs)} on the {args.split} split")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .testbed.ablation import load_ablation
+    from .testbed.evaluate import Dist, evaluate, progress_bar
+    from .testbed.model import load
+    from .testbed.report import markdown_table
+
+    _threads(args)
+    abl, variants = load_ablation(args.file)
+    split = args.split or abl.split
+    budgets = _csv_ints(args.budgets) if args.budgets else abl.budgets
+    dist = Dist.from_env()
+    model, processor = load(args.model, device=args.device)
+    report = evaluate(model, processor, variants, budgets, split, scenes=args.scenes, batch_size=args.batch,
+                      dist=dist, progress=None if args.quiet else progress_bar(f"ablate {abl.name}"),
+                      device=args.device)
+    report["ablation"] = abl.name
+    if dist.rank == 0:
+        table = markdown_table(report, delta=True)
+        print(table)
+        out = Path(args.out)
+        _write_report(report, out, f"ablation-{abl.name}", f"ablation '{abl.name}': {abl.description}")
+        (out / f"ablation-{abl.name}.md").write_text(
+            f"### Ablation `{abl.name}`: {abl.description}\n\n"
+            f"`tokenprune ablate {args.file}` on the {split} split ({report['examples']} questions); "
+            "accuracy (difference to unpruned)\n\n" + table + "\n")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .testbed.calibrate import calibrate, table_toml
+    from .testbed.evaluate import Dist, progress_bar
+    from .testbed.model import load
+
+    _threads(args)
+    base = load_spec(args.spec or _default_spec())
+    dist = Dist.from_env()
+    model, processor = load(args.model, device=args.device)
+    budgets = _csv_ints(args.budgets)
+    ratios = [float(x) for x in args.ratios.split(",")]
+    source = (f"calibrated by `tokenprune calibrate --split {args.split}` ({args.scenes or 'all'} scenes, "
+              f"budgets {budgets}, strategies {args.strategies}, pivot ratios {ratios}) on the testbed model")
+    table, grid = calibrate(model, processor, base, split=args.split, scenes=args.scenes, budgets=budgets,
+                            strategies=args.strategies.split(","), ratios=ratios, batch_size=args.batch,
+                            dist=dist, source=source,
+                            progress=None if args.quiet else (lambda c: progress_bar(f"calibrate {c}")))
+    if dist.rank == 0:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        header = ("CLASP class table fitted by `tokenprune calibrate` (see docs/results.md).\n"
+                  "Per class: the layer strategy (A shallow-heavy .. E deep-heavy) and pivot ratio with the\n"
+                  "best mean accuracy over the budgets on the calibration split, true class routed.")
+        out.write_text(table_toml(table, header))
+        out.with_suffix(".json").write_text(json.dumps(grid, indent=1))
+        for c, e in table.classes.items():
+            print(f"{c:<10} strategy {e.strategy}  pivot ratio {e.pivot_ratio}")
+        print(f"wrote {out} (and the grid to {out.with_suffix('.json')})", file=sys.stderr)
+    return 0
+
+
+def cmd_testbed_train(args: argparse.Namespace) -> int:
+    from .testbed.train import TrainConfig, train
+
+    _threads(args)
+    cfg = TrainConfig(seed=args.seed, tower_steps=args.tower_steps, qa_steps=args.qa_steps)
+    record = train(cfg, args.out, max_minutes=args.max_minutes)
+    state = "finished" if record["finished"] else "paused (run the same command to resume)"
+    print(f"{state}: stage {record['stage']} step {record['step']}, {record['seconds']:.0f} s in all -> {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,10 +313,55 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--quiet", action="store_true")
     bf.set_defaults(func=cmd_bench_prefill)
 
-    dp = sub.add_parser("demo", help="run CLASP on a synthetic LLaVA-1.5-shaped batch")
+    dp = sub.add_parser("demo", help="the testbed model answers questions, unpruned and pruned, with PNGs")
     dp.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
     dp.add_argument("--budget", type=int, default=64)
+    dp.add_argument("--out", default="out/demo", help="folder for the PNGs")
+    dp.add_argument("--model", help="testbed model folder (default: the weights shipped in the package)")
+    dp.add_argument("--synthetic", action="store_true", help="CLASP on synthetic tensors instead (no model)")
     dp.set_defaults(func=cmd_demo)
+
+    def testbed_args(q: argparse.ArgumentParser, split: str | None, out: str) -> None:
+        q.add_argument("--split", default=split, help="train, val, calibration, test or hard")
+        q.add_argument("--scenes", type=int, help="use only the first N scenes of the split")
+        q.add_argument("--batch", type=int, default=16, help="questions per forward")
+        q.add_argument("--model", help="testbed model folder (default: the shipped weights)")
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+        q.add_argument("--out", default=out)
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ep = sub.add_parser("eval", help="accuracy vs budget on the testbed (JSON + PNG)")
+    ep.add_argument("--spec", action="append", help="spec file; repeat to compare (default: specs/clasp.toml)")
+    ep.add_argument("--budgets", default="64,128,192")
+    ep.add_argument("--name", help="file stem of the outputs")
+    testbed_args(ep, "test", "out/eval")
+    ep.set_defaults(func=cmd_eval)
+
+    ap = sub.add_parser("ablate", help="a grid of swapped stages x budgets (markdown + PNG + JSON)")
+    ap.add_argument("file", help="an ablation file, e.g. specs/ablations/fusion.toml")
+    ap.add_argument("--budgets", help="override the file's budgets")
+    testbed_args(ap, None, "out/ablate")
+    ap.set_defaults(func=cmd_ablate)
+
+    cp = sub.add_parser("calibrate", help="fit CLASP's class table on the calibration split")
+    cp.add_argument("--spec", help="base spec (default: specs/clasp.toml)")
+    cp.add_argument("--budgets", default="64,128")
+    cp.add_argument("--strategies", default="A,B,C,D,E")
+    cp.add_argument("--ratios", default="0.25,0.5,0.75")
+    testbed_args(cp, "calibration", "out/class_table.toml")
+    cp.set_defaults(func=cmd_calibrate)
+
+    tp_ = sub.add_parser("testbed", help="the testbed model")
+    tsub = tp_.add_subparsers(dest="testbed_command", required=True)
+    tt = tsub.add_parser("train", help="train (or resume) the testbed model")
+    tt.add_argument("--out", default="runs/testbed", help="checkpoint and output folder")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--tower-steps", type=int, default=800)
+    tt.add_argument("--qa-steps", type=int, default=4000)
+    tt.add_argument("--max-minutes", type=float, help="pause after a checkpoint past this many minutes")
+    tt.add_argument("--threads", type=int, default=0)
+    tt.set_defaults(func=cmd_testbed_train)
     return p
 
 

@@ -1,0 +1,97 @@
+"""``tokenprune calibrate``: fit CLASP's class table on the testbed's calibration split.
+
+For each class ``c`` and each cell of the grid (layer strategy ``A`` shallow-heavy .. ``E``
+deep-heavy) x (pivot ratio), the calibration questions of class ``c`` are answered with CLASP,
+routed to their true class (so the cell is what they get) at every calibration budget. The
+cell with the best mean accuracy over the budgets wins; ties go to the higher mean log-probability
+of the right answer (a finer signal on a small split). ``general``, the router's fallback, gets
+the cell that is best averaged over all classes. The calibration split shares no scene with the
+test split, so nothing is tuned to the reported figures.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..classes import CLASSES, STRATEGIES, ClassEntry, ClassTable
+from ..spec import PipelineSpec
+from .evaluate import Dist, Variant, evaluate
+from .questions import QA_CLASSES
+
+__all__ = ["calibrate", "table_toml"]
+
+
+def _cell_name(strategy: str, ratio: float) -> str:
+    return f"{strategy}/{ratio:g}"
+
+
+def calibrate(
+    model,
+    processor,
+    base: PipelineSpec,
+    *,
+    split: str = "calibration",
+    scenes: int | None = None,
+    budgets: Sequence[int] = (64, 128),
+    strategies: Sequence[str] = tuple(STRATEGIES),
+    ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    dist: Dist | None = None,
+    progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+    source: str = "",
+) -> tuple[ClassTable, dict[str, Any]]:
+    """Returns the fitted table and the grid of scores ``{class: {cell: {accuracy, mean_logp}}}``."""
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise ValueError(f"unknown strategies {bad}; valid: {list(STRATEGIES)}")
+    if not ratios or any(not 0 <= r <= 1 for r in ratios):
+        raise ValueError(f"pivot ratios must be in [0, 1], got {list(ratios)}")
+    grid: dict[str, dict[str, dict[str, float]]] = {}
+    current = base.class_table.model_dump(exclude_none=True)
+    for c in QA_CLASSES:
+        variants = []
+        for s, a in itertools.product(strategies, ratios):
+            rows = {k: dict(v) for k, v in current["classes"].items()}
+            rows[c] = {"strategy": s, "temperature": temperature, "pivot_ratio": a}
+            table = ClassTable.model_validate({**current, "classes": rows})
+            variants.append(Variant(_cell_name(s, a), base.replace(class_table=table), oracle_router=True))
+        report = evaluate(model, processor, variants, budgets, split, scenes=scenes, classes=[c],
+                          batch_size=batch_size, dist=dist, progress=progress(c) if progress else None)
+        cells: dict[str, dict[str, float]] = {}
+        for run in report["runs"]:
+            cell = cells.setdefault(run["variant"], {"accuracy": 0.0, "mean_logp": 0.0})
+            cell["accuracy"] += run["accuracy"]["overall"] / len(budgets)
+            cell["mean_logp"] += run["mean_logp"] / len(budgets)
+        grid[c] = {k: {m: round(v, 5) for m, v in x.items()} for k, x in cells.items()}
+        grid[c]["unpruned"] = {"accuracy": report["unpruned"]["accuracy"]["overall"],
+                               "mean_logp": report["unpruned"]["mean_logp"]}
+
+    def best(scores: dict[str, dict[str, float]]) -> str:
+        cand = [k for k in scores if k != "unpruned"]
+        return max(cand, key=lambda k: (scores[k]["accuracy"], scores[k]["mean_logp"]))
+
+    rows: dict[str, ClassEntry] = {}
+    for c in QA_CLASSES:
+        s, a = best(grid[c]).split("/")
+        rows[c] = ClassEntry(strategy=s, temperature=temperature, pivot_ratio=float(a))
+    pooled = {k: {m: sum(grid[c][k][m] for c in QA_CLASSES) / len(QA_CLASSES) for m in ("accuracy", "mean_logp")}
+              for k in grid[QA_CLASSES[0]] if k != "unpruned"}
+    s, a = best(pooled).split("/")
+    rows["general"] = ClassEntry(strategy=s, temperature=temperature, pivot_ratio=float(a))
+    assert set(rows) == set(CLASSES)
+    table = ClassTable(source=source, classes=rows)
+    return table, {"budgets": list(budgets), "split": split, "scenes": scenes, "grid": grid, "pooled": pooled}
+
+
+def table_toml(table: ClassTable, header: str = "") -> str:
+    """The table as a TOML file that a spec's ``class_table = "..."`` can point to."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines.append(f"source = {table.source!r}".replace("'", '"'))
+    for c in CLASSES:
+        e = table.classes[c]
+        lines += ["", f"[classes.{c}]", f'strategy = "{e.strategy}"', f"temperature = {e.temperature!r}",
+                  f"pivot_ratio = {e.pivot_ratio!r}"]
+    return "\n".join(lines) + "\n"

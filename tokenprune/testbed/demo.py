@@ -1,0 +1,117 @@
+"""``tokenprune demo``: the shipped testbed model answers questions about a few test scenes, unpruned
+and pruned, and draws what was kept.
+
+For every question it prints the routed class, the tokens kept (pivots + completion), the answers
+unpruned and pruned, and both prefill times; for every image it writes a PNG with one panel per
+question: the scene with the kept patches outlined, pivots in red and completion tokens in blue.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import tokenprune as tp
+from tokenprune.contract import Provenance
+
+from .model import load, prompt
+from .questions import QA_CLASSES, ask
+from .scenes import CELL, GRID, SIZE
+from .splits import scene
+
+__all__ = ["run_demo"]
+
+SCENES = (0, 1, 2)
+#: The classes asked about each demo scene (several per scene, all seven over the demo).
+ASKED = (("ocr", "counting", "attribute"), ("spatial", "existence", "reasoning"), ("scene", "counting", "ocr"))
+PIVOT, COMPLETION = (230, 30, 30), (30, 90, 240)
+
+
+def _panel(img: Image.Image, indices: list[int], provenance: list[int], caption: list[str]) -> Image.Image:
+    shade = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(shade)
+    kept = set(indices)
+    for i in range(GRID * GRID):  # dim what was dropped
+        if i not in kept:
+            r, c = divmod(i, GRID)
+            draw.rectangle([c * CELL, r * CELL, c * CELL + CELL - 1, r * CELL + CELL - 1], fill=(0, 0, 0, 110))
+    for i, p in zip(indices, provenance):
+        r, c = divmod(i, GRID)
+        colour = PIVOT if p == Provenance.PIVOT else COMPLETION
+        draw.rectangle([c * CELL, r * CELL, c * CELL + CELL - 1, r * CELL + CELL - 1], outline=colour + (255,), width=2)
+    out = Image.alpha_composite(img.convert("RGBA"), shade).convert("RGB")
+    canvas = Image.new("RGB", (SIZE, SIZE + 16 * len(caption) + 6), "white")
+    canvas.paste(out, (0, 0))
+    font = ImageFont.load_default(size=12)
+    d = ImageDraw.Draw(canvas)
+    for k, line in enumerate(caption):
+        d.text((4, SIZE + 3 + 16 * k), line, fill="black", font=font)
+    return canvas
+
+
+def run_demo(spec_path: str | Path, budget: int = 64, out: str | Path = "out/demo", model_dir: str | None = None) -> int:
+    model, processor = load(model_dir)
+    tok = processor.tokenizer
+    pipe = tp.Pipeline.from_file(spec_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"testbed model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, 576 visual tokens "
+          f"per image); spec {pipe.spec.name} ({spec_path}), budget {budget}; CPU, {torch.get_num_threads()} threads\n")
+    with torch.inference_mode():  # warm-up, so the first timing is not a cold start
+        s0 = scene("test", SCENES[0])
+        warm = processor(images=[s0.image], text=[prompt("What color is the square?")], return_tensors="pt")
+        model(**warm)
+    right = {"unpruned": 0, "pruned": 0}
+    asked = 0
+    for si, classes in zip(SCENES, ASKED):
+        sc = scene("test", si)
+        questions = [q for k in classes if (q := ask(sc, k)) is not None]
+        panels = []
+        print(f"scene {si} of the test split ({sc.background} background, {len(sc.objects)} objects, number {sc.number})")
+        for q in questions:
+            inputs = processor(images=[sc.image], text=[prompt(q.text)], return_tensors="pt")
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                full = model(**inputs).logits[0, -1].argmax()
+                t_full = time.perf_counter() - t0
+                with tp.apply(model, pipe, budget=budget, tokenizer=tok) as handle:
+                    t0 = time.perf_counter()
+                    pruned = model(**inputs).logits[0, -1].argmax()
+                    t_pruned = time.perf_counter() - t0
+            rec = handle.last
+            sel = rec.selection
+            n = int(sel.counts[0])
+            idx, prov = sel.indices[0, :n].tolist(), sel.provenance[0, :n].tolist()
+            pivots = sum(p == Provenance.PIVOT for p in prov)
+            a_full, a_pruned = tok.decode([int(full)]), tok.decode([int(pruned)])
+            right["unpruned"] += a_full == q.answer
+            right["pruned"] += a_pruned == q.answer
+            asked += 1
+            mark = lambda a: "right" if a == q.answer else "wrong"  # noqa: E731
+            print(f"  Q [{q.klass}] {q.text}")
+            print(f"    routed to '{rec.classes[0]}'; kept {n}/{int(rec.total[0])} tokens = {pivots} pivots + "
+                  f"{n - pivots} completion")
+            print(f"    answer: unpruned '{a_full}' ({mark(a_full)}, prefill {1e3 * t_full:.0f} ms), "
+                  f"pruned '{a_pruned}' ({mark(a_pruned)}, prefill {1e3 * t_pruned:.0f} ms); truth '{q.answer}'")
+            panels.append(_panel(sc.image, idx, prov, [
+                f"[{rec.classes[0]}] {q.text}"[:56],
+                f"kept {n}: {pivots} pivots (red), {n - pivots} completion (blue)",
+                f"pruned: {a_pruned}   unpruned: {a_full}   truth: {q.answer}",
+            ]))
+        sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), max(p.height for p in panels)), "white")
+        x = 0
+        for p in panels:
+            sheet.paste(p, (x, 0))
+            x += p.width + 8
+        path = out / f"scene{si}.png"
+        sheet.save(path)
+        print(f"  -> {path}\n")
+    print(f"{asked} questions: unpruned {right['unpruned']}/{asked} right, pruned to {budget} tokens "
+          f"{right['pruned']}/{asked} right. Accuracy over the whole test split: tokenprune eval (docs/results.md)")
+    return 0
+
+
+assert all(k in QA_CLASSES for ks in ASKED for k in ks)

@@ -1,0 +1,213 @@
+"""Questions about a :class:`~tokenprune.testbed.scenes.Scene`, in CLASP's seven classes.
+
+Every question has a one-word answer. Each class has several phrasings with synonyms, chosen at
+random, so that a router is not handed one template per class. Existence negatives are POPE-style
+adversarial: when possible, both the colour and the shape occur in the scene, only not together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .scenes import BACKGROUNDS, COLORS, SHAPES, Scene, scene_rng
+
+__all__ = ["QA_CLASSES", "Question", "ask", "ask_all", "answer_words", "question_words"]
+
+QA_CLASSES: tuple[str, ...] = ("ocr", "counting", "spatial", "attribute", "existence", "scene", "reasoning")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    klass: str
+    text: str
+    answer: str
+
+
+def _pick(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def _plural(shape: str) -> str:
+    return shape + "es" if shape.endswith("x") else shape + "s"
+
+
+_OCR = (
+    "What number is written in the box?",
+    "Read the number in the box.",
+    "Which number is printed on the label?",
+    "What two-digit number can you see?",
+    "Tell me the number shown in the white box.",
+    "What does the text in the box say?",
+)
+_COUNT_SHAPE = (
+    "How many {ps} are there?",
+    "Count the {ps} in the picture.",
+    "How many {ps} can you see?",
+    "What is the number of {ps} in the image?",
+)
+_COUNT_COLOR = (
+    "How many {c} objects are there?",
+    "Count the {c} shapes.",
+    "How many things are {c}?",
+    "How many {c} items can you find?",
+)
+_SPATIAL = (
+    "Is the {a} {rel} the {b}?",
+    "Is the {a} located {rel} the {b}?",
+    "Does the {a} appear {rel} the {b}?",
+    "Relative to the {b}, is the {a} {rel} it?",
+)
+_REL = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+_ATTR_COLOR = (
+    "What color is the {s}?",
+    "Which colour does the {s} have?",
+    "What is the color of the {s}?",
+    "Tell me the colour of the {s}.",
+)
+_ATTR_SHAPE = (
+    "What shape is the {c} object?",
+    "Which shape is drawn in {c}?",
+    "What is the {c} thing?",
+    "Name the shape of the {c} item.",
+)
+_EXIST = (
+    "Is there a {c} {s}?",
+    "Is there a {c} {s} in the image?",
+    "Can you see a {c} {s}?",
+    "Does the picture contain a {c} {s}?",
+    "Do you spot any {c} {s}?",
+)
+_SCENE = (
+    "What kind of background is this?",
+    "What pattern does the background have?",
+    "Describe the backdrop of this picture.",
+    "What does the background look like?",
+    "Which pattern fills the background?",
+)
+_SUM = (
+    "What is the sum of the two digits?",
+    "Add the two digits in the box together. What do you get?",
+    "What do the digits of the number add up to?",
+    "If you add both digits, what is the total?",
+)
+_COMPARE = (
+    "Is the number in the box greater than fifty?",
+    "Is the written number larger than 50?",
+    "Is the number in the box bigger than fifty?",
+)
+
+
+def _ocr(scene: Scene, rng) -> Question:
+    return Question("ocr", _pick(rng, _OCR), str(scene.number))
+
+
+def _counting(scene: Scene, rng) -> Question:
+    if rng.random() < 0.5:
+        s = _pick(rng, SHAPES)
+        n = sum(o.shape == s for o in scene.objects)
+        return Question("counting", _pick(rng, _COUNT_SHAPE).format(ps=_plural(s)), str(n))
+    c = _pick(rng, list(COLORS))
+    n = sum(o.color == c for o in scene.objects)
+    return Question("counting", _pick(rng, _COUNT_COLOR).format(c=c), str(n))
+
+
+def _spatial(scene: Scene, rng) -> Question | None:
+    objs = scene.objects
+    for _ in range(20):
+        i, j = rng.choice(len(objs), size=2, replace=False) if len(objs) >= 2 else (0, 0)
+        if i == j:
+            return None
+        a, b = objs[int(i)], objs[int(j)]
+        (ar, ac), (br, bc) = a.center, b.center
+        horizontal = rng.random() < 0.5
+        d = (ac - bc) if horizontal else (ar - br)
+        if abs(d) < 1.5:  # too close along that axis to be unambiguous
+            continue
+        rel = ("right" if d > 0 else "left") if horizontal else ("below" if d > 0 else "above")
+        truth = True
+        if rng.random() < 0.5:  # ask the opposite relation
+            rel = {"left": "right", "right": "left", "above": "below", "below": "above"}[rel]
+            truth = False
+        text = _pick(rng, _SPATIAL).format(a=f"{a.color} {a.shape}", b=f"{b.color} {b.shape}", rel=_REL[rel])
+        return Question("spatial", text, "yes" if truth else "no")
+    return None
+
+
+def _attribute(scene: Scene, rng) -> Question | None:
+    shapes = [o.shape for o in scene.objects]
+    colors = [o.color for o in scene.objects]
+    by_shape = [o for o in scene.objects if shapes.count(o.shape) == 1]
+    by_color = [o for o in scene.objects if colors.count(o.color) == 1]
+    if by_shape and (not by_color or rng.random() < 0.5):
+        o = by_shape[int(rng.integers(len(by_shape)))]
+        return Question("attribute", _pick(rng, _ATTR_COLOR).format(s=o.shape), o.color)
+    if by_color:
+        o = by_color[int(rng.integers(len(by_color)))]
+        return Question("attribute", _pick(rng, _ATTR_SHAPE).format(c=o.color), o.shape)
+    return None
+
+
+def _existence(scene: Scene, rng) -> Question:
+    present = {(o.color, o.shape) for o in scene.objects}
+    if rng.random() < 0.5 and scene.objects:
+        o = scene.objects[int(rng.integers(len(scene.objects)))]
+        c, s, ans = o.color, o.shape, "yes"
+    else:
+        colors = {o.color for o in scene.objects}
+        shapes = {o.shape for o in scene.objects}
+        adversarial = [(c, s) for c in sorted(colors) for s in sorted(shapes) if (c, s) not in present]
+        pool = adversarial or [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        c, s = pool[int(rng.integers(len(pool)))]
+        ans = "no"
+    text = _pick(rng, _EXIST).format(c=c, s=s).replace(" a orange", " an orange")
+    return Question("existence", text, ans)
+
+
+def _scene(scene: Scene, rng) -> Question:
+    return Question("scene", _pick(rng, _SCENE), scene.background)
+
+
+def _reasoning(scene: Scene, rng) -> Question:
+    if rng.random() < 0.7:
+        return Question("reasoning", _pick(rng, _SUM), str(sum(int(d) for d in str(scene.number))))
+    return Question("reasoning", _pick(rng, _COMPARE), "yes" if scene.number > 50 else "no")
+
+
+_ASK = {
+    "ocr": _ocr, "counting": _counting, "spatial": _spatial, "attribute": _attribute,
+    "existence": _existence, "scene": _scene, "reasoning": _reasoning,
+}
+
+
+def ask(scene: Scene, klass: str, draw: int = 0) -> Question | None:
+    """Question ``draw`` of class ``klass`` about ``scene`` (deterministic), or ``None`` if the
+    scene cannot support that class (e.g. no object with a unique shape or colour)."""
+    rng = scene_rng(scene.seed, scene.index, stream=1 + 7 * draw + QA_CLASSES.index(klass))
+    return _ASK[klass](scene, rng)
+
+
+def ask_all(scene: Scene, draws: int = 1) -> list[Question]:
+    """Up to ``draws`` questions per class, classes in :data:`QA_CLASSES` order."""
+    out = []
+    for d in range(draws):
+        for k in QA_CLASSES:
+            q = ask(scene, k, d)
+            if q is not None:
+                out.append(q)
+    return out
+
+
+def answer_words() -> list[str]:
+    """Every possible answer, each a single word (one token)."""
+    nums = [str(i) for i in range(100)]
+    return ["yes", "no", *COLORS, *SHAPES, *BACKGROUNDS, *nums]
+
+
+def question_words() -> list[str]:
+    """Every word the question templates can produce (before tokenisation)."""
+    texts = [*_OCR, *_COUNT_SHAPE, *_COUNT_COLOR, *_SPATIAL, *_ATTR_COLOR, *_ATTR_SHAPE, *_EXIST,
+             *_SCENE, *_SUM, *_COMPARE, *_REL.values()]
+    fills = ["an", *COLORS, *SHAPES, *(_plural(s) for s in SHAPES)]
+    return texts + fills

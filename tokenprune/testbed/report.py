@@ -1,0 +1,87 @@
+"""Tables and plots of :func:`~tokenprune.testbed.evaluate.evaluate` reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .questions import QA_CLASSES
+
+__all__ = ["text_table", "markdown_table", "plot"]
+
+COLUMNS = ("overall", *QA_CLASSES)
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, str, dict]]:
+    rows = [("unpruned", "576", report["unpruned"])]
+    rows += [(r["variant"], str(r["budget"]), r) for r in report["runs"]]
+    return rows
+
+
+def text_table(report: dict[str, Any]) -> str:
+    """A fixed-width table: accuracy per class, share retained, routing accuracy, prefill ms."""
+    head = f"{'variant':<28} {'R':>4} " + " ".join(f"{c[:8]:>8}" for c in COLUMNS)
+    head += f" {'retained':>8} {'routed':>7} {'ms/ex':>7}"
+    lines = [head, "-" * len(head)]
+    chance = report["chance"]
+    lines.append(f"{'chance (majority answer)':<28} {'':>4} {'':>8} "
+                 + " ".join(f"{chance.get(c, float('nan')):>8.2f}" for c in QA_CLASSES))
+    for name, r, row in _rows(report):
+        acc = row["accuracy"]
+        line = f"{name[:28]:<28} {r:>4} " + " ".join(f"{acc.get(c, float('nan')):>8.3f}" for c in COLUMNS)
+        line += f" {row.get('retained', 1.0):>8.3f} {row.get('routing_accuracy', float('nan')):>7.3f}"
+        line += f" {row['prefill_ms_per_example']:>7.1f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def markdown_table(report: dict[str, Any], *, delta: bool = False) -> str:
+    """The same as a markdown table (``delta``: accuracy minus the unpruned accuracy)."""
+    base = report["unpruned"]["accuracy"]
+    head = "| variant | R | " + " | ".join(COLUMNS) + " | retained | routing acc. | prefill ms/ex |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 5)]
+    chance = report["chance"]
+    lines.append("| chance (majority answer) | | | " + " | ".join(f"{chance.get(c, 0):.2f}" for c in QA_CLASSES)
+                 + " | | | |")
+    for name, r, row in _rows(report):
+        acc = row["accuracy"]
+        cells = []
+        for c in COLUMNS:
+            v = acc.get(c, float("nan"))
+            cells.append(f"{v:.3f}" if not delta or name == "unpruned" else f"{v:.3f} ({v - base.get(c, 0):+.3f})")
+        routed = row.get("routing_accuracy")
+        lines.append(f"| {name} | {r} | " + " | ".join(cells)
+                     + f" | {row.get('retained', 1.0):.3f} | {'' if routed is None else f'{routed:.3f}'}"
+                     + f" | {row['prefill_ms_per_example']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Accuracy vs budget, one line per variant, one panel per class plus overall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), sharex=True)
+    variants = list(dict.fromkeys(r["variant"] for r in report["runs"]))
+    for ax, c in zip(axes.flat, COLUMNS):
+        for v in variants:
+            rs = sorted((r for r in report["runs"] if r["variant"] == v), key=lambda r: r["budget"])
+            ax.plot([r["budget"] for r in rs], [r["accuracy"].get(c, float("nan")) for r in rs], marker="o", label=v)
+        ax.axhline(report["unpruned"]["accuracy"].get(c, float("nan")), color="black", ls="--", lw=1, label="unpruned (576)")
+        if c in report["chance"]:
+            ax.axhline(report["chance"][c], color="grey", ls=":", lw=1, label="chance")
+        ax.set_title(c)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("visual tokens kept (of 576)")
+    axes[0, 0].set_ylabel("accuracy")
+    axes[1, 0].set_ylabel("accuracy")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.suptitle(title or f"testbed '{report['split']}' split, {report['examples']} questions")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
