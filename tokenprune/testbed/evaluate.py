@@ -218,7 +218,7 @@ def evaluate(
     unpruned = run_summary(0)
     report = {
         "split": split,
-        "scenes": scenes if scenes is not None else None,
+        "scenes": len({e.index for e in exs}),
         "examples": len(exs),
         "per_class": dict(Counter(e.klass for e in exs)),
         "chance": chance(exs),

@@ -79,7 +79,7 @@ def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
         ax.set_xlabel("visual tokens kept (of 576)")
     axes[0, 0].set_ylabel("accuracy")
     axes[1, 0].set_ylabel("accuracy")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = axes.flat[1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     fig.suptitle(title or f"testbed '{report['split']}' split, {report['examples']} questions")
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))

@@ -59,6 +59,7 @@ class TrainConfig:
     log_every: int = 25
     arch: dict | None = None       # overrides of model.ARCH (the CI test trains a miniature)
     check_scenes: int = 20         # val scenes whose predictions are recorded with the weights
+    mimetic: bool = True           # mimetic init of the decoder's attention (see mimetic_init)
 
 
 def pixels(images) -> torch.Tensor:
@@ -213,6 +214,28 @@ def qa_loss(model, packer: Packer, scenes, questions, align_weight: float):
     return loss, klasses, correct
 
 
+def mimetic_init(model, qk_std: float = 0.08, vo_std: float = 0.05) -> None:
+    """Mimetic initialisation of the decoder's self-attention (Trockman & Kolter, 2023, "Mimetic
+    initialization of self-attention layers"): ``W_k = W_q`` so that ``W_q^T W_k`` is positive
+    semi-definite (a token starts out attending to tokens like itself, and with RoPE to nearby
+    ones), and ``W_o = W_v^T`` so that a head starts out copying what it attends to. It only
+    sets the starting point; no attention target is ever used. A decoder trained from scratch
+    otherwise sits for a long time on the retrieval plateau (``docs/testbed.md``)."""
+    lm = model.model.language_model
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for layer in lm.layers:
+            a = layer.self_attn
+            if a.k_proj.weight.shape != a.q_proj.weight.shape:
+                raise ValueError("mimetic init needs as many key/value heads as query heads")
+            q = torch.randn(a.q_proj.weight.shape, generator=g) * qk_std
+            a.q_proj.weight.copy_(q)
+            a.k_proj.weight.copy_(q)
+            v = torch.randn(a.v_proj.weight.shape, generator=g) * vo_std
+            a.v_proj.weight.copy_(v)
+            a.o_proj.weight.copy_(v.T)
+
+
 # -- the loop --------------------------------------------------------------------------------------
 def _apply_arch(overrides: dict | None):
     from . import model as m
@@ -240,6 +263,8 @@ def train(cfg: TrainConfig, out: str | Path, *, log=print, max_minutes: float | 
     try:
         torch.manual_seed(cfg.seed)
         model, tok = build(cfg.seed)
+        if cfg.mimetic:
+            mimetic_init(model)
         arch = json.loads(json.dumps(m.ARCH))
     finally:
         if saved_arch is not None:
