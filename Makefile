@@ -36,7 +36,7 @@ results: $(STAMP)
 	$(VENV)/bin/tokenprune calibrate --split calibration --scenes 60 --out tokenprune/data/class_table.toml
 	$(VENV)/bin/tokenprune ablate specs/ablations/alternatives.toml --split test --out docs/results
 	$(VENV)/bin/tokenprune eval --spec specs/clasp.toml --spec specs/variants/random.toml --split hard --scenes 60 --out docs/results --name hard
-	for a in $(ABLATIONS); do $(VENV)/bin/tokenprune ablate specs/ablations/$$a.toml --scenes 60 --out docs/results || exit 1; done
+	for a in $(ABLATIONS); do $(VENV)/bin/tokenprune ablate specs/ablations/$$a.toml --scenes 100 --out docs/results || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -255,6 +255,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_testbed_curve(args: argparse.Namespace) -> int:
+    from .testbed.model import shipped_dir
+    from .testbed.report import plot_training
+
+    d = Path(args.model) if args.model else shipped_dir()
+    record = json.loads((d / "training.json").read_text())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plot_training(record, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_testbed_train(args: argparse.Namespace) -> int:
     from .testbed.train import TrainConfig, train
 
@@ -362,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--max-minutes", type=float, help="pause after a checkpoint past this many minutes")
     tt.add_argument("--threads", type=int, default=0)
     tt.set_defaults(func=cmd_testbed_train)
+    tc = tsub.add_parser("curve", help="plot a model's training curve (its training.json)")
+    tc.add_argument("--model", help="model folder (default: the shipped weights)")
+    tc.add_argument("--out", default="out/training-curve.png")
+    tc.set_defaults(func=cmd_testbed_curve)
     return p
 
 

@@ -85,3 +85,37 @@ def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_training(record: dict[str, Any], path: str | Path) -> None:
+    """The training curve of a ``training.json``: stage 1 per-patch accuracy, stage 2 answer
+    accuracy per class on the step's fresh train scenes (never seen before), and both losses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = record["curve"]
+    s1 = [p for p in curve if p["stage"] == 1]
+    s2 = [p for p in curve if p["stage"] == 2]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for k in ("color", "shape", "digit", "anchor", "row", "col", "background"):
+        axes[0].plot([p["step"] for p in s1], [p[k] for p in s1], label=k)
+    axes[0].set_title("stage 1: tower, per-patch accuracy (foreground)")
+    axes[0].set_xlabel("step (16 images)")
+    for k in QA_CLASSES:
+        axes[1].plot([p["step"] for p in s2], [p.get(k, float("nan")) for p in s2], label=k)
+    axes[1].set_title("stage 2: answer accuracy per class (fresh train scenes)")
+    axes[1].set_xlabel("step (8 scenes x 14 questions)")
+    axes[2].plot([p["step"] for p in s1], [p["loss"] for p in s1], label="stage 1")
+    axes[2].plot([p["step"] for p in s2], [p["loss"] for p in s2], label="stage 2 (answer + 0.5 alignment)")
+    axes[2].set_yscale("log")
+    axes[2].set_title("loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[:2]:
+        ax.set_ylim(0, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
