@@ -56,11 +56,15 @@ def test_fusion_never_stacks_layers(monkeypatch):
 
 
 def test_strategies_run_shallow_to_deep():
-    table = ClassTable.default()
     peaks = [int(tp.classes.strategy_row(s, 24).argmax()) for s in STRATEGIES]
     assert peaks == sorted(peaks) and peaks[0] < 8 and peaks[-1] == 23
-    alpha = table.alpha(("scene", "ocr"), 24, min_weight=1e-3)
-    assert int(alpha[0].argmax()) > int(alpha[1].argmax())
+    rows = {c: {"strategy": "C", "pivot_ratio": 0.5} for c in tp.CLASSES}
+    rows["scene"] = {"strategy": "E", "pivot_ratio": 0.5}
+    rows["ocr"] = {"strategy": "A", "pivot_ratio": 0.5}
+    table = ClassTable.model_validate({"classes": rows})
+    alpha = table.alpha(("scene", "ocr", "counting"), 24, min_weight=1e-3)
+    argmax = alpha.argmax(-1).tolist()
+    assert argmax[1] < argmax[2] < argmax[0] == 23
 
 
 KEYWORD_CASES = {

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 import tokenprune as tp
 from tokenprune.classes import CLASSES, ClassTable
 
-SPECS = sorted(Path("specs").rglob("*.toml"))
+# Pipeline specs; specs/ablations/ holds ablation files (tests/test_testbed.py loads those).
+SPECS = sorted(p for p in Path("specs").rglob("*.toml") if "ablations" not in p.parts)
 ALTERNATIVES = {
     "router": ["keyword", "embedding", "fixed"],
     "fusion": ["class-adaptive", "single-layer", "mean"],
