@@ -27,7 +27,14 @@ DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "clasp.toml"
 
 
 def _default_spec() -> Path:
-    for candidate in (Path("specs/clasp.toml"), DEFAULT_SPEC):
+    """``specs/clasp.toml`` of the working directory, of the checkout, or of the installed package."""
+    from importlib import resources
+
+    try:
+        installed = Path(str(resources.files("tokenprune_specs").joinpath("clasp.toml")))
+    except ModuleNotFoundError:
+        installed = DEFAULT_SPEC
+    for candidate in (Path("specs/clasp.toml"), DEFAULT_SPEC, installed):
         if candidate.exists():
             return candidate
     raise FileNotFoundError("specs/clasp.toml not found (run from the repository root or pass --spec FILE)")
