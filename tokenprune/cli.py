@@ -28,13 +28,14 @@ DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "clasp.toml"
 
 def _default_spec() -> Path:
     """``specs/clasp.toml`` of the working directory, of the checkout, or of the installed package."""
-    from importlib import resources
+    import importlib.util
 
     try:
-        installed = Path(str(resources.files("tokenprune_specs").joinpath("clasp.toml")))
-    except ModuleNotFoundError:
-        installed = DEFAULT_SPEC
-    for candidate in (Path("specs/clasp.toml"), DEFAULT_SPEC, installed):
+        found = importlib.util.find_spec("tokenprune_specs")
+    except (ImportError, ValueError):
+        found = None
+    installed = [Path(d) / "clasp.toml" for d in (found.submodule_search_locations or [])] if found else []
+    for candidate in (Path("specs/clasp.toml"), DEFAULT_SPEC, *installed):
         if candidate.exists():
             return candidate
     raise FileNotFoundError("specs/clasp.toml not found (run from the repository root or pass --spec FILE)")
