@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -233,11 +234,17 @@ def test_data_parallel_eval_equals_single_process(mini, tmp_path):
               "--threads", "1", "--spec", str(REPO / "specs/clasp.toml"), "--spec",
               str(REPO / "specs/variants/random.toml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "tokenprune.cli", *common, "--out", str(tmp_path / "one"), "--name", "r"],
-                   check=True, env=env, cwd=REPO, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    "-m", "tokenprune.cli", *common, "--out", str(tmp_path / "two"), "--name", "r"],
-                   check=True, env=env, cwd=REPO, capture_output=True)
+    with socket.socket() as s:  # a free port, so parallel or back-to-back runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = [
+        [sys.executable, "-m", "tokenprune.cli", *common, "--out", str(tmp_path / "one"), "--name", "r"],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), "-m", "tokenprune.cli", *common, "--out", str(tmp_path / "two"), "--name", "r"],
+    ]
+    for cmd in runs:
+        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(cmd[:6])} ... failed:\n{done.stderr[-3000:]}"
     one = json.loads((tmp_path / "one" / "r.json").read_text())
     two = json.loads((tmp_path / "two" / "r.json").read_text())
     assert one["processes"] == 1 and two["processes"] == 2
