@@ -309,3 +309,12 @@ def test_demo_writes_overlays(mini, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("routed to") == 9 and "kept 48/576" in out
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["scene0.png", "scene1.png", "scene2.png"]
+
+
+def test_training_curve_plot(mini, tmp_path):
+    record = json.loads((mini / "training.json").read_text())
+    assert {p["stage"] for p in record["curve"]} == {1, 2}
+    assert all(k in p for p in record["curve"] if p["stage"] == 2 for k in ("loss", "max_objects"))
+    out = tmp_path / "curve.png"
+    assert main(["testbed", "curve", "--model", str(mini), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
