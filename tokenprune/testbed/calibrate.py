@@ -81,7 +81,6 @@ def calibrate(
               for k in grid[QA_CLASSES[0]] if k != "unpruned"}
     s, a = best(pooled).split("/")
     rows["general"] = ClassEntry(strategy=s, temperature=temperature, pivot_ratio=float(a))
-    assert set(rows) == set(CLASSES)
     table = ClassTable(source=source, classes=rows)
     return table, {"budgets": list(budgets), "split": split, "scenes": scenes, "grid": grid, "pooled": pooled}
 

@@ -137,7 +137,9 @@ class Packer:
     def answer(self, word: str) -> int:
         if word not in self.answer_ids:
             ids = self.tok(word, add_special_tokens=False)["input_ids"]
-            assert len(ids) == 1, f"answer '{word}' is not one token: {ids}"
+            if len(ids) != 1:
+                raise ValueError(f"answer '{word}' is not one token of the testbed vocabulary ({ids}); "
+                                 "answers must be single words that build_tokenizer() knows")
             self.answer_ids[word] = ids[0]
         return self.answer_ids[word]
 
