@@ -18,6 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from .tomlfile import read_toml
+
 __all__ = ["CLASSES", "STRATEGIES", "ClassEntry", "ClassTable", "strategy_row"]
 
 #: Every router class, in a fixed order; ``general`` is the fallback.
@@ -119,8 +121,7 @@ class ClassTable(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> ClassTable:
         """Read a table from a TOML file."""
-        with open(path, "rb") as fh:
-            return cls.model_validate(tomllib.load(fh))
+        return cls.model_validate(read_toml(path, "class table file"))
 
     @classmethod
     def default(cls) -> ClassTable:

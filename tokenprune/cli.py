@@ -109,6 +109,11 @@ def cmd_spec_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+
+
 def _csv_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -122,8 +127,7 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
             raise SystemExit(f"device '{d}' requested but CUDA is not available")
     spec = load_spec(args.spec or _default_spec())
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _threads(args)
     print(f"tokenprune {__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"dtype {args.dtype}, spec {spec.name}, median of {args.repeats}", file=sys.stderr)
     if "cuda" in devices:
@@ -147,8 +151,7 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
         raise SystemExit(f"device '{device}' requested but CUDA is not available")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _threads(args)
     result = bench.run(
         args.model, args.spec or _default_spec(), tuple(_csv_ints(args.batch)), tuple(_csv_ints(args.budgets)),
         repeats=args.repeats, new_tokens=args.new_tokens, device=device, dtype=dtype,
@@ -168,11 +171,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .testbed.demo import run_demo as run_testbed_demo
 
     return run_testbed_demo(args.spec or _default_spec(), args.budget, args.out, args.model)
-
-
-def _threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
 
 
 def _write_report(report: dict, out: Path, stem: str, title: str) -> None:
@@ -279,7 +277,8 @@ def cmd_testbed_train(args: argparse.Namespace) -> int:
     from .testbed.train import TrainConfig, train
 
     _threads(args)
-    cfg = TrainConfig(seed=args.seed, tower_steps=args.tower_steps, qa_steps=args.qa_steps)
+    given = {"seed": args.seed, "tower_steps": args.tower_steps, "qa_steps": args.qa_steps}
+    cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # the rest: TrainConfig's defaults
     record = train(cfg, args.out, max_minutes=args.max_minutes)
     state = "finished" if record["finished"] else "paused (run the same command to resume)"
     print(f"{state}: stage {record['stage']} step {record['step']}, {record['seconds']:.0f} s in all -> {args.out}")
@@ -376,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = tp_.add_subparsers(dest="testbed_command", required=True)
     tt = tsub.add_parser("train", help="train (or resume) the testbed model")
     tt.add_argument("--out", default="runs/testbed", help="checkpoint and output folder")
-    tt.add_argument("--seed", type=int, default=0)
-    tt.add_argument("--tower-steps", type=int, default=800)
-    tt.add_argument("--qa-steps", type=int, default=4000)
+    tt.add_argument("--seed", type=int, help="model init seed (default: TrainConfig.seed)")
+    tt.add_argument("--tower-steps", type=int, help="stage-1 steps (default: TrainConfig.tower_steps)")
+    tt.add_argument("--qa-steps", type=int, help="stage-2 steps (default: TrainConfig.qa_steps)")
     tt.add_argument("--max-minutes", type=float, help="pause after a checkpoint past this many minutes")
     tt.add_argument("--threads", type=int, default=0)
     tt.set_defaults(func=cmd_testbed_train)

@@ -20,7 +20,6 @@ that stage's own pydantic model; an unknown stage name lists the valid choices.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from pydantic import (
 from .classes import ClassTable
 from .registry import Registry, get_registry
 from .stages import BudgetPolicy, Completion, Fusion, Router, Scorer, Selector, Stage
+from .tomlfile import read_toml
 
 __all__ = ["PipelineSpec", "load_spec", "STAGE_FIELDS"]
 
@@ -191,13 +191,7 @@ class PipelineSpec(BaseModel):
 def load_spec(path: str | Path, registry: Registry | None = None, **overrides: Any) -> PipelineSpec:
     """Read and validate a spec TOML file. ``overrides`` replace top-level keys."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"spec file '{path}' does not exist")
-    with open(path, "rb") as fh:
-        try:
-            data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"spec file '{path}' is not valid TOML: {exc}") from None
+    data = read_toml(path, "spec file")
     data.update(overrides)
     ctx = {"base_dir": str(path.parent)}
     if registry is not None:

@@ -29,13 +29,13 @@ Unknown keys, unknown stages and bad parameters are errors with the variant's na
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..spec import STAGE_FIELDS, PipelineSpec, load_spec
+from ..tomlfile import read_toml
 from .evaluate import Variant
 
 __all__ = ["Ablation", "load_ablation"]
@@ -91,13 +91,7 @@ class Ablation(BaseModel):
 
 def load_ablation(path: str | Path) -> tuple[Ablation, list[Variant]]:
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"ablation file '{path}' does not exist")
-    with open(path, "rb") as fh:
-        try:
-            data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"ablation file '{path}' is not valid TOML: {exc}") from None
+    data = read_toml(path, "ablation file")
     try:
         abl = Ablation.model_validate(data)
     except ValidationError as exc:

@@ -12,6 +12,7 @@ test split, so nothing is tuned to the reported figures.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,14 +51,15 @@ def calibrate(
     if not ratios or any(not 0 <= r <= 1 for r in ratios):
         raise ValueError(f"pivot ratios must be in [0, 1], got {list(ratios)}")
     grid: dict[str, dict[str, dict[str, float]]] = {}
+    cells_of = {_cell_name(s, a): (s, a) for s, a in itertools.product(strategies, ratios)}
     current = base.class_table.model_dump(exclude_none=True)
     for c in QA_CLASSES:
         variants = []
-        for s, a in itertools.product(strategies, ratios):
+        for name, (s, a) in cells_of.items():
             rows = {k: dict(v) for k, v in current["classes"].items()}
             rows[c] = {"strategy": s, "temperature": temperature, "pivot_ratio": a}
             table = ClassTable.model_validate({**current, "classes": rows})
-            variants.append(Variant(_cell_name(s, a), base.replace(class_table=table), oracle_router=True))
+            variants.append(Variant(name, base.replace(class_table=table), oracle_router=True))
         report = evaluate(model, processor, variants, budgets, split, scenes=scenes, classes=[c],
                           batch_size=batch_size, dist=dist, progress=progress(c) if progress else None)
         cells: dict[str, dict[str, float]] = {}
@@ -69,18 +71,14 @@ def calibrate(
         grid[c]["unpruned"] = {"accuracy": report["unpruned"]["accuracy"]["overall"],
                                "mean_logp": report["unpruned"]["mean_logp"]}
 
-    def best(scores: dict[str, dict[str, float]]) -> str:
-        cand = [k for k in scores if k != "unpruned"]
-        return max(cand, key=lambda k: (scores[k]["accuracy"], scores[k]["mean_logp"]))
+    def best_entry(scores: dict[str, dict[str, float]]) -> ClassEntry:
+        s, a = cells_of[max(cells_of, key=lambda k: (scores[k]["accuracy"], scores[k]["mean_logp"]))]
+        return ClassEntry(strategy=s, temperature=temperature, pivot_ratio=a)
 
-    rows: dict[str, ClassEntry] = {}
-    for c in QA_CLASSES:
-        s, a = best(grid[c]).split("/")
-        rows[c] = ClassEntry(strategy=s, temperature=temperature, pivot_ratio=float(a))
+    rows = {c: best_entry(grid[c]) for c in QA_CLASSES}
     pooled = {k: {m: sum(grid[c][k][m] for c in QA_CLASSES) / len(QA_CLASSES) for m in ("accuracy", "mean_logp")}
-              for k in grid[QA_CLASSES[0]] if k != "unpruned"}
-    s, a = best(pooled).split("/")
-    rows["general"] = ClassEntry(strategy=s, temperature=temperature, pivot_ratio=float(a))
+              for k in cells_of}
+    rows["general"] = best_entry(pooled)
     table = ClassTable(source=source, classes=rows)
     return table, {"budgets": list(budgets), "split": split, "scenes": scenes, "grid": grid, "pooled": pooled}
 
@@ -88,7 +86,7 @@ def calibrate(
 def table_toml(table: ClassTable, header: str = "") -> str:
     """The table as a TOML file that a spec's ``class_table = "..."`` can point to."""
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    lines.append(f"source = {table.source!r}".replace("'", '"'))
+    lines.append(f"source = {json.dumps(table.source)}")
     for c in CLASSES:
         e = table.classes[c]
         lines += ["", f"[classes.{c}]", f'strategy = "{e.strategy}"', f"temperature = {e.temperature!r}",

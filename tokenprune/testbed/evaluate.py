@@ -131,47 +131,44 @@ def evaluate(
         raise ValueError(f"split '{split}' with {scenes} scenes has no examples")
     batches = _batches(exs, batch_size)
     mine = list(range(dist.rank, len(batches), dist.world))
-    images = {}
     tok = processor.tokenizer
-    answer_ids = {}
-
-    def answer_id(word: str) -> int:
-        if word not in answer_ids:
-            answer_ids[word] = tok.convert_tokens_to_ids(word)
-        return answer_ids[word]
+    cuda = torch.device(device).type == "cuda"
 
     runs: list[tuple[Variant, int | None]] = [(Variant(UNPRUNED, None), None)]
     runs += [(v, b) for v in variants for b in budgets]
+    # one pipeline per variant; the oracle router needs one per (variant, class)
+    pipes = {id(v): Pipeline(v.spec) for v in variants if not v.oracle_router}
+    oracle_pipes: dict[tuple[int, str], Pipeline] = {}
+
+    def pipeline_for(variant: Variant, klass: str) -> Pipeline | None:
+        if variant.spec is None:
+            return None
+        if not variant.oracle_router:
+            return pipes[id(variant)]
+        key = (id(variant), klass)
+        if key not in oracle_pipes:
+            oracle_pipes[key] = Pipeline(variant.spec.replace(router={"stage": "fixed", "class_name": klass}))
+        return oracle_pipes[key]
+
     total, done = len(runs) * len(mine), 0
-    oracle_pipes: dict[tuple[str, str], Pipeline] = {}
     results: dict[int, dict[int, dict]] = {}  # run -> batch -> record
     model.eval()
-    for r, (variant, budget) in enumerate(runs):
-        pipe = Pipeline(variant.spec) if variant.spec is not None else None
-        for bi in mine:
-            idx = batches[bi]
-            for i in idx:
-                if exs[i].index not in images:
-                    images[exs[i].index] = scene(split, exs[i].index).image
-            texts = [prompt(exs[i].question.text) for i in idx]
-            inputs = processor(images=[images[exs[i].index] for i in idx], text=texts,
-                               return_tensors="pt", padding=True).to(device)
-            truth = torch.tensor([answer_id(exs[i].question.answer) for i in idx], device=device)
-            klass = exs[idx[0]].klass
-            if variant.oracle_router and pipe is not None:
-                key = (variant.name, klass)
-                if key not in oracle_pipes:
-                    oracle_pipes[key] = Pipeline(variant.spec.replace(router={"stage": "fixed", "class_name": klass}))
-                use = oracle_pipes[key]
-            else:
-                use = pipe
+    for bi in mine:  # each batch is drawn and preprocessed once, then answered by every run
+        idx = batches[bi]
+        inputs = processor(images=[scene(split, exs[i].index).image for i in idx],
+                           text=[prompt(exs[i].question.text) for i in idx],
+                           return_tensors="pt", padding=True).to(device)
+        truth = torch.tensor(tok.convert_tokens_to_ids([exs[i].question.answer for i in idx]), device=device)
+        klass = exs[idx[0]].klass
+        for r, (variant, budget) in enumerate(runs):
+            use = pipeline_for(variant, klass)
             ctx = tp.apply(model, use, budget=budget, tokenizer=tok) if use is not None else nullcontext()
             with ctx as handle, torch.inference_mode():
-                if device != "cpu" and torch.cuda.is_available():
+                if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 logits = model(**inputs).logits[:, -1]  # (B, V)
-                if device != "cpu" and torch.cuda.is_available():
+                if cuda:
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - t0
             pred = logits.argmax(-1)

@@ -18,7 +18,7 @@ import torch
 from .questions import answer_words, question_words
 from .scenes import SIZE
 
-__all__ = ["ARCH", "IMAGE_TOKEN", "build", "build_tokenizer", "build_processor", "load", "save",
+__all__ = ["ARCH", "IMAGE_TOKEN", "arch_with", "build", "build_tokenizer", "build_processor", "load", "save",
            "shipped_dir", "prompt", "CLIP_MEAN", "CLIP_STD"]
 
 IMAGE_TOKEN = "<image>"
@@ -66,26 +66,39 @@ def build_tokenizer():
     return fast
 
 
-def _config(tokenizer):
+def arch_with(overrides: dict | None = None) -> dict:
+    """A copy of :data:`ARCH` with ``overrides`` merged in (a nested dict updates that part)."""
+    arch = {k: dict(v) if isinstance(v, dict) else v for k, v in ARCH.items()}
+    for k, v in (overrides or {}).items():
+        if isinstance(v, dict):
+            arch[k].update(v)
+        else:
+            arch[k] = v
+    return arch
+
+
+def _config(tokenizer, arch: dict):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       **ARCH["text"])
-    return LlavaConfig(vision_config=CLIPVisionConfig(**ARCH["vision"]), text_config=text,
+                       **arch["text"])
+    return LlavaConfig(vision_config=CLIPVisionConfig(**arch["vision"]), text_config=text,
                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                       vision_feature_layer=ARCH["vision_feature_layer"],
+                       vision_feature_layer=arch["vision_feature_layer"],
                        vision_feature_select_strategy="default", projector_hidden_act="gelu",
                        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
 
 
-def build(seed: int = 0, tokenizer=None):
-    """A fresh (untrained) testbed model and its tokenizer, initialised from ``seed``."""
+def build(seed: int = 0, tokenizer=None, arch: dict | None = None):
+    """A fresh (untrained) testbed model and its tokenizer, initialised from ``seed``, with the
+    architecture ``arch`` (default :data:`ARCH`; see :func:`arch_with`)."""
     from transformers import LlavaForConditionalGeneration
 
     tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(_config(tokenizer), attn_implementation="sdpa")
+    model = LlavaForConditionalGeneration._from_config(_config(tokenizer, arch or ARCH),
+                                                       attn_implementation="sdpa")
     _generation_defaults(model, tokenizer)
     return model, tokenizer
 

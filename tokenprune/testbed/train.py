@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, build, save
+from .model import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, arch_with, build, save
 from .questions import QA_CLASSES, ask
 from .scenes import BACKGROUNDS, COLORS, GRID, SHAPES, make_scene
 from .splits import SPLITS
@@ -77,12 +77,19 @@ def _train_scene(index: int, max_objects: int):
                       small_text=s.small_text)
 
 
+def _cell_labels(scenes, name: str) -> torch.Tensor:
+    """``(B, M)`` int64: the scenes' per-cell label ``name`` (a field of ``CellLabels``), row-major."""
+    return torch.from_numpy(np.stack([getattr(s.labels, name).reshape(-1) for s in scenes]))
+
+
 # -- stage 1 ---------------------------------------------------------------------------------------
 class DenseHeads(nn.Module):
     """Per-patch linear read-outs used only to pre-train the tower."""
 
     SIZES = {"color": 1 + len(COLORS), "shape": 1 + len(SHAPES), "digit": 21, "anchor": 2,
              "row": GRID, "col": GRID}
+    #: Heads whose class 0 means "nothing here"; accuracy is reported on the other patches.
+    FOREGROUND = ("color", "shape", "digit", "anchor")
     NONE_WEIGHT = 0.1
 
     def __init__(self, width: int):
@@ -95,23 +102,17 @@ class DenseHeads(nn.Module):
         B, M = patches.shape[:2]
         rows = torch.arange(GRID).repeat_interleave(GRID)
         cols = torch.arange(GRID).repeat(GRID)
-        target = {
-            "color": np.stack([s.labels.color.reshape(-1) for s in scenes]),
-            "shape": np.stack([s.labels.shape.reshape(-1) for s in scenes]),
-            "digit": np.stack([s.labels.digit.reshape(-1) for s in scenes]),
-            "anchor": np.stack([s.labels.anchor.reshape(-1) for s in scenes]),
-        }
-        target = {k: torch.from_numpy(v) for k, v in target.items()}
+        target = {k: _cell_labels(scenes, k) for k in self.FOREGROUND}
         target["row"], target["col"] = rows.expand(B, M), cols.expand(B, M)
         total, acc = 0.0, {}
         for k, head in self.heads.items():
             logits = head(patches)  # (B, M, n)
             weight = None
-            if k in ("color", "shape", "digit", "anchor"):  # most patches are "none": weigh it down
+            if k in self.FOREGROUND:  # most patches are "none": weigh it down
                 weight = torch.ones(logits.shape[-1])
                 weight[0] = self.NONE_WEIGHT
             total = total + F.cross_entropy(logits.flatten(0, 1), target[k].flatten(), weight=weight)
-            fg = target[k] > 0 if k in ("color", "shape", "digit", "anchor") else torch.ones_like(target[k], dtype=torch.bool)
+            fg = target[k] > 0 if k in self.FOREGROUND else torch.ones_like(target[k], dtype=torch.bool)
             acc[k] = float((logits.argmax(-1) == target[k])[fg].float().mean()) if fg.any() else 1.0
         bg = torch.tensor([s.labels.background for s in scenes])
         logits = self.background(cls)
@@ -185,10 +186,9 @@ def _align_targets(scenes, word_id) -> dict[str, torch.Tensor]:
     color_words = torch.tensor([-100] + [word_id(c) for c in COLORS])
     shape_words = torch.tensor([-100] + [word_id(s) for s in SHAPES])
     digit_words = torch.tensor([-100] + [word_id(str(d % 10)) for d in range(20)])
-    lab = lambda f: torch.from_numpy(np.stack([f(s).reshape(-1) for s in scenes]))  # noqa: E731
-    return {"color": color_words[lab(lambda s: s.labels.color)],
-            "shape": shape_words[lab(lambda s: s.labels.shape)],
-            "digit": digit_words[lab(lambda s: s.labels.digit)]}
+    return {"color": color_words[_cell_labels(scenes, "color")],
+            "shape": shape_words[_cell_labels(scenes, "shape")],
+            "digit": digit_words[_cell_labels(scenes, "digit")]}
 
 
 def qa_loss(model, packer: Packer, scenes, questions, align_weight: float):
@@ -239,39 +239,16 @@ def mimetic_init(model, qk_std: float = 0.08, vo_std: float = 0.05) -> None:
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def _apply_arch(overrides: dict | None):
-    from . import model as m
-
-    if not overrides:
-        return None
-    saved = json.loads(json.dumps(m.ARCH))
-    for k, v in overrides.items():
-        if isinstance(v, dict):
-            m.ARCH[k].update(v)
-        else:
-            m.ARCH[k] = v
-    return saved
-
-
 def train(cfg: TrainConfig, out: str | Path, *, log=print, max_minutes: float | None = None) -> dict:
     """Train (or resume) into ``out``; returns the training record (also ``out/training.json``).
 
     ``max_minutes`` stops early after a checkpoint (the next call resumes)."""
-    from . import model as m
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved_arch = _apply_arch(cfg.arch)
-    try:
-        torch.manual_seed(cfg.seed)
-        model, tok = build(cfg.seed)
-        if cfg.mimetic:
-            mimetic_init(model)
-        arch = json.loads(json.dumps(m.ARCH))
-    finally:
-        if saved_arch is not None:
-            m.ARCH.clear()
-            m.ARCH.update(saved_arch)
+    arch = arch_with(cfg.arch)
+    model, tok = build(cfg.seed, arch=arch)
+    if cfg.mimetic:
+        mimetic_init(model)
     tower = model.model.vision_tower
     heads = DenseHeads(tower.config.hidden_size)
     packer = Packer(tok, (tower.config.image_size // tower.config.patch_size) ** 2)
