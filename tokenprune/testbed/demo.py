@@ -84,7 +84,7 @@ def run_demo(spec_path: str | Path, budget: int = 64, out: str | Path = "out/dem
             rec = handle.last
             sel = rec.selection
             n = int(sel.counts[0])
-            idx, prov = sel.indices[0, :n].tolist(), sel.provenance[0, :n].tolist()
+            idx, prov = sel.row(0).tolist(), sel.provenance[0, :n].tolist()
             pivots = sum(p == Provenance.PIVOT for p in prov)
             a_full, a_pruned = tok.decode([int(full)]), tok.decode([int(pruned)])
             right["unpruned"] += a_full == q.answer

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .questions import QA_CLASSES, Question, ask
+from .questions import Question, ask_all
 from .scenes import Scene, make_scene
 
 __all__ = ["SPLITS", "Split", "Example", "examples", "scene"]
@@ -68,11 +68,4 @@ def examples(split: str, scenes: int | None = None) -> list[Example]:
     scene cannot support are skipped, so counts per class can differ by a few)."""
     s = split_of(split)
     n = s.size if scenes is None else scenes
-    out = []
-    for i in range(n):
-        sc = scene(split, i)
-        for k in QA_CLASSES:
-            q = ask(sc, k)
-            if q is not None:
-                out.append(Example(split, i, q))
-    return out
+    return [Example(split, i, q) for i in range(n) for q in ask_all(scene(split, i))]

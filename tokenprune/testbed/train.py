@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, arch_with, build, save
-from .questions import QA_CLASSES, ask
+from .questions import ask_all
 from .scenes import BACKGROUNDS, COLORS, GRID, SHAPES, make_scene
 from .splits import SPLITS
 
@@ -309,10 +309,7 @@ def train(cfg: TrainConfig, out: str | Path, *, log=print, max_minutes: float | 
             max_objects = 2 + round(grow * (SPLITS["train"].num_objects[1] - 2))
             base = 10**7 + step * cfg.qa_batch  # stage-2 scenes never repeat stage-1 ones
             scenes = [_train_scene(base + i, max_objects) for i in range(cfg.qa_batch)]
-            questions = []
-            for s in scenes:
-                qs = [q for d in range(cfg.draws) for k in QA_CLASSES if (q := ask(s, k, d)) is not None]
-                questions.append(qs)
+            questions = [ask_all(s, cfg.draws) for s in scenes]
             loss, klasses, correct = qa_loss(model, packer, scenes, questions, cfg.align_weight)
             opt2.zero_grad(set_to_none=True)
             loss.backward()
