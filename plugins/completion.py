@@ -145,36 +145,7 @@ class GridCompletion(Completion):
                 "completion 'grid' needs token positions: pass VisualTokens(positions=(B, M, 2)) "
                 "(tokenprune.grid_positions(h, w) builds them); adapters supply them"
             )
-        B, M = req.pool.shape
-        dev = req.pool.device
-        pos = pos.to(dev).float()  # (B, M, 2)
-        k2 = req.k2.to(dev)
-        big = torch.tensor(float("inf"), device=dev)
-        lo = torch.where(req.valid.unsqueeze(-1), pos, big).amin(1)  # (B, 2)
-        hi = torch.where(req.valid.unsqueeze(-1), pos, -big).amax(1)  # (B, 2)
-        span = (hi - lo + 1).clamp_min(1)  # (B, 2) rows, cols
-        kf = k2.clamp_min(1).double()
-        n_r = torch.round(torch.sqrt(kf * span[:, 0].double() / span[:, 1].double())).clamp(1).long()
-        n_r = torch.minimum(n_r, k2.clamp_min(1))
-        n_c = torch.ceil(kf / n_r.double()).long()  # (B,)
-        K = int(k2.max()) if B else 0
-        j = torch.arange(K, device=dev).expand(B, K)  # (B, K) lattice ordinal
-        q = torch.div(j * (n_r * n_c).view(B, 1), k2.clamp_min(1).view(B, 1), rounding_mode="floor")
-        r, c = torch.div(q, n_c.view(B, 1), rounding_mode="floor"), q % n_c.view(B, 1)
-        pts = torch.stack(
-            [lo[:, :1] + (r + 0.5) * span[:, :1] / n_r.view(B, 1),
-             lo[:, 1:] + (c + 0.5) * span[:, 1:] / n_c.view(B, 1)], -1
-        )  # (B, K, 2)
-        d = torch.cdist(pts, pos)  # (B, K, M)
-        d = d.masked_fill(~req.pool.unsqueeze(1), float("inf"))
-        nearest = d.argmin(-1)  # (B, K) first min = lower index
-        on = j < k2.view(B, 1)
-        hit = torch.zeros(B, M + 1, dtype=torch.bool, device=dev)
-        hit.scatter_(1, torch.where(on, nearest, M), True)
-        chosen = hit[:, :M] & req.pool
-        closeness = -d.masked_fill(~on.unsqueeze(-1), float("inf")).amin(1)  # (B, M)
-        chosen = chosen | ops.topk_mask(closeness, k2 - chosen.sum(1), req.pool & ~chosen)
-        return CompletionResult(chosen)
+        return CompletionResult(ops.lattice_mask(pos, req.valid, req.pool, req.k2))
 
 
 class DivPruneCompletion(Completion):

@@ -15,6 +15,7 @@ exactly as it was. ``remove()`` is idempotent.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from pathlib import Path
@@ -23,10 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter, PruneRecord, adapter_for
+from .adapters import Adapter, PruneRecord, UnsupportedModel, adapter_for
 from .adapters import capture
+from .adapters.llm_site import LlmSite
 from .pipeline import Budget, Pipeline, resolve_budget
 from .spec import PipelineSpec
+from .stages import Completion
 
 __all__ = ["apply", "PruningHandle"]
 
@@ -50,7 +53,8 @@ def _as_pipeline(spec: Pipeline | PipelineSpec | str | Path) -> Pipeline:
 
 def _check_budget(budget: Budget | None, pipeline: Pipeline) -> None:
     spec = pipeline.spec
-    if budget is None and spec.budget is None and spec.budget_ratio is None:
+    fixes = type(spec.completion).fixed_budget is not Completion.fixed_budget
+    if budget is None and spec.budget is None and spec.budget_ratio is None and not fixes:
         raise ValueError("no budget: pass apply(..., budget=64) (tokens per image) or a ratio such as 0.25")
     if budget is not None:
         resolve_budget(budget, torch.tensor([1_000_000]))  # raises on a malformed budget
@@ -81,12 +85,21 @@ class PruningHandle:
             adapter.attention_module(layer)
             for layer in sorted(self._attention_layers())
         ]
+        self.site: LlmSite | None = None
+        if pipeline.spec.llm is not None:
+            if not adapter.llm_site:
+                raise UnsupportedModel(
+                    f"in-LLM pruning ([llm] stage '{pipeline.spec.stage_name('llm')}') supports LLaVA-1.5 and "
+                    f"Qwen2/2.5-VL; {type(model).__name__} is not supported yet: use a pre-LLM spec"
+                )
+            self.site = LlmSite(adapter, pipeline.spec.llm)
+        self._pending = None  # a generate() prefill waiting for its first forward call
         self._removed = False
 
     def _attention_layers(self) -> set[int]:
-        need = self.pipeline.spec.scoring.requirements(self.adapter.num_layers)
+        need = self.pipeline.signal_requirements(self.adapter.num_layers)
         self.adapter.check_scoring(need)
-        return set(need.cls_attention | need.received_attention)
+        return set(need.cls_attention | need.received_attention | need.attention_keys)
 
     @property
     def active(self) -> bool:
@@ -118,6 +131,8 @@ class PruningHandle:
         stack.append(self)
         for module in self._modules:
             capture.flag_module(module)
+        if self.site is not None:
+            self.site.install()
 
     def remove(self) -> None:
         """Stop pruning with this handle; the model is restored when no handle is left."""
@@ -128,10 +143,12 @@ class PruningHandle:
         stack: list[PruningHandle] = model.__dict__.get(_STACK) or []
         if self in stack:
             stack.remove(self)
-        still = {id(m) for h in stack for m in h._modules}
+        still = {id(m) for h in stack for m in h._flagged()}
         for module in self._modules:
             if id(module) not in still:
                 capture.unflag_module(module)
+        if self.site is not None:
+            self.site.remove(still)
         if not stack:
             saved = model.__dict__.pop(_SAVED, {})
             model.__dict__.pop(_STACK, None)
@@ -141,6 +158,9 @@ class PruningHandle:
                 else:
                     model.__dict__[name] = value
 
+    def _flagged(self) -> list[nn.Module]:
+        return self._modules + (self.site.attention_modules() if self.site is not None else [])
+
     # -- one call ------------------------------------------------------------------------------------------
     def _prepare(self, kwargs: dict[str, Any], prompts: Any, budget: Any, entry: str):
         new, record = self.adapter.prepare(
@@ -149,6 +169,52 @@ class PruningHandle:
         )
         self.last = record
         return new
+
+    def _call(self, original: Any, new: dict[str, Any], entry: str) -> Any:
+        """Run the pruned call; with an in-LLM pruner, inside its prefill session."""
+        site = self.site
+        if site is None:
+            return original(**new)
+        record = self.last
+        session = site.begin(new, record.kept, record.image_sample, record.llm_budget)
+        if entry == "generate":  # the prefill is generate's first forward call
+            self._pending = session
+            try:
+                return original(**new)
+            finally:
+                self._pending = None
+        if new.get("use_cache", True) is not False and new.get("past_key_values") is None:
+            from transformers import DynamicCache
+
+            new["past_key_values"] = DynamicCache(config=self.adapter.text_config())
+        with site.prefill(session, new):
+            out = original(**new)
+        self._finish(session)
+        return out
+
+    def _passthrough(self, original: Any, kwargs: dict[str, Any], entry: str) -> Any:
+        """A call without images: a generate prefill we prepared, a decode step on a pruned
+        cache, or an ordinary call."""
+        site = self.site
+        if site is not None and entry == "forward":
+            if self._pending is not None:
+                session, self._pending = self._pending, None
+                with site.prefill(session, kwargs):
+                    out = original(**kwargs)
+                self._finish(session)
+                return out
+            session = site.session_of(kwargs.get("past_key_values"))
+            if session is not None:
+                with site.decode(session, kwargs.get("attention_mask")):
+                    return original(**kwargs)
+        return original(**kwargs)
+
+    def _finish(self, session: Any) -> None:
+        record = self.last
+        src = record.source  # (B, S') caller's columns of the LLM input
+        last = session.steps[-1] if session.steps else None
+        llm_source = None if last is None else src.gather(1, last.source).masked_fill(~last.valid, -1)
+        self.last = dataclasses.replace(record, llm_kept=tuple(session.keep), llm_source=llm_source)
 
 
 def _top(model: nn.Module) -> PruningHandle | None:
@@ -181,9 +247,9 @@ def _wrap(model: nn.Module, original: Any, entry: str):
         if "inputs" in kwargs:  # generate(tensor) names its first argument `inputs`
             kwargs["input_ids"] = kwargs.pop("inputs")
         if kwargs.get("pixel_values") is None:  # text-only call, or a decode step: nothing to prune
-            return original(**kwargs)
+            return handle._passthrough(original, kwargs, entry)
         new = handle._prepare(kwargs, prompts, budget, entry)
-        out = original(**new)
+        out = handle._call(original, new, entry)
         if entry == "generate":
             return _with_prompt(out, kwargs["input_ids"], new["input_ids"].shape[1])
         return out

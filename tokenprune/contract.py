@@ -99,12 +99,15 @@ class Requirements:
         cls_attention: layers whose [CLS]-to-patch attention a scorer reads.
         received_attention: layers whose mean received attention a scorer reads.
         text_embedding: whether a scorer reads the prompt's mean embedding in decoder space.
+        attention_keys: layers whose attention keys (averaged over heads) a stage reads, e.g.
+            VisionZip's and PruMerge's key-similarity merges.
     """
 
     layers: frozenset[int] = frozenset()
     cls_attention: frozenset[int] = frozenset()
     received_attention: frozenset[int] = frozenset()
     text_embedding: bool = False
+    attention_keys: frozenset[int] = frozenset()
 
     def __or__(self, other: Requirements) -> Requirements:
         return Requirements(
@@ -112,6 +115,7 @@ class Requirements:
             self.cls_attention | other.cls_attention,
             self.received_attention | other.received_attention,
             self.text_embedding or other.text_embedding,
+            self.attention_keys | other.attention_keys,
         )
 
 
@@ -139,6 +143,8 @@ class VisualTokens:
             the fused layer mix (used instead of calling ``project``; benchmarks use this to keep
             the projector out of the timing).
         prompts: the ``B`` prompt texts (question only, never the answer).
+        attention_keys: layer -> ``(B, M, Dk)`` the attention keys of each token at that layer,
+            averaged over heads (what VisionZip and PruMerge measure similarity with).
         sample_keys: ``(B,)`` int64 per-sample keys for seeded random stages. Row ``b``'s random
             draws depend only on ``(seed, sample_keys[b], token index)``, so a batched call equals
             the per-sample calls. ``None`` means key 0 for every row.
@@ -155,6 +161,7 @@ class VisualTokens:
     projected: Tensor | None = None
     prompts: Sequence[str] = ()
     sample_keys: Tensor | None = None
+    attention_keys: Mapping[int, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -197,6 +204,10 @@ class VisualTokens:
                     raise ValueError(
                         f"{name}[{key}] must be (B, H, M) or (B, M) = ({B}, ..., {M}), got {tuple(a.shape)}"
                     )
+        for key, k in self.attention_keys.items():
+            normalize_layer(key, self.num_layers)
+            if k.dim() != 3 or k.shape[:2] != (B, M):
+                raise ValueError(f"attention_keys[{key}] must be (B, M, Dk) = ({B}, {M}, ·), got {tuple(k.shape)}")
         if self.text_embedding is not None and (
             self.text_embedding.dim() != 2 or self.text_embedding.shape[0] != B
         ):
@@ -263,6 +274,19 @@ class VisualTokens:
         raise KeyError(
             f"{name} at encoder layer {want} (asked as {index}) was not supplied; have layers {have}. "
             f"Pass VisualTokens({name}={{{want}: tensor}}), or apply the pipeline through an adapter."
+        )
+
+    def key_features(self, index: int) -> Tensor:
+        """Attention keys at one layer, ``(B, M, Dk)``; a clear error if not supplied."""
+        want = normalize_layer(index, self.num_layers)
+        for key, k in self.attention_keys.items():
+            if normalize_layer(key, self.num_layers) == want:
+                return k
+        have = sorted(normalize_layer(k, self.num_layers) for k in self.attention_keys)
+        raise KeyError(
+            f"attention keys at encoder layer {want} (asked as {index}) were not supplied; have layers "
+            f"{have}. Pass VisualTokens(attention_keys={{{want}: (B, M, Dk) tensor}}), or apply the "
+            "pipeline through an adapter (it captures them)."
         )
 
     def keys(self) -> Tensor:

@@ -51,7 +51,7 @@ from collections.abc import Callable
 
 import pluggy
 
-from .stages import BudgetPolicy, Completion, Fusion, Router, Scorer, Selector
+from .stages import BudgetPolicy, Completion, Fusion, LlmPruner, Router, Scorer, Selector
 
 __all__ = ["hookspec", "hookimpl", "PROJECT"]
 
@@ -203,4 +203,36 @@ def register_budget_policies(register: Callable[[str, type[BudgetPolicy]], None]
     ``[0, 1]``. The pipeline sets ``K1 = floor(a * R)`` and ``K2 = R - K1`` (CLASP eq. 34), with
     ``R`` the row's budget clipped to its valid token count. Built-ins: ``class-table`` (``a_c``
     from the class table), ``fixed``.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# in-LLM pruning
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def register_llm_pruners(register: Callable[[str, type[LlmPruner]], None]) -> None:
+    """Register in-LLM pruners: drop visual tokens after decoder layer ``K - 1``, at prefill.
+
+    :param register: call ``register(name, cls)``, ``cls`` a subclass of
+        :class:`tokenprune.stages.LlmPruner`.
+
+    A pruner implements:
+
+    - ``schedule(num_layers) -> list[int]``: the layers ``K`` (ascending, ``1 <= K < num_layers``)
+      before which it drops tokens. Several layers make a schedule (PyramidDrop).
+    - ``keep_counts(total, budget, steps)`` (optional): tokens per image after each step; the
+      default is geometric and exact at the last step (= the call's budget).
+    - ``select(request) -> Tensor``: :class:`tokenprune.stages.LlmRequest` holds, per image
+      (row), the visual tokens' hidden states leaving layer ``K - 1`` ``(N, M, D)``, their
+      validity, the count to keep, and what the class variable ``reads`` asked for: the text's
+      attention to them at layer ``K - 1`` (``"attention"``; a ``query`` field picks the last
+      token or the mean over question tokens) and the L1 norms of their keys
+      (``"key_norms"``). Returns an ``(N, M)`` bool mask with exactly ``keep[n]`` entries.
+
+    The adapter does everything else: it records only what ``reads`` asks for, only at the
+    layers ``K - 1`` and only at prefill, while the layer's own kernel (SDPA, FlashAttention)
+    runs unchanged; it drops the other tokens from the hidden states, keeps their original
+    positions (1-D or M-RoPE) for the kept ones, and gives every later layer a mask and a KV
+    cache without them. Earlier layers keep their full cache. Built-ins: ``fastv``,
+    ``pyramid-drop``, ``dart``.
     """

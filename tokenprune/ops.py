@@ -361,3 +361,155 @@ def greedy_max_min(
         new = torch.bmm(x, x[rows, choice].unsqueeze(-1)).squeeze(-1).float()  # (B, M)
         max_sim = torch.where(active.view(B, 1), torch.maximum(max_sim, new), max_sim)
     return picked
+
+
+def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Tensor, k: Tensor,
+                   eps: float = 1e-10) -> Tensor:
+    """Greedy MAP inference for a DPP with kernel ``L_ij = q_i (u_i . u_j) q_j``, batched.
+
+    The fast incremental-Cholesky form of Chen, Zhang & Zhou (NeurIPS 2018): each pick adds the
+    candidate with the largest conditional variance ``d_i^2`` (the gain in ``log det L_S``), then
+    updates every ``d_i^2`` with one new Cholesky row. Tokens already in ``selected`` (pivots)
+    are conditioned on first, so the result is the greedy MAP of the DPP conditioned on them.
+    ``L`` is never materialised: row ``j`` is ``q_j q * (x @ x_j)``, one ``(B, M, D) x (B, D)``
+    product per pick. The loop runs over picks, never over tokens or rows.
+
+    When a row's kernel is exhausted (every ``d_i^2 <= eps``: more picks than the feature rank),
+    the remaining picks go to the highest-quality candidates [ours]. Ties go to the lower index.
+
+    Args:
+        x: ``(B, M, D)`` unit vectors.
+        quality: ``(B, M)`` float ``q > 0``.
+        candidates: ``(B, M)`` bool tokens that may be picked.
+        selected: ``(B, M)`` bool tokens already in the set (disjoint from ``candidates``).
+        k: ``(B,)`` int64 picks per row (``<=`` the row's candidate count).
+
+    Returns:
+        ``(B, M)`` bool mask of the picked tokens.
+    """
+    B, M, D = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    q = quality.to(acc)  # (B, M)
+    d2 = q * q * (xf * xf).sum(-1)  # (B, M) diag of L
+    fixed_index, fixed_ok = compact(selected)  # (B, P)
+    P = fixed_index.shape[1]
+    k = k.to(x.device)
+    steps = int(k.max()) if B else 0
+    C = torch.zeros(B, P + steps, M, dtype=acc, device=x.device)  # Cholesky rows
+    rows = torch.arange(B, device=x.device)
+    picked = torch.zeros(B, M, dtype=torch.bool, device=x.device)
+
+    def add(j: Tensor, on: Tensor, t: int) -> None:  # j (B,) token, on (B,) rows that take it
+        dj = d2[rows, j].clamp_min(eps).sqrt()  # (B,)
+        Lj = q[rows, j].unsqueeze(1) * q * torch.bmm(xf, xf[rows, j].unsqueeze(-1)).squeeze(-1)  # (B, M)
+        if t:
+            Lj = Lj - torch.bmm(C[rows, :t, j].unsqueeze(1), C[:, :t]).squeeze(1)  # (B, M)
+        e = Lj / dj.unsqueeze(1)
+        live = on & (d2[rows, j] > eps)  # an exhausted kernel adds no information
+        C[:, t] = torch.where(live.unsqueeze(1), e, 0.0)
+        d2.sub_(torch.where(live.unsqueeze(1), e * e, 0.0))
+
+    for t in range(P):  # condition on the already-selected tokens
+        add(fixed_index[:, t], fixed_ok[:, t], t)
+    qmax = q.masked_fill(~candidates, 0).amax(1, keepdim=True).clamp_min(eps)
+    fallback = -2.0 + q / qmax  # in [-2, -1]: below any real gain, ranked by quality
+    for step in range(steps):
+        open_ = candidates & ~picked
+        gain = torch.where(d2 > eps, d2, fallback)
+        gain = torch.where(open_, gain, float("-inf"))
+        choice = argmax_low(gain, x.dtype)  # (B,)
+        active = step < k
+        picked = picked | (torch.nn.functional.one_hot(choice, M).bool() & active.view(B, 1))
+        add(choice, active, P + step)
+    return picked
+
+
+def bipartite_dedup(x: Tensor, keep: Tensor, target: Tensor, per_round: int) -> Tensor:
+    """Iterative duplicate removal by bipartite matching (VisPruner's diverse-token rule).
+
+    Each round splits a row's remaining tokens, in index order, into set A (even ordinals) and
+    set B (odd ordinals), scores every token of A by its highest cosine similarity to B, and
+    removes the ``r = min(per_round, |A|, remaining - target)`` most duplicated tokens of A
+    (ties to the lower index). Rounds repeat until ``target[b]`` tokens remain. The loop runs
+    over rounds (about ``(M - target) / per_round``), never over tokens or rows.
+
+    Args:
+        x: ``(B, M, D)`` unit vectors.
+        keep: ``(B, M)`` bool starting set.
+        target: ``(B,)`` int64 tokens to end with (``<= keep.sum(1)``).
+        per_round: most tokens removed per row per round.
+
+    Returns:
+        ``(B, M)`` bool, a subset of ``keep`` with exactly ``target[b]`` tokens in row ``b``.
+    """
+    B, M, D = x.shape
+    keep = keep.clone()
+    target = target.to(x.device)
+    while True:
+        excess = keep.sum(1) - target  # (B,)
+        if not bool((excess > 0).any()):
+            return keep
+        idx, ok = compact(keep)  # (B, N)
+        N = idx.shape[1]
+        ordinal = torch.arange(N, device=x.device).expand(B, N)
+        in_a = ok & (ordinal % 2 == 0)
+        in_b = ok & (ordinal % 2 == 1)
+        xs = gather_rows(x, idx)  # (B, N, D)
+        sim = torch.bmm(xs, xs.transpose(1, 2)).float()  # (B, N, N)
+        dup = sim.masked_fill(~in_b.unsqueeze(1), float("-inf")).amax(-1)  # (B, N) best match in B
+        r = torch.minimum(excess.clamp_min(0), torch.minimum(in_a.sum(1), torch.full_like(excess, per_round)))
+        drop = topk_mask(dup, r, in_a & in_b.any(1, keepdim=True))  # (B, N)
+        # a row whose B is empty (one token left in A) drops from A by order
+        lone = (r > 0) & ~in_b.any(1)
+        drop = torch.where(lone.unsqueeze(1), topk_mask(-ordinal.float(), r, in_a), drop)
+        gone = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device)
+        gone.scatter_(1, torch.where(drop, idx, M), True)
+        keep = keep & ~gone[:, :M]
+
+
+def lattice_mask(positions: Tensor, valid: Tensor, pool: Tensor, k: Tensor) -> Tensor:
+    """Pool tokens nearest a uniform lattice over each row's image (the ``grid`` completion and
+    PruMerge+'s spatially uniform extras).
+
+    Row ``b`` lays ``n_r x n_c >= k`` cell centres over the bounding box of its valid token
+    positions (``n_r ~ sqrt(k H / W)``), takes ``k`` of them evenly in raster order, and keeps the
+    pool token nearest each (ties to the lower index). Lattice points that share a nearest token
+    are filled by the pool tokens closest to any lattice point.
+
+    Args:
+        positions: ``(B, M, 2)`` (row, col). valid, pool: ``(B, M)`` bool. k: ``(B,)`` int64.
+
+    Returns:
+        ``(B, M)`` bool with exactly ``k[b]`` pool tokens in row ``b``.
+    """
+    B, M = pool.shape
+    dev = pool.device
+    pos = positions.to(dev).float()  # (B, M, 2)
+    k2 = k.to(dev)
+    big = torch.tensor(float("inf"), device=dev)
+    lo = torch.where(valid.unsqueeze(-1), pos, big).amin(1)  # (B, 2)
+    hi = torch.where(valid.unsqueeze(-1), pos, -big).amax(1)  # (B, 2)
+    span = (hi - lo + 1).clamp_min(1)  # (B, 2) rows, cols
+    kf = k2.clamp_min(1).double()
+    n_r = torch.round(torch.sqrt(kf * span[:, 0].double() / span[:, 1].double())).clamp(1).long()
+    n_r = torch.minimum(n_r, k2.clamp_min(1))
+    n_c = torch.ceil(kf / n_r.double()).long()  # (B,)
+    K = int(k2.max()) if B else 0
+    j = torch.arange(K, device=dev).expand(B, K)  # (B, K) lattice ordinal
+    q = torch.div(j * (n_r * n_c).view(B, 1), k2.clamp_min(1).view(B, 1), rounding_mode="floor")
+    r, c = torch.div(q, n_c.view(B, 1), rounding_mode="floor"), q % n_c.view(B, 1)
+    pts = torch.stack(
+        [lo[:, :1] + (r + 0.5) * span[:, :1] / n_r.view(B, 1),
+         lo[:, 1:] + (c + 0.5) * span[:, 1:] / n_c.view(B, 1)], -1
+    )  # (B, K, 2)
+    d = torch.cdist(pts, pos)  # (B, K, M)
+    d = d.masked_fill(~pool.unsqueeze(1), float("inf"))
+    nearest = d.argmin(-1)  # (B, K) first min = lower index
+    on = j < k2.view(B, 1)
+    hit = torch.zeros(B, M + 1, dtype=torch.bool, device=dev)
+    hit.scatter_(1, torch.where(on, nearest, M), True)
+    chosen = hit[:, :M] & pool
+    closeness = -d.masked_fill(~on.unsqueeze(-1), float("inf")).amin(1)  # (B, M)
+    chosen = chosen | topk_mask(closeness, k2 - chosen.sum(1), pool & ~chosen)
+    return chosen

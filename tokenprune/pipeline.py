@@ -99,10 +99,17 @@ class Pipeline:
         return routing
 
     def requirements(self, routing: Routing, num_layers: int) -> Requirements:
-        """What the model must supply for this batch: fused layers, attention layers, text."""
-        return self.spec.fusion.requirements(routing, self.table, num_layers) | self.spec.scoring.requirements(
-            num_layers
-        )
+        """What the model must supply for this batch: fused layers, attention layers, keys, text."""
+        return self.spec.fusion.requirements(routing, self.table, num_layers) | self.signal_requirements(num_layers)
+
+    def signal_requirements(self, num_layers: int) -> Requirements:
+        """The attention signals (maps, keys) and text the scorer and the completion read; the same
+        for every batch, so adapters can prepare the attention modules once."""
+        return self.spec.scoring.requirements(num_layers) | self.spec.completion.requirements(num_layers)
+
+    def fixed_budget(self, tokens: VisualTokens) -> Tensor | None:
+        """``(B,)`` tokens per row when the completion stage fixes the count (pooling), else ``None``."""
+        return self.spec.completion.fixed_budget(tokens)
 
     # -- running --------------------------------------------------------------------------------
     def __call__(
@@ -131,7 +138,17 @@ class Pipeline:
         if budget is None:
             budget = spec.budget if spec.budget is not None else spec.budget_ratio
         counts_valid = valid.sum(1)  # (B,)
-        R = resolve_budget(budget, counts_valid)  # (B,)
+        fixed = self.fixed_budget(tokens)
+        if fixed is not None:
+            R = fixed.to(counts_valid.device)
+            if budget is not None and not torch.equal(resolve_budget(budget, counts_valid), R):
+                raise ValueError(
+                    f"completion '{spec.stage_name('completion')}' decides how many tokens each image keeps "
+                    f"({R.tolist()} here), but the budget asks for {resolve_budget(budget, counts_valid).tolist()}: "
+                    "leave the budget out (budget=None and no budget in the spec) for this stage"
+                )
+        else:
+            R = resolve_budget(budget, counts_valid)  # (B,)
 
         with tick("routing"):
             if routing is None:
@@ -158,6 +175,11 @@ class Pipeline:
             if a.shape != (B,) or bool(((a < 0) | (a > 1)).any()):
                 raise RuntimeError(f"budget policy returned {a.tolist()}; expected {B} ratios in [0, 1]")
             k1 = torch.floor(a.to(R.device) * R + 1e-6).long()  # (B,) eq. 34
+            if fixed is not None and bool(k1.any()):
+                raise ValueError(
+                    f"completion '{spec.stage_name('completion')}' fixes the whole selection, so the budget "
+                    "policy must give no pivots: use [budget_policy] stage = \"fixed\", ratio = 0.0"
+                )
             k2 = R - k1
         with tick("selection"):
             pivots = spec.selection.select(phi, k1, valid, fused)

@@ -26,6 +26,7 @@ HOOK_KINDS: dict[str, str] = {
     "register_selectors": "selector",
     "register_completions": "completion",
     "register_budget_policies": "budget_policy",
+    "register_llm_pruners": "llm_pruner",
 }
 
 

@@ -36,10 +36,10 @@ from pydantic import (
 
 from .classes import ClassTable
 from .registry import Registry, get_registry
-from .stages import BudgetPolicy, Completion, Fusion, Router, Scorer, Selector, Stage
+from .stages import BudgetPolicy, Completion, Fusion, LlmPruner, Router, Scorer, Selector, Stage
 from .tomlfile import read_toml
 
-__all__ = ["PipelineSpec", "load_spec", "STAGE_FIELDS"]
+__all__ = ["PipelineSpec", "load_spec", "STAGE_FIELDS", "OPTIONAL_STAGES"]
 
 #: spec field -> stage kind
 STAGE_FIELDS: dict[str, str] = {
@@ -49,7 +49,10 @@ STAGE_FIELDS: dict[str, str] = {
     "selection": "selector",
     "completion": "completion",
     "budget_policy": "budget_policy",
+    "llm": "llm_pruner",
 }
+#: stage fields a spec may leave out
+OPTIONAL_STAGES = frozenset({"llm"})
 
 
 def _registry(info: ValidationInfo) -> Registry:
@@ -77,6 +80,9 @@ class PipelineSpec(BaseModel):
         class_table: ``"default"``, a path to a table TOML (relative to the spec file), or an
             inline table.
         router, fusion, scoring, selection, completion, budget_policy: ``{stage = name, ...params}``.
+        llm: optional in-LLM pruner ``{stage = name, ...params}``. With it, the pre-LLM stages
+            keep every visual token, and the budget is the count per image left after the LLM
+            pruner's last layer.
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
@@ -92,6 +98,7 @@ class PipelineSpec(BaseModel):
     selection: Selector
     completion: Completion
     budget_policy: BudgetPolicy
+    llm: LlmPruner | None = None
 
     _stage_names: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -112,6 +119,8 @@ class PipelineSpec(BaseModel):
     @classmethod
     def _build_stage(cls, value: Any, info: ValidationInfo) -> Stage:
         kind = STAGE_FIELDS[info.field_name]
+        if value is None and info.field_name in OPTIONAL_STAGES:
+            return None
         if isinstance(value, Stage):
             return value
         if isinstance(value, str):
@@ -184,7 +193,8 @@ class PipelineSpec(BaseModel):
             out["budget_ratio"] = self.budget_ratio
         out["class_table"] = self.class_table.model_dump(exclude_none=True)
         for f in STAGE_FIELDS:
-            out[f] = {"stage": self.stage_name(f), **self.stage(f).model_dump()}
+            if self.stage(f) is not None:
+                out[f] = {"stage": self.stage_name(f), **self.stage(f).model_dump()}
         return out
 
 

@@ -11,9 +11,11 @@ The methods' shapes use the alphabet of :mod:`tokenprune.contract`.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
+
+import torch
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
@@ -31,6 +33,8 @@ __all__ = [
     "BudgetPolicy",
     "CompletionRequest",
     "CompletionResult",
+    "LlmPruner",
+    "LlmRequest",
     "STAGE_KINDS",
 ]
 
@@ -173,6 +177,16 @@ class Completion(Stage):
 
     kind: ClassVar[str] = "completion"
 
+    def requirements(self, num_layers: int) -> Requirements:
+        """Signals :meth:`complete` reads from ``request.tokens`` (e.g. attention keys). Default: none."""
+        return Requirements()
+
+    def fixed_budget(self, tokens: VisualTokens) -> Tensor | None:
+        """``(B,)`` int64 if this stage decides how many tokens each row keeps (pooling keeps one
+        per window), else ``None``. The pipeline then keeps exactly that many and rejects any
+        other budget."""
+        return None
+
     @abstractmethod
     def complete(self, request: CompletionRequest) -> CompletionResult:
         """Choose ``k2[b]`` tokens of row ``b`` from ``request.pool``."""
@@ -188,6 +202,74 @@ class BudgetPolicy(Stage):
         """``a`` ``(B,)`` float32 in ``[0, 1]``; ``K1 = floor(a * R)``, ``K2 = R - K1``."""
 
 
+@dataclass(frozen=True)
+class LlmRequest:
+    """One pruning step inside the LLM, after decoder layer ``layer - 1`` and before ``layer``.
+
+    Rows are images (``N``), columns the image's visual tokens still in the sequence (``M``,
+    padded). Shapes use ``T`` for the text tokens of the image's prompt.
+
+    Attributes:
+        layer: the decoder layer ``K`` that will see the pruned sequence first (0-based).
+        step: the step's ordinal in the stage's schedule.
+        hidden: ``(N, M, D)`` hidden states of the visual tokens leaving layer ``K - 1``.
+        valid: ``(N, M)`` bool real visual tokens.
+        keep: ``(N,)`` int64 tokens to keep per image (``<= valid.sum(1)``).
+        attention: ``(N, M)`` float32 attention the text paid to each visual token at layer
+            ``K - 1`` (heads averaged; rows as the stage's ``query`` asks), or ``None``.
+        key_norms: ``(N, M)`` float32 L1 norm of each visual token's keys at layer ``K - 1``,
+            or ``None``.
+        text_hidden: ``(N, T, D)`` hidden states of the question's text tokens (what follows the
+            image), ``text_valid`` ``(N, T)`` bool, ``text_key_norms`` ``(N, T)`` or ``None``.
+        norm: the LLM's final norm (DART compares normalised states), a callable on ``(..., D)``.
+    """
+
+    layer: int
+    step: int
+    hidden: Tensor
+    valid: Tensor
+    keep: Tensor
+    attention: Tensor | None
+    key_norms: Tensor | None
+    text_hidden: Tensor
+    text_valid: Tensor
+    text_key_norms: Tensor | None
+    norm: Callable[[Tensor], Tensor]
+
+
+class LlmPruner(Stage):
+    """Drops visual tokens inside the LLM at prefill. Registered through ``register_llm_pruners``.
+
+    A spec with an ``[llm]`` stage keeps every visual token before the LLM; the budget is the
+    number of visual tokens per image left after the last step of the schedule.
+    """
+
+    kind: ClassVar[str] = "llm_pruner"
+    #: what :meth:`select` reads: ``"attention"`` and/or ``"key_norms"``. Stages that read
+    #: attention also have a ``query`` field: ``"last"`` (the last token's attention row) or
+    #: ``"text"`` (the mean over the question's tokens).
+    reads: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def schedule(self, num_layers: int) -> list[int]:
+        """The layers ``K`` (ascending, ``1 <= K < num_layers``) before which tokens are dropped."""
+
+    def keep_counts(self, total: Tensor, budget: Tensor, steps: int) -> list[Tensor]:
+        """Tokens per image after each step: ``total`` ``(N,)`` entering the LLM, ``budget``
+        ``(N,)`` after the last step. Default: a geometric schedule
+        ``round(total * (budget / total) ** ((s + 1) / steps))``, exact at the last step."""
+        out = []
+        for s in range(steps):
+            frac = (budget.double() / total.double().clamp_min(1)) ** ((s + 1) / steps)
+            k = torch.round(total.double() * frac).long() if s < steps - 1 else budget.clone()
+            out.append(torch.maximum(torch.minimum(k, total), budget))
+        return out
+
+    @abstractmethod
+    def select(self, req: LlmRequest) -> Tensor:
+        """``(N, M)`` bool with exactly ``req.keep[n]`` true entries per row, within ``req.valid``."""
+
+
 #: kind name -> base class, in pipeline order
 STAGE_KINDS: dict[str, type[Stage]] = {
     "router": Router,
@@ -196,4 +278,5 @@ STAGE_KINDS: dict[str, type[Stage]] = {
     "selector": Selector,
     "completion": Completion,
     "budget_policy": BudgetPolicy,
+    "llm_pruner": LlmPruner,
 }

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..contract import Requirements, Routing, Selection, VisualTokens
-from ..pipeline import Budget, Pipeline
+from ..pipeline import Budget, Pipeline, resolve_budget
 from . import capture
 from .sequence import left_pack, take
 
@@ -92,6 +92,11 @@ class PruneRecord:
             model (text and kept image tokens; false for dropped tokens and padding).
         source: ``(B, S')`` column of the caller's sequence behind each pruned position.
         seconds: wall time of ``route``/``encode``/``select``/``assemble``.
+        llm_budget: ``(N,)`` visual tokens per image left after the in-LLM pruner's last layer,
+            when the spec has one (``kept`` is then every token: nothing is dropped before the LLM).
+        llm_kept: per in-LLM step, ``(N,)`` visual tokens per image after it (filled after the call).
+        llm_source: ``(B, S'')`` column of the caller's sequence behind each position after the
+            last in-LLM step (``forward`` returns outputs over these positions), ``-1`` on padding.
     """
 
     selection: Selection
@@ -103,6 +108,9 @@ class PruneRecord:
     keep_mask: Tensor
     source: Tensor
     seconds: dict[str, float]
+    llm_budget: Tensor | None = None
+    llm_kept: tuple[Tensor, ...] = ()
+    llm_source: Tensor | None = None
 
 
 class Adapter(ABC):
@@ -138,6 +146,25 @@ class Adapter(ABC):
         """Run the vision encoder once on the call's images: the pipeline's input and the
         model's own LLM features per placeholder slot (see :class:`Encoded`)."""
 
+    #: whether the in-LLM pruning site (:mod:`tokenprune.adapters.llm_site`) supports this family
+    llm_site: ClassVar[bool] = False
+
+    def language_model(self) -> nn.Module:
+        lm = getattr(getattr(self.model, "model", None), "language_model", None)
+        if lm is None or not hasattr(lm, "layers"):
+            raise UnsupportedInput(f"{type(self.model).__name__} has no model.language_model.layers for in-LLM pruning")
+        return lm
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LLM's decoder layers, in order."""
+        return self.language_model().layers
+
+    def final_norm(self) -> nn.Module:
+        return self.language_model().norm
+
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
     def positions(self, ids: Tensor, mask: Tensor, inputs: dict[str, Any], entry: Entry) -> Tensor:
         """The original positions of every column: ``(B, S)``, or ``(3, B, S)`` for M-RoPE."""
         given = inputs.get("position_ids")
@@ -169,7 +196,7 @@ class Adapter(ABC):
                 "cannot run on it; use 'received-attention' (e.g. specs/variants/clasp-qwen.toml), "
                 "'feature-norm' or 'text-similarity'"
             )
-        for layer in need.cls_attention | need.received_attention:
+        for layer in need.cls_attention | need.received_attention | need.attention_keys:
             if layer == 0:
                 raise ValueError(
                     "attention scoring at hidden-state 0 (the patch embeddings) is impossible: no "
@@ -246,9 +273,10 @@ class Adapter(ABC):
         # 2. encode, recording only the attention the scorer reads
         t0 = time.perf_counter()
         wanted: dict[nn.Module, tuple[int, frozenset[str]]] = {}
-        for layer in need.cls_attention | need.received_attention:
+        for layer in need.cls_attention | need.received_attention | need.attention_keys:
             signals = {"cls"} if layer in need.cls_attention else set()
             signals |= {"received"} if layer in need.received_attention else set()
+            signals |= {"keys"} if layer in need.attention_keys else set()
             wanted[self.attention_module(layer)] = (layer, frozenset(signals))
         with capture.recording(wanted) as rec:
             enc = self.encode(inputs, need, rec)
@@ -279,6 +307,12 @@ class Adapter(ABC):
         tokens = dataclasses.replace(
             enc.tokens, text_embedding=text, prompts=[prompts[i] for i in pick.tolist()], sample_keys=key
         )
+        llm_budget = None
+        if pipeline.spec.llm is not None:  # keep everything here; the LLM pruner spends the budget
+            spec = pipeline.spec
+            wanted = budget if budget is not None else (spec.budget if spec.budget is not None else spec.budget_ratio)
+            llm_budget = resolve_budget(wanted, tokens.valid().sum(1))
+            budget = 1.0
         sel = pipeline(tokens, budget=budget, routing=img_routing)
         clock["select"] = time.perf_counter() - t0
 
@@ -319,7 +353,7 @@ class Adapter(ABC):
         record = PruneRecord(
             selection=sel, image_sample=image_sample, classes=routing.classes, prompts=tuple(prompts),
             kept=sel.counts, total=tokens.valid().sum(1),
-            keep_mask=keep, source=src.masked_fill(~valid, -1), seconds=clock,
+            keep_mask=keep, source=src.masked_fill(~valid, -1), seconds=clock, llm_budget=llm_budget,
         )
         return out, record
 

@@ -12,7 +12,14 @@ their implementation. :func:`unflag_module` puts the shared config object back.
 What is recorded per call (one call per image chunk / window in Qwen towers):
 
 - ``"cls"``: the first query's probabilities over all keys, ``(B, H, S)`` float32;
-- ``"received"``: the mean over queries of the probabilities, ``(B, H, S)`` float32.
+- ``"received"``: the mean over queries of the probabilities, ``(B, H, S)`` float32;
+- ``"keys"``: the keys averaged over (key/value) heads, ``(B, S, Dh)`` float32;
+- ``"last"``: the last query's probabilities over all keys, ``(B, H, S)`` float32 (decoder
+  layers; with left padding the last column is every row's last token);
+- ``"text"``: the probabilities averaged over the query rows in ``Recorder.query_weights``
+  ``(B, S)`` (weights summing to 1 per row), ``(B, H, S)`` float32;
+- ``"key_l1"``: the L1 norm of each token's keys over all heads, ``(B, S)`` float32 (DART's
+  pivot rule; keys as the attention saw them, i.e. after rotary embedding).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class Recorder:
 
     wanted: dict[int, tuple[int, frozenset[str]]]
     records: dict[tuple[int, str], list[Tensor]] = field(default_factory=dict)
+    query_weights: Tensor | None = None
 
     def take(self, layer: int, signal: str) -> list[Tensor]:
         got = self.records.get((layer, signal))
@@ -77,17 +85,29 @@ def _real_kernel(module: nn.Module, implementation: str):
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
 
 
-def _probabilities(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None) -> Tensor:
-    """Softmax of ``q k^T`` in float32: ``(B, H, Q, S)``."""
+def _probabilities(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None,
+                   causal: bool = False, rows: slice | None = None) -> Tensor:
+    """Softmax of ``q k^T`` in float32: ``(B, H, Q, S)`` for the query rows ``rows`` (all by
+    default). ``causal`` applies a causal mask when the kernel got none (SDPA's ``is_causal``)."""
     H, Hkv = query.shape[1], key.shape[1]
+    S_q = query.shape[2]
+    rows = rows or slice(0, S_q)
+    q = query[:, :, rows]
     k = key.repeat_interleave(H // Hkv, 1) if H != Hkv else key  # (B, H, S, Dh)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    s = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, S)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, S)
     if mask is not None:
-        if mask.dtype == torch.bool:
-            s = s.masked_fill(~mask[..., : s.shape[-2], : s.shape[-1]], float("-inf"))
+        m = mask[..., rows, : s.shape[-1]] if mask.dim() == 4 else None
+        if m is None:  # a 2-D padding mask (FlashAttention's form): (B, S)
+            s = s.masked_fill(~mask.bool()[:, None, None, : s.shape[-1]], float("-inf"))
+        elif m.dtype == torch.bool:
+            s = s.masked_fill(~m, float("-inf"))
         else:
-            s = s + mask[..., : s.shape[-2], : s.shape[-1]].float()
+            s = s + m.float()
+    elif causal and S_q > 1:
+        S = key.shape[2]
+        qi = torch.arange(S_q, device=query.device)[rows] + (S - S_q)  # absolute query columns
+        s = s.masked_fill(torch.arange(S, device=query.device) > qi.unsqueeze(-1), float("-inf"))
     return s.softmax(-1)
 
 
@@ -100,7 +120,19 @@ def capture_kernel(module, query, key, value, attention_mask, scaling=None, drop
     rec = _RECORDER.get()
     if rec is not None and id(module) in rec.wanted:
         layer, signals = rec.wanted[id(module)]
+        causal = bool(getattr(module, "is_causal", False))
         with torch.no_grad():
+            if "keys" in signals:
+                rec.records.setdefault((layer, "keys"), []).append(key.float().mean(1))  # (B, S, Dh)
+            if "key_l1" in signals:
+                rec.records.setdefault((layer, "key_l1"), []).append(key.float().abs().sum((1, 3)))  # (B, S)
+            if "last" in signals:
+                p = _probabilities(query, key, attention_mask, scaling, causal, slice(-1, None))  # (B, H, 1, S)
+                rec.records.setdefault((layer, "last"), []).append(p[:, :, 0])
+            if "text" in signals:
+                p = _probabilities(query, key, attention_mask, scaling, causal)  # (B, H, Q, S)
+                w = rec.query_weights.to(p.device, p.dtype)  # (B, Q)
+                rec.records.setdefault((layer, "text"), []).append(torch.einsum("bhqs,bq->bhs", p, w))
             if "received" in signals:
                 p = _probabilities(query, key, attention_mask, scaling)  # (B, H, Q, S)
                 rec.records.setdefault((layer, "received"), []).append(p.mean(2))  # (B, H, S)
@@ -139,9 +171,9 @@ def unflag_module(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def recording(wanted: dict[nn.Module, tuple[int, frozenset[str]]]) -> Iterator[Recorder]:
+def recording(wanted: dict[nn.Module, tuple[int, frozenset[str]]], query_weights: Tensor | None = None) -> Iterator[Recorder]:
     """Record the wanted signals of flagged modules for the duration of the block."""
-    rec = Recorder({id(m): v for m, v in wanted.items()})
+    rec = Recorder({id(m): v for m, v in wanted.items()}, query_weights=query_weights)
     token = _RECORDER.set(rec)
     try:
         yield rec

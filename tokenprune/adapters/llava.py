@@ -36,6 +36,7 @@ def _tower_layers(need: Requirements, feature_layer: int, num_layers: int) -> li
 
 class LlavaAdapter(Adapter):
     family = "llava"
+    llm_site = True
     image_inputs = ("pixel_values", "image_sizes")
 
     def __init__(self, model: nn.Module):
@@ -93,6 +94,7 @@ class LlavaAdapter(Adapter):
             positions=grid_positions(side, M // side, N, own.device) if side * side == M else None,
             cls_attention={li: recorder.take(li, "cls")[0][:, :, 1:] for li in need.cls_attention},
             received_attention={li: recorder.take(li, "received")[0][:, :, 1:] for li in need.received_attention},
+            attention_keys={li: recorder.take(li, "keys")[0][:, 1:] for li in need.attention_keys},
             project=self._project,
         )
         return Encoded(tokens, own, torch.full((N,), M, dtype=torch.long, device=own.device))
@@ -100,6 +102,7 @@ class LlavaAdapter(Adapter):
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava-next"
+    llm_site = False  # newline slots would need their own rule
 
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
@@ -172,6 +175,7 @@ class LlavaNextAdapter(LlavaAdapter):
             positions=torch.stack([r, c], -1),
             cls_attention=attention("cls", need.cls_attention),
             received_attention=attention("received", need.received_attention),
+            attention_keys={li: per_token(recorder.take(li, "keys")[0][:, 1:]) for li in need.attention_keys},
             project=self._project,
         )
         return Encoded(tokens, own, slots, slot_token, layout={"rows": rows, "newline": newline})

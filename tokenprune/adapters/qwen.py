@@ -33,6 +33,7 @@ _VIDEO = ("tokenprune does not prune video inputs yet: call the model without pi
 class QwenAdapter(Adapter):
     family = "qwen2-vl"
     has_cls = False
+    llm_site = True
     image_inputs = ("pixel_values", "image_grid_thw")
     unsupported_inputs = {"pixel_values_videos": _VIDEO, "video_grid_thw": _VIDEO}
     windowed = False
@@ -92,6 +93,11 @@ class QwenAdapter(Adapter):
             a = units(a).mean(1)  # (sum tokens, H)
             received[li] = pad_flat(a, counts)[0].transpose(1, 2)  # (N, H, M)
 
+        keys = {}
+        for li in need.attention_keys:
+            k = torch.cat([c[0] for c in recorder.take(li, "keys")], 0)  # (sum patches, Dh)
+            keys[li] = pad_flat(units(k).flatten(1), counts)[0]  # (N, M, unit*Dh)
+
         # (row, col) of each token in its image's merged grid
         side = self.visual.spatial_merge_size
         w = (grid[:, 2] // side).to(own.device)  # (N,)
@@ -99,7 +105,7 @@ class QwenAdapter(Adapter):
         pos = torch.stack([torch.div(local, w.unsqueeze(1), rounding_mode="floor"), local % w.unsqueeze(1)], -1)
         tokens = VisualTokens(
             layers=feats, num_layers=L, mask=valid, positions=pos.float(),
-            received_attention=received, project=self._project,
+            received_attention=received, attention_keys=keys, project=self._project,
         )
         deep = getattr(out, "deepstack_features", None) or []
         deepstack = [pad_flat(torch.cat(list(d)), counts)[0] for d in deep]
@@ -141,6 +147,7 @@ class Qwen25Adapter(QwenAdapter):
 
 class Qwen3Adapter(QwenAdapter):
     family = "qwen3-vl"
+    llm_site = False  # deepstack features are added inside the first layers
 
     def encoder_output(self, features: Tensor, deepstack: list[Tensor]) -> Any:
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures

@@ -1,0 +1,44 @@
+"""CDPruner's conditional DPP (Zhang et al., NeurIPS 2025), reimplemented from the paper.
+
+CDPruner keeps the tokens that maximise a determinantal point process conditioned on the
+instruction: ``L = diag(q) S diag(q)`` with ``S`` the cosine similarity of the visual tokens and
+``q`` their relevance to the prompt. CLIP's text tower is not available offline, so relevance is
+the ``text-similarity`` scorer: the cosine between each token's decoder-space feature and the
+prompt's mean embedding in the decoder's embedding space (``req.scores``).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from tokenprune import hookimpl, ops
+from tokenprune.stages import Completion, CompletionRequest, CompletionResult
+
+
+class ConditionalDPP(Completion):
+    """Greedy fast MAP of the conditional DPP (:func:`tokenprune.ops.greedy_dpp_map`).
+
+    Relevance ``r`` = ``phi`` min-max normalised over the row's valid tokens; quality
+    ``q = exp(theta / (2 (1 - theta)) r)``, so ``theta = 0`` is a pure diversity DPP and larger
+    ``theta`` weighs relevance more (the paper's trade-off). Pivots, if any, are conditioned on:
+    the DPP continues from them. With no pivots (the published method) the whole budget is
+    the DPP's.
+    """
+
+    theta: float = Field(0.5, ge=0, lt=1, description="relevance/diversity trade-off in [0, 1)")
+
+    def complete(self, req: CompletionRequest) -> CompletionResult:
+        phi = req.scores.float()
+        valid = req.valid
+        lo = phi.masked_fill(~valid, float("inf")).amin(1, keepdim=True)
+        hi = phi.masked_fill(~valid, float("-inf")).amax(1, keepdim=True)
+        r = ((phi - lo) / (hi - lo).clamp_min(1e-6)).masked_fill(~valid, 0)  # (B, M) in [0, 1]
+        alpha = self.theta / (2 * (1 - self.theta))
+        q = torch.exp(alpha * r)  # (B, M)
+        return CompletionResult(ops.greedy_dpp_map(req.unit, q, req.pool, req.pivots, req.k2))
+
+
+@hookimpl
+def register_completions(register):
+    register("dpp", ConditionalDPP)

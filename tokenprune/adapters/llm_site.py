@@ -1,0 +1,321 @@
+"""The in-LLM pruning site: drop visual tokens after decoder layer ``K - 1``, at prefill.
+
+Installed per model instance by :func:`tokenprune.apply` when a spec has an ``[llm]`` stage, as
+forward hooks on the LLM's own decoder layers (removed with the handle):
+
+- a forward hook on layer ``K - 1`` of every step asks the stage which visual tokens to keep,
+  and returns the packed (re-left-padded) hidden states;
+- a forward pre-hook on every layer ``>= K`` swaps in the attention mask, the rotary
+  embeddings and the position ids of the shorter sequence. Positions are the kept tokens'
+  *original* positions (1-D or M-RoPE).
+
+The text's attention at layer ``K - 1`` (or the key norms) is recorded by tokenprune's capture
+kernel inside that layer's own attention call, so SDPA and FlashAttention keep running.
+
+KV cache: layers ``< K`` cache every token; layers ``>= K`` cache only what they saw. The session
+rides on the cache object, so every later call with that cache (``generate``'s decode steps or a
+hand-written loop) gets per-layer masks built from its own 2-D attention mask: the prefill's
+kept columns plus the new ones.
+
+Shape letters: ``B`` prompts, ``S`` sequence entering the LLM, ``S'`` after a step, ``N`` images,
+``M`` visual tokens per image still in the sequence, ``T`` question tokens, ``D`` width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..stages import LlmPruner, LlmRequest
+from . import capture
+from .base import question_columns
+from .sequence import left_pack, pad_flat
+
+_ATTR = "_tokenprune_llm_session"
+
+
+@dataclass
+class Step:
+    """The sequence after one pruning step (columns of the sequence that entered the LLM)."""
+
+    source: Tensor  # (B, S') column behind each slot
+    valid: Tensor  # (B, S') bool
+
+
+@dataclass
+class Session:
+    """One pruned prefill and the decode calls that reuse its cache.
+
+    Attributes:
+        steps: the layers ``K`` of the schedule and the sequence after each.
+        keep: ``(N,)`` visual tokens per image after each step (list over steps).
+        image_slots / image_ok: ``(N, M)`` current slot of each image's visual tokens.
+        text_slots / text_ok: ``(N, T)`` current slot of each image's question tokens.
+        rows: ``(N,)`` batch row of each image.
+        prefill_length: ``S``, the sequence length of the prefill call.
+    """
+
+    layers: list[int]
+    keep: list[Tensor]
+    rows: Tensor
+    image_slots: Tensor
+    image_ok: Tensor
+    text_slots: Tensor
+    text_ok: Tensor
+    valid: Tensor  # (B, S) current slots' validity
+    is_image: Tensor  # (B, S) current slots that are visual tokens
+    source: Tensor  # (B, S) current slots' columns in the LLM input
+    prefill_length: int
+    steps: list[Step] = field(default_factory=list)
+    prefilling: bool = True
+
+
+@dataclass
+class Call:
+    """What the hooks need during one model call."""
+
+    site: LlmSite
+    session: Session
+    recorder: capture.Recorder | None
+    decode_mask: Tensor | None = None  # (B, S + t) the call's 2-D mask, decode calls only
+    masks: dict[int, Any] = field(default_factory=dict)  # step -> prepared mask
+
+
+_CALL: ContextVar[Call | None] = ContextVar("tokenprune_llm_call", default=None)
+
+
+class LlmSite:
+    """The hooks of one :class:`~tokenprune.stages.LlmPruner` on one model instance."""
+
+    def __init__(self, adapter: Any, pruner: LlmPruner):
+        self.adapter = adapter
+        self.pruner = pruner
+        self.layers: nn.ModuleList = adapter.decoder_layers()
+        self.config = adapter.text_config()
+        self.norm: nn.Module = adapter.final_norm()
+        self.schedule = list(pruner.schedule(len(self.layers)))
+        types = getattr(self.config, "layer_types", None) or []
+        if any(t != "full_attention" for t in types[self.schedule[0]:]):
+            from .llava import UnsupportedModel
+
+            raise UnsupportedModel("in-LLM pruning supports full-attention decoder layers only; this LLM "
+                                   "has sliding-window layers after the first pruning layer")
+        self.signals = set()
+        if "attention" in pruner.reads:
+            self.signals.add(getattr(pruner, "query", "last"))
+        if "key_norms" in pruner.reads:
+            self.signals.add("key_l1")
+        self._hooks: list[Any] = []
+
+    # -- install / remove --------------------------------------------------------------------------
+    def attention_modules(self) -> list[nn.Module]:
+        return [self.layers[k - 1].self_attn for k in self.schedule] if self.signals else []
+
+    def install(self) -> None:
+        for step, k in enumerate(self.schedule):
+            self._hooks.append(self.layers[k - 1].register_forward_hook(self._after(step, k), with_kwargs=True))
+        for layer in range(self.schedule[0], len(self.layers)):
+            self._hooks.append(self.layers[layer].register_forward_pre_hook(self._before(layer), with_kwargs=True))
+        for module in self.attention_modules():
+            capture.flag_module(module)
+
+    def remove(self, keep_flags: set[int]) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for module in self.attention_modules():
+            if id(module) not in keep_flags:
+                capture.unflag_module(module)
+
+    # -- sessions ------------------------------------------------------------------------------------
+    def begin(self, inputs: dict[str, Any], kept: Tensor, image_sample: Tensor, budget: Tensor) -> Session:
+        """A session for the pruned call ``inputs`` (already pre-LLM pruned): ``kept`` ``(N,)``
+        visual tokens per image in it, ``budget`` ``(N,)`` after the last step."""
+        ids: Tensor = inputs["input_ids"]  # (B, S)
+        B, S = ids.shape
+        mask = inputs.get("attention_mask")
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        is_img = (ids == self.adapter.image_token_id) & valid  # (B, S)
+        flat = is_img.flatten().nonzero().squeeze(1)  # (sum M,) row-major = image order
+        if flat.numel() != int(kept.sum()):
+            raise RuntimeError(f"in-LLM pruning found {flat.numel()} visual tokens, expected {int(kept.sum())}")
+        slots, ok = pad_flat(flat, kept.to(flat.device))  # (N, M)
+        rows = image_sample.to(ids.device)
+        text = question_columns(valid, is_img)[rows]  # (N, S)
+        t_slots, t_ok = ops.compact(text)  # (N, T)
+        total = kept.to(ids.device)
+        keep = self.pruner.keep_counts(total, torch.minimum(budget.to(ids.device), total), len(self.schedule))
+        return Session(
+            layers=self.schedule, keep=keep, rows=rows, image_slots=slots % S, image_ok=ok,
+            text_slots=t_slots, text_ok=t_ok, valid=valid, is_image=is_img,
+            source=torch.arange(S, device=ids.device).expand(B, S), prefill_length=S,
+        )
+
+    @contextlib.contextmanager
+    def prefill(self, session: Session, inputs: dict[str, Any]) -> Iterator[None]:
+        """Run the prefill call inside this block; the cache (if any) carries the session after."""
+        wanted = {self.layers[k - 1].self_attn: (k - 1, frozenset(self.signals)) for k in self.schedule} if self.signals else {}
+        weights = self._text_weights(session)
+        with capture.recording(wanted, query_weights=weights) as rec:
+            token = _CALL.set(Call(self, session, rec))
+            try:
+                yield
+            finally:
+                _CALL.reset(token)
+        session.prefilling = False
+        cache = inputs.get("past_key_values")
+        if cache is not None:
+            setattr(cache, _ATTR, session)
+
+    @staticmethod
+    def session_of(cache: Any) -> Session | None:
+        return getattr(cache, _ATTR, None) if cache is not None else None
+
+    @contextlib.contextmanager
+    def decode(self, session: Session, attention_mask: Tensor | None) -> Iterator[None]:
+        """A later call on the session's cache: layers ``>= K`` get masks without the dropped tokens."""
+        token = _CALL.set(Call(self, session, None, decode_mask=attention_mask))
+        try:
+            yield
+        finally:
+            _CALL.reset(token)
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _text_weights(self, s: Session) -> Tensor:
+        B, S = s.valid.shape
+        w = torch.zeros(B, S, device=s.valid.device)
+        rows = s.rows.unsqueeze(1).expand_as(s.text_slots)
+        w[rows[s.text_ok], s.text_slots[s.text_ok]] = 1.0  # question tokens of each prompt
+        return w / w.sum(1, keepdim=True).clamp_min(1)
+
+    def _after(self, step: int, layer: int):
+        def hook(module, args, kwargs, output):
+            call = _CALL.get()
+            if call is None or call.site is not self or not call.session.prefilling:
+                return None
+            s = call.session
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, S, D)
+            if hidden.shape[1] != s.valid.shape[1]:
+                raise RuntimeError(f"in-LLM pruning expected {s.valid.shape[1]} positions at layer {layer}, got {hidden.shape[1]}")
+            N, M = s.image_slots.shape
+            rows = s.rows.unsqueeze(1)  # (N, 1)
+            hid = hidden[rows, s.image_slots]  # (N, M, D)
+            att = keyn = txt_keyn = None
+            if self.signals - {"key_l1"}:
+                sig = next(iter(self.signals - {"key_l1"}))
+                a = call.recorder.take(layer - 1, sig)[-1].mean(1)  # (B, H, S) -> (B, S)
+                att = a[rows, s.image_slots].masked_fill(~s.image_ok, 0)
+            if "key_l1" in self.signals:
+                kn = call.recorder.take(layer - 1, "key_l1")[-1]  # (B, S)
+                keyn = kn[rows, s.image_slots]
+                txt_keyn = kn[rows, s.text_slots]
+            keep_n = s.keep[step]
+            req = LlmRequest(
+                layer=layer, step=step, hidden=hid, valid=s.image_ok, keep=keep_n, attention=att,
+                key_norms=keyn, text_hidden=hidden[rows, s.text_slots], text_valid=s.text_ok,
+                text_key_norms=txt_keyn, norm=self.norm,
+            )
+            chosen = self.pruner.select(req)
+            if chosen.shape != (N, M) or chosen.dtype != torch.bool or bool((chosen & ~s.image_ok).any()) \
+                    or not torch.equal(chosen.sum(1), keep_n.to(chosen.device)):
+                raise RuntimeError(
+                    f"llm pruner returned {tuple(chosen.shape)} {chosen.dtype} choosing {chosen.sum(1).tolist()} "
+                    f"tokens; expected exactly {keep_n.tolist()} valid visual tokens per image"
+                )
+            B, S = s.valid.shape
+            keep = s.valid & ~s.is_image  # (B, S)
+            flat = (rows * S + s.image_slots)[chosen]
+            keep.view(-1)[flat] = True
+            src, ok = left_pack(keep)  # (B, S')
+            packed = hidden.gather(1, src.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, S', D)
+            new_slot = torch.full((B, S + 1), -1, dtype=torch.long, device=src.device)
+            cols = torch.arange(src.shape[1], device=src.device).expand_as(src)
+            new_slot.scatter_(1, torch.where(ok, src, S), cols)
+            new_slot = new_slot[:, :S]  # (B, S) old slot -> new slot, -1 = dropped
+            img_new = new_slot[rows, s.image_slots]  # (N, M)
+            s.image_slots, s.image_ok = _repack(img_new, chosen)
+            s.text_slots = new_slot[rows, s.text_slots].clamp_min(0)
+            s.is_image = s.is_image.gather(1, src) & ok
+            s.source = s.source.gather(1, src)
+            s.valid = ok
+            s.steps.append(Step(s.source, ok))
+            if call.recorder is not None:
+                call.recorder.query_weights = self._text_weights(s)
+            call.masks.clear()
+            if isinstance(output, tuple):
+                return (packed, *output[1:])
+            return packed
+
+        return hook
+
+    def _before(self, layer: int):
+        n_before = lambda: sum(1 for k in self.schedule if k <= layer)  # noqa: E731
+        def hook(module, args, kwargs):
+            call = _CALL.get()
+            if call is None or call.site is not self:
+                return None
+            s = call.session
+            st = n_before()
+            if st == 0 or st > len(s.steps):
+                return None
+            step = s.steps[st - 1]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if call.decode_mask is None and s.prefilling:  # prefill: the packed sequence
+                mask2d = step.valid.long()
+                pe = kwargs.get("position_embeddings")
+                if pe is not None:
+                    kwargs["position_embeddings"] = tuple(_gather_seq(t, step.source) for t in pe)
+                pid = kwargs.get("position_ids")
+                if isinstance(pid, Tensor) and pid.shape[-1] == s.prefill_length:
+                    kwargs["position_ids"] = _gather_last(pid, step.source)
+            else:  # a later call on this cache: prefill's kept columns + the call's new columns
+                B = step.valid.shape[0]
+                new = hidden.shape[1]
+                if call.decode_mask is not None:
+                    tail = call.decode_mask[:, s.prefill_length:].long()
+                else:
+                    past = kwargs["past_key_values"].get_seq_length(layer)
+                    tail = torch.ones(B, past - step.valid.shape[1] + new, dtype=torch.long, device=hidden.device)
+                mask2d = torch.cat([step.valid.long(), tail.to(step.valid.device)], 1)
+            if st not in call.masks:
+                from transformers.masking_utils import create_causal_mask
+
+                call.masks[st] = create_causal_mask(
+                    config=self.config, inputs_embeds=hidden, attention_mask=mask2d,
+                    past_key_values=kwargs.get("past_key_values"), position_ids=None, layer_idx=layer,
+                )
+            kwargs["attention_mask"] = call.masks[st]
+            return args, kwargs
+
+        return hook
+
+
+def _repack(slots: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """Left-align the chosen entries of each row: ``(N, M)`` slots -> ``(N, K)`` slots and validity."""
+    idx, ok = ops.compact(chosen)  # (N, K)
+    return slots.gather(1, idx).masked_fill(~ok, 0), ok
+
+
+def _gather_seq(t: Tensor, source: Tensor) -> Tensor:
+    """Gather the sequence axis (-2) of rotary tables ``(B or 1, S, Dh)`` (or with leading
+    M-RoPE axes) at ``source`` ``(B, S')``."""
+    B = source.shape[0]
+    lead = t.shape[:-3]
+    t = t.expand(*lead, B, *t.shape[-2:])
+    idx = source.view(*([1] * len(lead)), B, -1, 1).expand(*lead, B, source.shape[1], t.shape[-1])
+    return t.gather(-2, idx)
+
+
+def _gather_last(p: Tensor, source: Tensor) -> Tensor:
+    """Gather position ids ``(B or 1, S)`` or ``(R, B or 1, S)`` at ``source`` ``(B, S')``."""
+    B = source.shape[0]
+    lead = p.shape[:-2]
+    p = p.expand(*lead, B, p.shape[-1])
+    return p.gather(-1, source.view(*([1] * len(lead)), B, -1).expand(*lead, B, source.shape[1]))
