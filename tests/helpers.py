@@ -51,6 +51,7 @@ def make_tokens(
     cls = torch.rand(B, H, M, generator=g).softmax(-1)
     recv = torch.rand(B, H, M, generator=g)
     text = torch.randn(B, D, generator=g)
+    keys = torch.randn(B, M, 6, generator=g)
     if grid is None:
         grid = (M, 1)
     positions = tp.grid_positions(*grid, batch=B) if grid[0] * grid[1] == M else None
@@ -66,6 +67,7 @@ def make_tokens(
         project=lambda z: z @ W,
         prompts=prompts,
         sample_keys=torch.arange(B, dtype=torch.int64).to(device) * 7919,
+        attention_keys={L - 1: keys.to(device=device, dtype=dtype)},
     )
 
 
@@ -82,6 +84,7 @@ def row(tokens: tp.VisualTokens, b: int) -> tp.VisualTokens:
         text_embedding=take(tokens.text_embedding),
         prompts=[tokens.prompts[b]],
         sample_keys=take(tokens.sample_keys),
+        attention_keys={k: v[b : b + 1] for k, v in tokens.attention_keys.items()},
     )
 
 
@@ -96,12 +99,13 @@ def permute(tokens: tp.VisualTokens, perm: torch.Tensor) -> tp.VisualTokens:
         positions=pick(tokens.positions),
         cls_attention={k: v[..., p] for k, v in tokens.cls_attention.items()},
         received_attention={k: v[..., p] for k, v in tokens.received_attention.items()},
+        attention_keys={k: v[:, p] for k, v in tokens.attention_keys.items()},
     )
 
 
 def snapshot(tokens: tp.VisualTokens) -> list[torch.Tensor]:
     ts = list(tokens.layers.values()) + list(tokens.cls_attention.values())
-    ts += list(tokens.received_attention.values())
+    ts += list(tokens.received_attention.values()) + list(tokens.attention_keys.values())
     ts += [t for t in (tokens.mask, tokens.positions, tokens.text_embedding, tokens.sample_keys) if t is not None]
     return [t.clone() for t in ts], ts
 

@@ -26,12 +26,17 @@ VARIANTS = {
     "completion=random": {"completion": {"stage": "random", "seed": 5}},
     "completion=grid": {"completion": {"stage": "grid"}},
     "completion=divprune": {"completion": {"stage": "divprune"}},
+    "completion=visionzip": {"completion": {"stage": "visionzip", "key_layer": 3}},
+    "completion=vispruner": {"completion": {"stage": "vispruner", "per_round": 3}},
+    "completion=dpp": {"completion": {"stage": "dpp"}},
+    "completion=dart": {"completion": {"stage": "dart"}},
+    "completion=prumerge+": {"completion": {"stage": "prumerge+", "key_layer": 3, "neighbours": 4}},
     "policy=fixed-0.3": {"budget_policy": {"stage": "fixed", "ratio": 0.3}},
     "router=embedding": {"router": {"stage": "embedding"}},
 }
 PERMUTATION_INVARIANT = [
     "clasp", "fusion=mean", "scoring=feature-norm", "scoring=text-similarity",
-    "completion=none", "completion=divprune",
+    "completion=none", "completion=divprune", "completion=dpp", "completion=dart",
 ]
 
 

@@ -20,7 +20,8 @@ ALTERNATIVES = {
     "fusion": ["class-adaptive", "single-layer", "mean"],
     "scoring": ["cls-attention", "received-attention", "text-similarity", "feature-norm", "random"],
     "selection": ["top-k"],
-    "completion": ["clasp", "none", "random", "grid", "divprune"],
+    "completion": ["clasp", "none", "random", "grid", "divprune", "visionzip", "vispruner", "dpp", "dart",
+                   "prumerge+"],
     "budget_policy": ["class-table", "fixed"],
 }
 
@@ -36,7 +37,14 @@ def test_every_shipped_spec_validates_and_runs(path):
     spec = tp.load_spec(path)
     L = 24
     tokens = make_tokens(2, 16, L=L, grid=(4, 4))
-    sel = tp.Pipeline(spec)(tokens, budget=5)
+    pipe = tp.Pipeline(spec)
+    fixed = pipe.fixed_budget(tokens)
+    if fixed is not None:  # pooling keeps one token per cell and takes no budget
+        sel = pipe(tokens)
+        window = spec.completion.window
+        assert sel.counts.tolist() == fixed.tolist() == [math.ceil(4 / window) ** 2] * 2
+        return
+    sel = pipe(tokens, budget=5)
     assert sel.counts.tolist() == [5, 5]
 
 

@@ -16,8 +16,8 @@ VOCAB = 200
 FAMILIES = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 
-def _text(**extra):
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def _text(layers: int = 2, **extra):
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=BOS,
                 eos_token_id=2, **extra)
 
@@ -33,13 +33,13 @@ _QWEN_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=V
 _MROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
 
 
-def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0):
-    """A tiny ``*ForConditionalGeneration`` of ``family`` in eval mode."""
+def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0, text_layers: int = 2):
+    """A tiny ``*ForConditionalGeneration`` of ``family`` in eval mode (``text_layers`` decoder layers)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     if family == "llava":
-        cfg = tf.LlavaConfig(vision_config=_clip(56), text_config=tf.LlamaConfig(**_text()),
+        cfg = tf.LlavaConfig(vision_config=_clip(56), text_config=tf.LlamaConfig(**_text(text_layers)),
                              image_token_id=IMG, vision_feature_layer=-2)
         cls = tf.LlavaForConditionalGeneration
     elif family == "llava-next":
@@ -50,11 +50,11 @@ def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", s
         vision = dict(depth=3, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2)
         if family == "qwen2-vl":
             vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
-            cfg = tf.Qwen2VLConfig(vision_config=vision, text_config=_text(rope_parameters=_MROPE), **_QWEN_IDS)
+            cfg = tf.Qwen2VLConfig(vision_config=vision, text_config=_text(text_layers, rope_parameters=_MROPE), **_QWEN_IDS)
             cls = tf.Qwen2VLForConditionalGeneration
         else:
             vision.update(intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[2])
-            cfg = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=_text(rope_parameters=_MROPE), **_QWEN_IDS)
+            cfg = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=_text(text_layers, rope_parameters=_MROPE), **_QWEN_IDS)
             cls = tf.Qwen2_5_VLForConditionalGeneration
     elif family == "qwen3-vl":
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,

@@ -496,6 +496,8 @@ def lattice_mask(positions: Tensor, valid: Tensor, pool: Tensor, k: Tensor) -> T
     n_r = torch.minimum(n_r, k2.clamp_min(1))
     n_c = torch.ceil(kf / n_r.double()).long()  # (B,)
     K = int(k2.max()) if B else 0
+    if K == 0:
+        return torch.zeros(B, M, dtype=torch.bool, device=dev)
     j = torch.arange(K, device=dev).expand(B, K)  # (B, K) lattice ordinal
     q = torch.div(j * (n_r * n_c).view(B, 1), k2.clamp_min(1).view(B, 1), rounding_mode="floor")
     r, c = torch.div(q, n_c.view(B, 1), rounding_mode="floor"), q % n_c.view(B, 1)

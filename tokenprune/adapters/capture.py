@@ -131,6 +131,7 @@ def capture_kernel(module, query, key, value, attention_mask, scaling=None, drop
                 rec.records.setdefault((layer, "last"), []).append(p[:, :, 0])
             if "text" in signals:
                 p = _probabilities(query, key, attention_mask, scaling, causal)  # (B, H, Q, S)
+                p = p.nan_to_num(0.0)  # fully masked (padding) query rows carry weight 0
                 w = rec.query_weights.to(p.device, p.dtype)  # (B, Q)
                 rec.records.setdefault((layer, "text"), []).append(torch.einsum("bhqs,bq->bhs", p, w))
             if "received" in signals:

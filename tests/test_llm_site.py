@@ -1,0 +1,323 @@
+"""The in-LLM pruning site (FastV, PyramidDrop, DART) on tiny LLaVA and Qwen2/2.5-VL models.
+
+Equivalences: dropping nothing reproduces the unpruned logits and generations; the pruned run
+equals a per-sample forward built by hand (the attention row, key norms and selection computed
+here from the layers' weights, the later layers run on the kept columns at their original
+positions); batched runs equal per-sample runs; ``generate`` with the KV cache equals a greedy
+loop that recomputes everything without a cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenprune as tp
+from tokenprune.adapters import UnsupportedModel
+from tiny_models import IMG, Sample, batch, build, samples
+
+from conftest import DEVICES
+
+FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl")
+LAYERS = 4  # decoder layers of the tiny LLMs here
+TOL = {"cpu": dict(atol=1e-5, rtol=1e-5), "cuda": dict(atol=1e-4, rtol=1e-4)}
+BASE = tp.load_spec("specs/clasp.toml").replace(
+    router={"stage": "fixed"},
+    fusion={"stage": "single-layer", "layer": -2, "feed": "selection"},
+    scoring={"stage": "feature-norm"},
+    completion={"stage": "none"},
+    budget_policy={"stage": "fixed", "ratio": 1.0},
+)
+PRUNERS = {
+    "fastv": {"stage": "fastv", "layer": 2},
+    "fastv-text": {"stage": "fastv", "layer": 1, "query": "text"},
+    "pyramid-drop": {"stage": "pyramid-drop", "layers": [1, 2, 3]},
+    "dart": {"stage": "dart", "layer": 2, "image_pivots": 2, "text_pivots": 2},
+}
+
+
+def spec(pruner: str) -> tp.PipelineSpec:
+    return BASE.replace(llm=PRUNERS[pruner])
+
+
+@functools.lru_cache(maxsize=None)
+def model(family: str, device: str = "cpu"):
+    return build(family, text_layers=LAYERS).to(device)
+
+
+def inputs(m, family: str, smp: list[Sample], device: str) -> dict:
+    return {k: v.to(device) for k, v in batch(m, family, smp).items()}
+
+
+def solo(inp: dict, b: int, family: str) -> dict:
+    """Sample ``b`` (one image each) as its own unpadded batch of one."""
+    keep = inp["attention_mask"][b].bool()
+    out = {"input_ids": inp["input_ids"][b, keep][None], "attention_mask": inp["attention_mask"][b, keep][None]}
+    if family == "llava":
+        out["pixel_values"] = inp["pixel_values"][b : b + 1]
+    else:
+        grid = inp["image_grid_thw"]
+        n = grid.prod(-1)
+        start = int(n[:b].sum())
+        out["pixel_values"] = inp["pixel_values"][start : start + int(n[b])]
+        out["image_grid_thw"] = grid[b : b + 1]
+        out["mm_token_type_ids"] = inp["mm_token_type_ids"][b, keep][None]
+    return out
+
+
+# -- the reference, by hand -------------------------------------------------------------------------
+def _rotary(attn):
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
+def _qk(layer, h, pe):
+    """Queries and keys of ``layer`` for hidden states ``h`` (1, S, D), after rotary embedding."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    Dh = attn.head_dim
+    q = attn.q_proj(x).view(1, h.shape[1], -1, Dh).transpose(1, 2)  # (1, H, S, Dh)
+    k = attn.k_proj(x).view(1, h.shape[1], -1, Dh).transpose(1, 2)  # (1, Hkv, S, Dh)
+    q, k = _rotary(attn)(q, k, *pe)
+    return q, k, attn.scaling
+
+
+def _attention_rows(layer, h, pe):
+    """Causal softmax attention probabilities of every query, head-averaged: (S, S)."""
+    q, k, scale = _qk(layer, h, pe)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = (q @ k.transpose(-1, -2)).float() * scale  # (1, H, S, S)
+    S = h.shape[1]
+    s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=h.device).triu(1), float("-inf"))
+    return s.softmax(-1)[0].mean(0)  # (S, S)
+
+
+def _top(scores: list[float], k: int, largest: bool = True) -> list[int]:
+    """Positions of the k best scores, ties to the lower position (sorted by hand)."""
+    order = sorted(range(len(scores)), key=lambda i: ((-scores[i]) if largest else scores[i], i))
+    return order[:k]
+
+
+def _hand_select(name: str, layer, h, out, pe, img, text, keep, final_norm) -> list[int]:
+    """The visual tokens to keep, chosen by hand: ``h`` enters layer ``K - 1`` (attention and
+    keys), ``out`` leaves it (DART's similarities); ``img`` / ``text`` are positions of the
+    image's visual tokens and of the question's tokens."""
+    cfg = PRUNERS[name]
+    if cfg["stage"] in ("fastv", "pyramid-drop"):
+        a = _attention_rows(layer, h, pe)  # (S, S)
+        if cfg.get("query", "last") == "last":
+            row = a[-1]
+        else:
+            row = a[text].mean(0)
+        return sorted(img[i] for i in _top([float(row[j]) for j in img], keep))
+    # DART: key-L1 pivots, then each pivot in turn takes its share of the least similar
+    _, k, _ = _qk(layer, h, pe)
+    kn = k[0].abs().sum((0, 2))  # (S,)
+    n_img = min(cfg["image_pivots"], keep)
+    piv_img = sorted(img[i] for i in _top([float(kn[j]) for j in img], n_img))
+    n_txt = min(cfg["text_pivots"], len(text))
+    piv_txt = sorted(text[i] for i in _top([float(kn[j]) for j in text], n_txt))
+    x = torch.nn.functional.normalize(final_norm(out)[0].float(), dim=-1)  # (S, D)
+    anchors = piv_img + piv_txt
+    left = [j for j in img if j not in piv_img]
+    need = keep - n_img
+    base, extra = divmod(need, max(len(anchors), 1))
+    chosen = list(piv_img)
+    for a_i, a in enumerate(anchors):
+        quota = base + (1 if a_i < extra else 0)
+        sims = [float(x[j] @ x[a]) for j in left]
+        take = [left[i] for i in _top(sims, quota, largest=False)]
+        chosen += take
+        left = [j for j in left if j not in take]
+    return sorted(chosen)
+
+
+def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
+    """One unpadded sample through the LLM by hand: layers < K on every column; at each step the
+    kept visual columns (chosen by hand, or ``fixed`` per step); later layers on the kept columns
+    at their original positions. ``extra`` token ids are appended as already-generated text.
+
+    Returns the logits (S', V) and the kept columns (indices into the prompt) per step.
+    """
+    ids = one["input_ids"][0]
+    S = len(ids)
+    enc = {k: v for k, v in one.items() if k in ("pixel_values", "image_grid_thw")}
+    if family == "llava":
+        enc.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
+    feats = torch.cat(list(m.model.get_image_features(**enc, return_dict=True).pooler_output))
+    all_ids = torch.cat([ids, torch.tensor(list(extra), dtype=ids.dtype, device=ids.device)])
+    h = m.get_input_embeddings()(all_ids)[None].clone()  # (1, S + E, D)
+    is_img = all_ids == IMG
+    h[0, is_img] = feats.to(h.dtype)
+    if family == "llava":
+        pos = torch.arange(len(all_ids), device=ids.device)[None]
+    else:
+        p, _ = m.model.get_rope_index(one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"],
+                                      image_grid_thw=one["image_grid_thw"], attention_mask=one["attention_mask"])
+        tail = p[..., -1:] + 1 + torch.arange(len(extra), device=ids.device)
+        pos = torch.cat([p, tail], -1)  # (3, 1, S + E)
+    lm = m.model.language_model
+    cfg = PRUNERS[name]
+    schedule = cfg.get("layers") or [cfg["layer"]]
+    M = int(is_img.sum())
+    n = len(schedule)
+    counts = [budget if s == n - 1 else max(budget, min(M, round(M * (budget / M) ** ((s + 1) / n)))) for s in range(n)]
+    last_img = int(is_img.nonzero().max())
+    cols = list(range(len(all_ids)))
+    kept = []
+    for l, layer in enumerate(lm.layers):
+        if l in schedule:
+            step = schedule.index(l)
+            img = [i for i, c in enumerate(cols) if c < S and is_img[c]]
+            text = [i for i, c in enumerate(cols) if last_img < c < S]
+            if fixed is None:
+                pe_prev = lm.rotary_emb(h_prev, pos[..., cols_prev])
+                sel = _hand_select(name, lm.layers[l - 1], h_prev, h, pe_prev, img, text, counts[step], lm.norm)
+                keep_cols = {cols[i] for i in sel}
+            else:
+                keep_cols = set(fixed[step])
+            kept.append(sorted(keep_cols))
+            idx = [i for i, c in enumerate(cols) if not (c < S and is_img[c]) or c in keep_cols]
+            h = h[:, idx]
+            cols = [cols[i] for i in idx]
+        h_prev, cols_prev = h, list(cols)
+        pe = lm.rotary_emb(h, pos[..., cols])
+        h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=None)
+    return m.lm_head(lm.norm(h))[0], kept
+
+
+# -- 1. dropping nothing reproduces the model ----------------------------------------------------
+@pytest.mark.parametrize("pruner", list(PRUNERS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropping_nothing_reproduces_unpruned_logits_and_generate(family, pruner):
+    m = model(family)
+    inp = inputs(m, family, samples(family, 3, seed=2), "cpu")
+    with torch.no_grad():
+        ref = m(**inp).logits
+        ref_gen = m.generate(**inp, max_new_tokens=5, do_sample=False)
+        with tp.apply(m, spec(pruner), budget=1.0) as h:
+            got = m(**inp).logits
+            gen = m.generate(**inp, max_new_tokens=5, do_sample=False)
+            assert all(torch.equal(k, h.last.total) for k in h.last.llm_kept)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(gen, ref_gen)
+
+
+# -- 2. the pruned run equals the forward built by hand ------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pruner", list(PRUNERS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_logits_equal_hand_built_reference(family, pruner, device):
+    m = model(family, device)
+    smp = samples(family, 3, seed=1)
+    inp = inputs(m, family, smp, device)
+    budget = 3
+    with torch.no_grad(), tp.apply(m, spec(pruner), budget=budget) as h:
+        got = m(**inp).logits  # (B, S'', V)
+        rec = h.last
+        assert all(int(k) == budget for k in rec.llm_kept[-1])
+        for b in range(len(smp)):
+            one = solo(inp, b, family)
+            ref, kept = hand_forward(m, family, pruner, one, budget)
+            valid = rec.llm_source[b] >= 0
+            # the columns the LLM kept are the hand-chosen ones (caller's columns, unpadded)
+            pad = int((inp["attention_mask"][b] == 0).sum())
+            want = sorted(set(range(one["input_ids"].shape[1])) - {c for c in range(one["input_ids"].shape[1])
+                                                                   if one["input_ids"][0, c] == IMG} | set(kept[-1]))
+            assert (rec.llm_source[b][valid] - pad).tolist() == want
+            torch.testing.assert_close(got[b][valid], ref, **TOL[device])
+
+
+# -- 3. batched runs equal per-sample runs --------------------------------------------------------
+@pytest.mark.parametrize("pruner", ["fastv", "pyramid-drop", "dart"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_per_sample_runs(family, pruner):
+    m = model(family)
+
+    @settings(max_examples=max(5, settings().max_examples // 8), deadline=None)
+    @given(n=st.integers(1, 4), seed=st.integers(0, 10_000), budget=st.integers(1, 20))
+    def check(n, seed, budget):
+        inp = inputs(m, family, samples(family, n, seed=seed), "cpu")
+        with torch.no_grad(), tp.apply(m, spec(pruner), budget=budget) as h:
+            got = m(**inp).logits
+            src = h.last.llm_source
+            for b in range(n):
+                alone = m(**solo(inp, b, family)).logits[0]
+                torch.testing.assert_close(got[b][src[b] >= 0], alone, **TOL["cpu"])
+
+    check()
+
+
+# -- 4. generate with the KV cache equals a greedy loop without one --------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pruner", list(PRUNERS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_greedy_reference_without_cache(family, pruner, device):
+    m = model(family, device)
+    smp = samples(family, 2, seed=4)
+    inp = inputs(m, family, smp, device)
+    steps, budget = 6, 4
+    with torch.no_grad(), tp.apply(m, spec(pruner), budget=budget):
+        out = m.generate(**inp, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    assert torch.equal(out[:, : inp["input_ids"].shape[1]], inp["input_ids"])
+    with torch.no_grad():
+        for b in range(2):
+            one = solo(inp, b, family)
+            _, kept = hand_forward(m, family, pruner, one, budget)
+            seq: list[int] = []
+            for _ in range(steps):
+                logits, _ = hand_forward(m, family, pruner, one, budget, extra=seq, fixed=kept)
+                seq.append(int(logits[-1].argmax()))
+            assert out[b, inp["input_ids"].shape[1]:].tolist() == seq, (family, pruner, b)
+
+
+# -- 5. the machinery: attention kernel untouched, removal, errors ------------------------------
+def test_captures_only_the_pruning_layer_and_keeps_sdpa():
+    m = model("llava")
+    inp = inputs(m, "llava", samples("llava", 2), "cpu")
+    impl = [layer.self_attn.config._attn_implementation for layer in m.model.language_model.layers]
+    seen = []
+    with tp.apply(m, spec("fastv"), budget=3):
+        for layer in m.model.language_model.layers:
+            seen.append(layer.self_attn.config._attn_implementation)
+        with torch.no_grad():
+            m(**inp)
+    assert seen == ["sdpa", "tokenprune-capture", "sdpa", "sdpa"]  # only layer K - 1 = 1 records
+    assert [layer.self_attn.config._attn_implementation for layer in m.model.language_model.layers] == impl
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in m.model.language_model.layers)
+
+
+def test_remove_restores_and_other_instances_are_untouched():
+    m = model("qwen2-vl")
+    other = build("qwen2-vl", text_layers=LAYERS)
+    inp = inputs(m, "qwen2-vl", samples("qwen2-vl", 2), "cpu")
+    with torch.no_grad():
+        ref = m(**inp).logits
+        h = tp.apply(m, spec("pyramid-drop"), budget=2)
+        assert m(**inp).logits.shape[1] < ref.shape[1]
+        torch.testing.assert_close(other(**inp).logits, ref)
+        h.remove()
+        assert torch.equal(m(**inp).logits, ref)
+
+
+def test_schedule_and_model_errors_are_clear():
+    m = model("llava")
+    with pytest.raises(ValueError, match="each K must be in 1..3"):
+        tp.apply(m, BASE.replace(llm={"stage": "fastv", "layer": 4}), budget=3)
+    with pytest.raises(ValueError, match="strictly ascending"):
+        BASE.replace(llm={"stage": "pyramid-drop", "layers": [2, 1]})
+    with pytest.raises(UnsupportedModel, match="LLaVA-1.5 and Qwen2/2.5-VL"):
+        tp.apply(build("llava-next"), BASE.replace(llm={"stage": "fastv", "layer": 1}), budget=3)
+
+
+def test_keep_counts_are_geometric_and_exact_at_the_end():
+    stage = tp.load_spec("specs/methods/pyramid-drop.toml").llm
+    total = torch.tensor([576, 100, 9])
+    counts = stage.keep_counts(total, torch.tensor([72, 10, 9]), 3)
+    assert [c.tolist() for c in counts] == [[288, 46, 9], [144, 22, 9], [72, 10, 9]]
+    assert math.isclose(576 * 0.5 ** 3, 72)
