@@ -1,0 +1,267 @@
+"""What each published method's paper states, pinned on small hand-made inputs.
+
+VisionZip, VisPruner, CDPruner's DPP, DART, PruMerge+ and pooling, each against a reference
+written out by hand here (loops over tokens are fine in a reference).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from helpers import make_tokens
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tokenprune as tp
+from tokenprune import ops
+from tokenprune.contract import Provenance
+
+METHODS = "specs/methods"
+
+
+def _tokens(B=1, M=16, grid=(4, 4), seed=0, L=24, **kw):
+    return make_tokens(B, M, L=L, grid=grid, seed=seed, dtype=torch.float64, **kw)
+
+
+def _unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+# -- VisionZip ------------------------------------------------------------------------------------
+@given(seed=st.integers(0, 10_000), R=st.integers(2, 16), M=st.integers(4, 30))
+def test_visionzip_keeps_top_cls_and_merges_the_rest_into_exactly_contextual_groups(seed, R, M):
+    R = min(R, M)
+    spec = tp.load_spec(f"{METHODS}/visionzip.toml")
+    tokens = _tokens(M=M, grid=(M, 1), seed=seed)
+    sel = tp.Pipeline(spec)(tokens, budget=R)
+    dominant = math.floor(0.84375 * R + 1e-6)
+    contextual = R - dominant
+    cls = tokens.signal("cls_attention", -2)[0]
+    kept = sel.row(0).tolist()
+    prov = sel.provenance[0, : len(kept)].tolist()
+    # dominant = top-k [CLS] attention (ties to the lower index), by hand
+    top = sorted(range(M), key=lambda i: (-float(cls[i]), i))[:dominant]
+    assert sorted(i for i, p in zip(kept, prov) if p == Provenance.PIVOT) == sorted(top)
+    # contextual targets: every step-th remaining token, by hand
+    rest = [i for i in range(M) if i not in top]
+    step = max(1, len(rest) // contextual) if contextual else 1
+    targets = [rest[j * step] for j in range(contextual)]
+    assert sorted(i for i, p in zip(kept, prov) if p == Provenance.COMPLETION) == sorted(targets)
+    if not contextual:
+        return
+    # every other token joins its most key-similar target: exactly `contextual` groups
+    keys = _unit(tokens.key_features(-2)[0])
+    groups = {t: [] for t in targets}
+    for i in rest:
+        if i not in targets:
+            best = max(range(contextual), key=lambda j: (float(keys[i] @ keys[targets[j]]), -j))
+            groups[targets[best]].append(i)
+    assert sum(len(g) for g in groups.values()) + len(targets) + len(top) == M
+    if sel.features is None:  # the whole pool is kept (R = M): nothing to merge, own features
+        assert len(targets) == len(rest)
+        return
+    # merged feature at the target's slot: project(h_target + mean(h_members)), encoder space
+    h = tokens.layer(-2)[0]
+    feats = sel.features[0]
+    for t, members in groups.items():
+        merged = h[t] + (h[members].mean(0) if members else 0)
+        want = tokens.project(merged[None])[0]
+        slot = kept.index(t)
+        torch.testing.assert_close(feats[slot], want, atol=1e-9, rtol=1e-9)
+    # dominant tokens carry their own (unmerged) features
+    own = tokens.project(h[None])[0]
+    for i, p in zip(kept, prov):
+        if p == Provenance.PIVOT:
+            torch.testing.assert_close(feats[kept.index(i)], own[i])
+
+
+def test_visionzip_without_keys_says_how_to_supply_them():
+    spec = tp.load_spec(f"{METHODS}/visionzip.toml")
+    tokens = _tokens()
+    bare = tp.VisualTokens(layers=tokens.layers, num_layers=24, cls_attention=tokens.cls_attention,
+                           project=tokens.project, prompts=["What is it?"])
+    with pytest.raises(KeyError, match="attention keys at encoder layer 23"):
+        tp.Pipeline(spec)(bare, budget=8)
+
+
+# -- CDPruner's conditional DPP ------------------------------------------------------------------
+def _logdet(L, S):
+    if not S:
+        return 0.0
+    sub = L[list(S)][:, list(S)]
+    return float(torch.logdet(sub))
+
+
+def _naive_greedy(L, k, fixed=()):
+    """Greedy MAP by explicit determinants: add the item with the largest log det."""
+    S = list(fixed)
+    out = []
+    for _ in range(k):
+        cands = [i for i in range(L.shape[0]) if i not in S]
+        best = max(cands, key=lambda i: (_logdet(L, S + [i]), -i))
+        S.append(best)
+        out.append(best)
+    return sorted(out)
+
+
+@given(seed=st.integers(0, 10_000), M=st.integers(2, 9), D=st.integers(9, 12), k=st.integers(1, 5),
+       n_fixed=st.integers(0, 2))
+def test_dpp_fast_greedy_equals_determinant_greedy(seed, M, D, k, n_fixed):
+    """The incremental-Cholesky greedy picks what explicit log-determinants pick (full rank)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, M - n_fixed)
+    if k < 1:
+        return
+    x = _unit(torch.randn(1, M, D, generator=g, dtype=torch.float64))
+    q = torch.rand(1, M, generator=g, dtype=torch.float64) + 0.5
+    L = q[0, :, None] * (x[0] @ x[0].T) * q[0, None, :]
+    fixed = list(range(n_fixed))
+    sel = torch.zeros(1, M, dtype=torch.bool)
+    sel[0, fixed] = True
+    got = ops.greedy_dpp_map(x, q, ~sel, sel, torch.tensor([k]))
+    assert got[0].nonzero().flatten().tolist() == _naive_greedy(L, k, fixed)
+
+
+def test_dpp_greedy_matches_brute_force_map_on_tiny_kernels():
+    """On kernels where greedy is exact (orthogonal groups, quality-ordered), the greedy set is
+    the brute-force argmax of det(L_S) over all subsets of size k."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        M, D, k = 6, 6, 3
+        basis = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+        owner = torch.randint(0, 3, (M,), generator=g)  # 3 groups of identical directions
+        x = basis[owner][None]  # (1, M, D): duplicates inside a group, orthogonal across
+        q = torch.rand(1, M, generator=g, dtype=torch.float64) + 0.1
+        L = q[0, :, None] * (x[0] @ x[0].T) * q[0, None, :]
+        k = min(k, len(set(owner.tolist())))
+        best = max(itertools.combinations(range(M), k), key=lambda S: (_logdet(L, list(S)) if torch.det(L[list(S)][:, list(S)]) > 1e-12 else -1e9, [-i for i in S]))
+        got = ops.greedy_dpp_map(x, q, torch.ones(1, M, dtype=torch.bool), torch.zeros(1, M, dtype=torch.bool),
+                                 torch.tensor([k]))
+        assert got[0].nonzero().flatten().tolist() == sorted(best), trial
+
+
+def test_dpp_relevance_trade_off():
+    """theta = 0 ignores relevance; with duplicated features, a high theta keeps the relevant copy."""
+    x = _unit(torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64))
+    spec = tp.load_spec(f"{METHODS}/cdpruner.toml")
+    tokens = tp.VisualTokens(layers={2: x}, num_layers=2, text_embedding=torch.tensor([[0.2, 1.0]], dtype=torch.float64),
+                            prompts=["Which?"])
+    # relevance = cosine to the text: token 2 most relevant, tokens 0/1 tie
+    for theta, want in ((0.0, [0]), (0.9, [2])):
+        s = spec.replace(completion={"stage": "dpp", "theta": theta}, fusion={"stage": "single-layer", "layer": -1, "feed": "selection"})
+        assert tp.Pipeline(s)(tokens, budget=1).row(0).tolist() == want
+    # two picks never take both duplicates
+    assert tp.Pipeline(spec.replace(fusion={"stage": "single-layer", "layer": -1, "feed": "selection"}))(
+        tokens, budget=2).row(0).tolist() in ([0, 2], [1, 2])
+
+
+# -- VisPruner --------------------------------------------------------------------------------------
+def test_vispruner_removes_exact_duplicates_before_distinct_tokens():
+    """Four distinct directions, each present twice (neighbours, so the copies fall in opposite
+    halves): keeping four leaves one of each."""
+    basis = torch.eye(4, dtype=torch.float64)
+    order = [0, 0, 1, 1, 2, 2, 3, 3]
+    x = basis[order][None]  # (1, 8, 4)
+    keep = torch.ones(1, 8, dtype=torch.bool)
+    for r in (1, 2, 4):
+        got = ops.bipartite_dedup(x, keep, torch.tensor([4]), per_round=r)[0]
+        assert sorted(order[i] for i in got.nonzero().flatten().tolist()) == [0, 1, 2, 3]
+
+
+def test_vispruner_one_round_by_hand():
+    g = torch.Generator().manual_seed(3)
+    x = _unit(torch.randn(1, 7, 5, generator=g, dtype=torch.float64))
+    keep = torch.ones(1, 7, dtype=torch.bool)
+    got = ops.bipartite_dedup(x, keep, torch.tensor([5]), per_round=2)[0]
+    A, Bset = [0, 2, 4, 6], [1, 3, 5]
+    dup = {a: max(float(x[0, a] @ x[0, b]) for b in Bset) for a in A}
+    drop = sorted(A, key=lambda a: (-dup[a], a))[:2]
+    assert got.nonzero().flatten().tolist() == [i for i in range(7) if i not in drop]
+
+
+# -- DART -------------------------------------------------------------------------------------------
+def test_dart_each_pivot_takes_its_share_of_the_least_similar_tokens():
+    spec = tp.load_spec(f"{METHODS}/dart.toml")
+    tokens = _tokens(M=24, grid=(4, 6), seed=5)
+    R = 16
+    sel = tp.Pipeline(spec)(tokens, budget=R)
+    pipe = tp.Pipeline(spec)
+    routing = pipe.route(tokens.prompts)
+    fused = spec.fusion.fuse(tokens, routing, spec.class_table)
+    phi = spec.scoring.score(tokens, fused)[0]
+    u = _unit(fused.decoder[0])
+    P = math.floor(0.0625 * R + 1e-6)
+    pivots = sorted(range(24), key=lambda i: (-float(phi[i]), i))[:P]
+    left = [i for i in range(24) if i not in pivots]
+    base, extra = divmod(R - P, P)
+    chosen = list(pivots)
+    for a, p in enumerate(pivots):  # pivots in descending phi
+        quota = base + (a < extra)
+        take = sorted(left, key=lambda i: (float(u[i] @ u[p]), i))[:quota]
+        chosen += take
+        left = [i for i in left if i not in take]
+    assert sel.row(0).tolist() == sorted(chosen)
+
+
+# -- PruMerge+ ---------------------------------------------------------------------------------------
+def test_prumerge_plus_keeps_iqr_outliers_then_uniform_extras_and_merges_by_hand():
+    M = 36
+    tokens = _tokens(M=M, grid=(6, 6), seed=7)
+    cls = torch.full((1, 1, M), 0.01, dtype=torch.float64)
+    cls[0, 0, [5, 17, 30]] = torch.tensor([0.4, 0.3, 0.2], dtype=torch.float64)  # three outliers
+    cls = cls + 0.001 * torch.arange(M, dtype=torch.float64)  # no ties
+    tokens = tp.VisualTokens(**{**tokens.__dict__, "cls_attention": {23: cls}})
+    spec = tp.load_spec(f"{METHODS}/prumerge-plus.toml").replace(
+        completion={"stage": "prumerge+", "neighbours": 3, "key_layer": -2})
+    sel = tp.Pipeline(spec)(tokens, budget=8)
+    kept = sel.row(0).tolist()
+    phi = cls[0, 0]
+    q1, q3 = torch.quantile(phi, 0.25), torch.quantile(phi, 0.75)
+    outliers = [i for i in range(M) if phi[i] > q3 + 1.5 * (q3 - q1)]
+    assert set(outliers) == {5, 17, 30} and set(outliers) <= set(kept)
+    # the other 5 are the pool tokens nearest a uniform lattice
+    extras = [i for i in kept if i not in outliers]
+    pool = torch.ones(1, M, dtype=torch.bool)
+    pool[0, outliers] = False
+    lattice = ops.lattice_mask(tokens.positions, torch.ones(1, M, dtype=torch.bool), pool, torch.tensor([5]))
+    assert extras == lattice[0].nonzero().flatten().tolist()
+    assert len({i // 6 for i in extras}) == 2 and len({i % 6 for i in extras}) >= 3  # 2 x 3 lattice
+    # merge: phi-weighted mean of the kept token and its 3 most key-similar pruned tokens
+    keys = _unit(tokens.key_features(-2)[0])
+    pruned = [i for i in range(M) if i not in kept]
+    h = tokens.layer(-2)[0]
+    for slot, i in enumerate(kept):
+        nb = sorted(pruned, key=lambda j: (-float(keys[i] @ keys[j]), j))[:3]
+        w = torch.stack([phi[j] for j in [i] + nb])
+        merged = (w[:, None] * h[[i] + nb]).sum(0) / w.sum()
+        torch.testing.assert_close(sel.features[0, slot], tokens.project(merged[None])[0])
+
+
+# -- pooling ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("window,grid,want", [(2, (4, 4), [0, 2, 8, 10]), (3, (5, 5), [0, 3, 15, 18]),
+                                              (2, (3, 5), [0, 2, 4, 10, 12, 14])])
+def test_pool_keeps_one_token_per_cell_at_its_top_left_with_the_cell_mean(window, grid, want):
+    M = grid[0] * grid[1]
+    tokens = _tokens(M=M, grid=grid, seed=1)
+    spec = tp.load_spec(f"{METHODS}/pool-2x2.toml").replace(completion={"stage": "pool", "window": window})
+    sel = tp.Pipeline(spec)(tokens)
+    assert sel.row(0).tolist() == want
+    dec = tokens.project(tokens.layer(-2))[0]  # (M, D)
+    for slot, i in enumerate(want):
+        r0, c0 = divmod(i, grid[1])
+        cell = [r * grid[1] + c for r in range(r0, min(r0 + window, grid[0])) for c in range(c0, min(c0 + window, grid[1]))]
+        torch.testing.assert_close(sel.features[0, slot], dec[cell].mean(0))
+
+
+def test_pool_counts_on_llava_grid_and_clear_errors():
+    tokens = make_tokens(2, 576, L=24, grid=(24, 24))
+    for window, n in ((2, 144), (3, 64)):
+        spec = tp.load_spec(f"{METHODS}/pool-{window}x{window}.toml")
+        assert tp.Pipeline(spec)(tokens).counts.tolist() == [n, n]
+        with pytest.raises(ValueError, match="decides how many tokens"):
+            tp.Pipeline(spec)(tokens, budget=100)
+        with pytest.raises(ValueError, match="ratio = 0.0"):
+            tp.Pipeline(spec.replace(budget_policy={"stage": "fixed", "ratio": 0.5}))(tokens)
