@@ -56,9 +56,19 @@ def test_bench_stages_runs_and_reports_both_ratios(capsys, tmp_path):
     assert main(["bench", "stages", "--shapes", "48x4x16x24", "--batch", "1,2", "--budgets", "8,16",
                  "--repeats", "1", "--quiet", "--json", str(out_json)]) == 0
     table = capsys.readouterr().out
-    assert "CLASP/matmul" in table and "naive/CLASP" in table
-    rows = json.loads(out_json.read_text())
+    assert "CLASP/matmul" in table and "naive/CLASP" in table and "select / CLASP" in table
+    data = json.loads(out_json.read_text())
+    rows = data["clasp"]
     assert len(rows) == 4 and all(r["clasp_ms"] > 0 and r["matmul_ms"] > 0 for r in rows)
+    methods = data["methods"]
+    names = {r["method"] for r in methods}
+    assert {"clasp", "visionzip", "vispruner", "cdpruner", "dart", "prumerge-plus", "divprune", "pool-2x2",
+            "pool-3x3", "random", "fastv-matched", "pyramid-drop", "dart-llm"} == names
+    assert len(methods) == 2 * len(names)  # B = 1 and 2
+    for r in methods:  # every method keeps the budget (pooling: one token per 2x2 / 3x3 cell of 8x6)
+        want = {"pool-2x2": 12, "pool-3x3": 6}.get(r["method"], 8)
+        assert r["kept"] == want and r["select_ms"] > 0, r
+    assert all(r["select_vs_clasp"] == 1.0 for r in methods if r["method"] == "clasp")
 
 
 def test_naive_reference_selects_what_clasp_selects():

@@ -138,8 +138,20 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
         progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
     )
     print(bench.format_table(rows))
+    methods = []
+    if not args.clasp_only:
+        specs_dir = _default_spec().parent
+        methods = bench.run_methods(
+            specs_dir, devices, args.shapes.split(","), _csv_ints(args.batch), _csv_ints(args.budgets)[0],
+            repeats=args.repeats, dtype=dtype,
+            progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
+        )
+        print()
+        print(f"every method at {_csv_ints(args.budgets)[0]} tokens (pooling keeps its own count):")
+        print(bench.format_methods(methods))
     if args.json:
-        Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+        Path(args.json).write_text(json.dumps({"clasp": [r.as_dict() for r in rows],
+                                               "methods": [r.as_dict() for r in methods]}, indent=2))
     return 0
 
 
@@ -303,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bp = sub.add_parser("bench", help="benchmarks")
     bsub = bp.add_subparsers(dest="bench_command", required=True)
-    bs = bsub.add_parser("stages", help="time each stage and the CLASP pipeline")
+    bs = bsub.add_parser("stages", help="time each stage of CLASP, and every method's selection beside it")
     bs.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
     bs.add_argument("--devices", help="comma list (default: cpu, plus cuda when available)")
     bs.add_argument("--shapes", default="llava-1.5-7b,llava-next-7b",
@@ -314,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     bs.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     bs.add_argument("--json", help="also write the rows as JSON to this file")
+    bs.add_argument("--clasp-only", action="store_true",
+                    help="skip the table of every method (VisionZip, CDPruner, ... at the first budget)")
     bs.add_argument("--quiet", action="store_true")
     bs.set_defaults(func=cmd_bench_stages)
 

@@ -253,3 +253,151 @@ def format_table(rows: list[BenchRow]) -> str:
                   f"{r.naive_speedup:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# -- every method, side by side -------------------------------------------------------------------
+#: the pre-LLM presets compared with CLASP (paths relative to the specs directory)
+METHOD_SPECS = (
+    "clasp.toml", "methods/visionzip.toml", "methods/vispruner.toml", "methods/cdpruner.toml",
+    "methods/dart.toml", "methods/prumerge-plus.toml", "variants/divprune.toml", "methods/pool-2x2.toml",
+    "methods/pool-3x3.toml", "variants/random.toml",
+)
+#: the in-LLM presets, whose selection runs on the LLM's hidden states
+LLM_SPECS = ("methods/fastv-matched.toml", "methods/pyramid-drop.toml", "methods/dart-llm.toml")
+SELECT_STAGES = ("scoring", "budget", "selection", "completion", "output")
+
+
+@dataclass
+class MethodRow:
+    device: str
+    shape: str
+    M: int
+    B: int
+    method: str
+    kept: int
+    select_ms: float
+    total_ms: float
+    select_vs_clasp: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _method_inputs(M: int, L: int, Dv: int, D: int, B: int, device: str, dtype: torch.dtype) -> tp.VisualTokens:
+    """:func:`make_inputs` plus what the other methods read: attention keys, the prompt's
+    embedding, grid positions and the projector's output for the fused layer."""
+    import dataclasses
+    import math
+
+    base = make_inputs(M, L, Dv, D, B, device, dtype)
+    g = torch.Generator(device=device).manual_seed(2)
+    rows = max(r for r in range(1, math.isqrt(M) + 1) if M % r == 0)  # the squarest grid
+    cols = M // rows
+    W = torch.randn(Dv, D, generator=g, device=device, dtype=dtype) / Dv**0.5
+    return dataclasses.replace(
+        base,
+        attention_keys={L - 1: torch.randn(B, M, 64, generator=g, device=device, dtype=dtype)},
+        text_embedding=torch.randn(B, D, generator=g, device=device, dtype=dtype),
+        positions=tp.grid_positions(rows, cols, B, device),
+        project=lambda z: z @ W,
+    )
+
+
+def run_methods(
+    specs_dir,
+    devices: list[str],
+    shapes: list[str],
+    batches: list[int],
+    budget: int = 64,
+    repeats: int = 5,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] | None = None,
+) -> list[MethodRow]:
+    """Every method's selection time (scoring to output, the stages a method owns; the fusion of
+    the encoder's layers and routing are CLASP's alone and are reported in ``total_ms``), and its
+    ratio to CLASP's selection time measured in the same loop. In-LLM pruners are timed on their
+    ``select`` over hidden states of the same size (``total_ms`` = ``select_ms``)."""
+    from pathlib import Path
+
+    specs_dir = Path(specs_dir)
+    pre = [(p, tp.load_spec(specs_dir / p)) for p in METHOD_SPECS]
+    llm = [(p, tp.load_spec(specs_dir / p)) for p in LLM_SPECS]
+    rows: list[MethodRow] = []
+    for device in devices:
+        for shape in shapes:
+            M, L, Dv, D = SHAPES[shape] if shape in SHAPES else _parse_shape(shape)
+            for B in batches:
+                tokens = _method_inputs(M, L, Dv, D, B, device, dtype)
+                clasp_select = None
+                group: list[MethodRow] = []
+                for path, spec in pre:
+                    if progress:
+                        progress(f"{device} {shape} B={B} {spec.name}")
+                    pipe = tp.Pipeline(spec)
+                    routing = pipe.route(tokens.prompts)
+                    R = None if pipe.fixed_budget(tokens) is not None else budget
+                    acc: dict[str, list[float]] = defaultdict(list)
+
+                    @contextlib.contextmanager
+                    def timer(name, _acc=acc, _dev=device):
+                        _sync(_dev)
+                        t0 = time.perf_counter()
+                        yield
+                        _sync(_dev)
+                        _acc[name].append((time.perf_counter() - t0) * 1e3)
+
+                    sel = None
+                    for _ in range(repeats + 1):
+                        sel = pipe(tokens, budget=R, routing=routing, timer=timer)
+                    select_ms = sum(statistics.median(acc[s][1:]) for s in SELECT_STAGES if s in acc)
+                    total_ms = _time(lambda: pipe(tokens, budget=R, routing=routing), device, repeats)
+                    row = MethodRow(device, shape, M, B, spec.name, int(sel.counts[0]), select_ms, total_ms)
+                    if spec.name == "clasp":
+                        clasp_select = select_ms
+                    group.append(row)
+                for path, spec in llm:
+                    if progress:
+                        progress(f"{device} {shape} B={B} {spec.name} (in-LLM select)")
+                    ms = _time(_llm_select(spec, M, D, B, budget, device, dtype), device, repeats)
+                    group.append(MethodRow(device, shape, M, B, spec.name, budget, ms, ms))
+                for row in group:
+                    row.select_vs_clasp = row.select_ms / clasp_select if clasp_select else float("nan")
+                rows += group
+                del tokens
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def _llm_select(spec: PipelineSpec, M: int, D: int, B: int, budget: int, device: str, dtype: torch.dtype):
+    """One in-LLM step's selection on random hidden states, attention and key norms."""
+    g = torch.Generator(device=device).manual_seed(3)
+    T = 16
+    pruner = spec.llm
+    total = torch.full((B,), M, device=device)
+    keep = pruner.keep_counts(total, torch.full((B,), budget, device=device), len(pruner.schedule(10**6)))
+    norm = torch.nn.RMSNorm(D, device=device, dtype=dtype)
+    req = tp.stages.LlmRequest(
+        layer=2, step=0, hidden=torch.randn(B, M, D, generator=g, device=device, dtype=dtype),
+        valid=torch.ones(B, M, dtype=torch.bool, device=device), keep=keep[-1],
+        attention=torch.rand(B, M, generator=g, device=device),
+        key_norms=torch.rand(B, M, generator=g, device=device),
+        text_hidden=torch.randn(B, T, D, generator=g, device=device, dtype=dtype),
+        text_valid=torch.ones(B, T, dtype=torch.bool, device=device),
+        text_key_norms=torch.rand(B, T, generator=g, device=device), norm=norm,
+    )
+
+    def run():
+        with torch.no_grad():
+            pruner.select(req)
+
+    return run
+
+
+def format_methods(rows: list[MethodRow]) -> str:
+    head = ["device", "shape", "B", "method", "kept", "select ms", "select / CLASP", "pipeline ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([r.device, r.shape, str(r.B), r.method, str(r.kept), f"{r.select_ms:.2f}",
+                                         f"{r.select_vs_clasp:.2f}x", f"{r.total_ms:.2f}"]) + " |")
+    return "\n".join(lines)
