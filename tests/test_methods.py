@@ -265,3 +265,42 @@ def test_pool_counts_on_llava_grid_and_clear_errors():
             tp.Pipeline(spec)(tokens, budget=100)
         with pytest.raises(ValueError, match="ratio = 0.0"):
             tp.Pipeline(spec.replace(budget_policy={"stage": "fixed", "ratio": 0.5}))(tokens)
+
+
+# -- image down-sampling ------------------------------------------------------------------------------
+def test_downsample_feeds_the_resized_images_tokens_in_the_first_slots():
+    import torch.nn.functional as F
+    from tiny_models import IMG, batch, build, samples
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    m = build("llava")
+    inp = batch(m, "llava", samples("llava", 2, seed=5))
+    spec = tp.load_spec(f"{METHODS}/downsample.toml")
+    with torch.no_grad():
+        with tp.apply(m, spec, budget=10) as h:  # floor(sqrt(10)) = 3: a 3x3-patch image
+            got = m(**inp).logits
+            assert h.last.kept.tolist() == [9, 9] and h.last.total.tolist() == [16, 16]
+        for b in range(2):
+            keep = inp["attention_mask"][b].bool()
+            ids = inp["input_ids"][b, keep]
+            img = (ids == IMG).nonzero().flatten()
+            cols = torch.tensor(sorted(set(range(len(ids))) - set(img[9:].tolist())))
+            small = F.interpolate(inp["pixel_values"][b : b + 1], size=(42, 42), mode="bicubic", antialias=True,
+                                  align_corners=False)
+            feats = m.model.get_image_features(pixel_values=small, vision_feature_layer=-2,
+                                               vision_feature_select_strategy="default", interpolate_pos_encoding=True,
+                                               return_dict=True).pooler_output[0]
+            ref = m(input_ids=ids[cols][None], attention_mask=torch.ones(1, len(cols), dtype=torch.long),
+                    position_ids=cols[None], mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[feats])})
+            src = h.last.source[b]
+            torch.testing.assert_close(got[b][src >= 0], ref.logits[0])
+
+
+def test_downsample_errors_name_the_fix():
+    from tiny_models import build
+
+    spec = tp.load_spec(f"{METHODS}/downsample.toml")
+    with pytest.raises(ValueError, match="max_pixels"):
+        tp.apply(build("qwen2-vl"), spec)
+    with pytest.raises(ValueError, match="use one of them"):
+        spec.replace(llm={"stage": "fastv"})

@@ -93,6 +93,11 @@ class PruningHandle:
                     f"Qwen2/2.5-VL; {type(model).__name__} is not supported yet: use a pre-LLM spec"
                 )
             self.site = LlmSite(adapter, pipeline.spec.llm)
+        if pipeline.spec.image_downsample:
+            try:
+                adapter.placeholders_per_image()
+            except ValueError:
+                adapter.encode_downsampled({}, None, None, 0)  # raises the family's explanation
         self._pending = None  # a generate() prefill waiting for its first forward call
         self._removed = False
 

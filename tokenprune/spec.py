@@ -80,6 +80,10 @@ class PipelineSpec(BaseModel):
         class_table: ``"default"``, a path to a table TOML (relative to the spec file), or an
             inline table.
         router, fusion, scoring, selection, completion, budget_policy: ``{stage = name, ...params}``.
+        image_downsample: the image down-sampling baseline: resize each image so that the
+            encoder makes about ``budget`` tokens (``floor(sqrt(R))**2``), and keep them all.
+            Families that cannot resize inside the model (Qwen: use the processor's
+            ``max_pixels``) raise a clear error.
         llm: optional in-LLM pruner ``{stage = name, ...params}``. With it, the pre-LLM stages
             keep every visual token, and the budget is the count per image left after the LLM
             pruner's last layer.
@@ -99,6 +103,7 @@ class PipelineSpec(BaseModel):
     completion: Completion
     budget_policy: BudgetPolicy
     llm: LlmPruner | None = None
+    image_downsample: bool = False
 
     _stage_names: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -159,6 +164,8 @@ class PipelineSpec(BaseModel):
     def _one_budget(self) -> PipelineSpec:
         if self.budget is not None and self.budget_ratio is not None:
             raise ValueError("give at most one of 'budget' (tokens per image) and 'budget_ratio'")
+        if self.image_downsample and self.llm is not None:
+            raise ValueError("image_downsample and an [llm] stage each spend the whole budget: use one of them")
         return self
 
     # -- views ----------------------------------------------------------------------------------
@@ -192,6 +199,8 @@ class PipelineSpec(BaseModel):
         if self.budget_ratio is not None:
             out["budget_ratio"] = self.budget_ratio
         out["class_table"] = self.class_table.model_dump(exclude_none=True)
+        if self.image_downsample:
+            out["image_downsample"] = True
         for f in STAGE_FIELDS:
             if self.stage(f) is not None:
                 out[f] = {"stage": self.stage_name(f), **self.stage(f).model_dump()}

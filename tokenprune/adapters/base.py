@@ -181,7 +181,19 @@ class Adapter(ABC):
 
     def slot_keep(self, enc: Encoded, token_keep: Tensor) -> Tensor:
         """``(N, P)`` bool: the placeholder slots that survive, given the kept visual tokens."""
-        return token_keep
+        if enc.slot_token is None:
+            return token_keep
+        at = enc.slot_token  # (N, P), -1 = no token behind the slot
+        return token_keep.gather(1, at.clamp_min(0)) & (at >= 0)
+
+    def encode_downsampled(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder,
+                           tokens: int) -> Encoded:
+        """Encode the images resized so that the encoder makes at most ``tokens`` tokens each
+        (the ``image_downsample`` baseline). Families that cannot resize raise a clear error."""
+        raise UnsupportedInput(
+            f"image down-sampling inside tokenprune is implemented for LLaVA-1.5 only; for {self.family}, "
+            "resize with the processor instead (Qwen-VL: max_pixels = R * 28 * 28 gives about R tokens)"
+        )
 
     def encoder_output(self, features: Tensor, deepstack: list[Tensor]) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -278,8 +290,14 @@ class Adapter(ABC):
             signals |= {"received"} if layer in need.received_attention else set()
             signals |= {"keys"} if layer in need.attention_keys else set()
             wanted[self.attention_module(layer)] = (layer, frozenset(signals))
+        spec = pipeline.spec
         with capture.recording(wanted) as rec:
-            enc = self.encode(inputs, need, rec)
+            if spec.image_downsample:
+                wanted_budget = budget if budget is not None else (spec.budget if spec.budget is not None else spec.budget_ratio)
+                enc = self.encode_downsampled(inputs, need, rec, self._downsample_target(wanted_budget, inputs))
+                budget = 1.0  # the encoder made the budget's worth of tokens; keep them all
+            else:
+                enc = self.encode(inputs, need, rec)
         clock["encode"] = time.perf_counter() - t0
 
         # 3. the images' prompts, then the pipeline
@@ -352,10 +370,23 @@ class Adapter(ABC):
 
         record = PruneRecord(
             selection=sel, image_sample=image_sample, classes=routing.classes, prompts=tuple(prompts),
-            kept=sel.counts, total=tokens.valid().sum(1),
+            kept=sel.counts, total=enc.slots if spec.image_downsample else tokens.valid().sum(1),
             keep_mask=keep, source=src.masked_fill(~valid, -1), seconds=clock, llm_budget=llm_budget,
         )
         return out, record
+
+    def _downsample_target(self, budget: Budget | None, inputs: dict[str, Any]) -> int:
+        """One token count for the whole batch (images are resized to one size)."""
+        ids = inputs["input_ids"]
+        per_image = self.placeholders_per_image()
+        R = resolve_budget(budget, torch.tensor([per_image] * ids.shape[0]))
+        if bool((R != R[0]).any()):
+            raise ValueError(f"image down-sampling resizes every image of a batch to one size; got per-sample "
+                             f"budgets {R.tolist()}: give one budget")
+        return int(R[0])
+
+    def placeholders_per_image(self) -> int:
+        raise UnsupportedInput(f"{self.family} has no fixed placeholder count per image")
 
     def pad_id(self) -> int:
         cfg = self.model.config

@@ -100,6 +100,41 @@ class LlavaAdapter(Adapter):
         return Encoded(tokens, own, torch.full((N,), M, dtype=torch.long, device=own.device))
 
 
+    def placeholders_per_image(self) -> int:
+        v = self.model.config.vision_config
+        return (v.image_size // v.patch_size) ** 2
+
+    def encode_downsampled(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder,
+                           tokens: int) -> Encoded:
+        """The image resized to ``s x s`` patches, ``s = floor(sqrt(tokens))`` (bicubic with
+        antialiasing), through the tower with interpolated position embeddings. The ``s**2``
+        tokens fill the image's first ``s**2`` placeholder slots; the other slots are dropped, so
+        the kept tokens keep their slots' original positions."""
+        import torch.nn.functional as F
+
+        v = self.model.config.vision_config
+        P = self.placeholders_per_image()
+        side = max(1, min(math.isqrt(tokens), v.image_size // v.patch_size))
+        pix = inputs["pixel_values"]
+        small = F.interpolate(pix.float(), size=(side * v.patch_size,) * 2, mode="bicubic", antialias=True,
+                              align_corners=False).to(pix.dtype)
+        out, feats = self._features({"pixel_values": small}, need, interpolate_pos_encoding=True)
+        own_small = torch.stack(list(out.pooler_output))  # (N, s*s, D)
+        N, M, D = own_small.shape
+        own = own_small.new_zeros(N, P, D)
+        own[:, :M] = own_small
+        slot_token = torch.arange(P, device=own.device).expand(N, P)
+        slot_token = torch.where(slot_token < M, slot_token, -1)
+        tokens_ = VisualTokens(
+            layers=feats, num_layers=self.num_layers, positions=grid_positions(side, side, N, own.device),
+            cls_attention={li: recorder.take(li, "cls")[0][:, :, 1:] for li in need.cls_attention},
+            received_attention={li: recorder.take(li, "received")[0][:, :, 1:] for li in need.received_attention},
+            attention_keys={li: recorder.take(li, "keys")[0][:, 1:] for li in need.attention_keys},
+            project=self._project,
+        )
+        return Encoded(tokens_, own, torch.full((N,), P, dtype=torch.long, device=own.device), slot_token)
+
+
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava-next"
     llm_site = False  # newline slots would need their own rule
@@ -190,9 +225,11 @@ class LlavaNextAdapter(LlavaAdapter):
             for s in sizes.tolist()
         ])
 
+    def encode_downsampled(self, inputs, need, recorder, tokens):
+        return Adapter.encode_downsampled(self, inputs, need, recorder, tokens)
+
     def slot_keep(self, enc: Encoded, token_keep: Tensor) -> Tensor:
-        at = enc.slot_token  # (N, P)
-        kept = token_keep.gather(1, at.clamp_min(0)) & (at >= 0)  # (N, P) kept token slots
+        kept = Adapter.slot_keep(self, enc, token_keep)  # (N, P) kept token slots
         rows = enc.layout["rows"]  # (N, P), -1 outside the grid
         R = int(rows.max()) + 2
         per_row = torch.zeros(kept.shape[0], R, dtype=torch.long, device=kept.device)

@@ -23,6 +23,11 @@
     name = "oracle router"
     oracle_router = true             # every question routed to its true class
 
+    [[variant]]
+    name = "pool 2x2"
+    spec = "../methods/pool-2x2.toml"
+    own_budget = true                # one run at the spec's own budget (pooling fixes its count)
+
 A variant's other keys are spec fields (stage tables, ``class_table``) that replace the base's.
 Unknown keys, unknown stages and bad parameters are errors with the variant's name in them.
 """
@@ -49,6 +54,8 @@ class VariantEntry(BaseModel):
     name: str
     spec: str | None = Field(None, description="path of a whole spec to use instead of the base")
     oracle_router: bool = False
+    budgets: list[int] | None = Field(None, description="this variant's budgets instead of the file's")
+    own_budget: bool = Field(False, description="one run at the spec's own budget (pooling, FastV's paper ratio)")
 
 
 class Ablation(BaseModel):
@@ -82,7 +89,10 @@ class Ablation(BaseModel):
                 raise ValueError(f"ablation '{self.name}', variant '{v.name}': {msgs}") from None
             except ValueError as exc:
                 raise ValueError(f"ablation '{self.name}', variant '{v.name}': {exc}") from None
-            out.append(Variant(v.name, spec, v.oracle_router))
+            if v.own_budget and v.budgets is not None:
+                raise ValueError(f"ablation '{self.name}', variant '{v.name}': give budgets or own_budget, not both")
+            own = (None,) if v.own_budget else (tuple(v.budgets) if v.budgets is not None else None)
+            out.append(Variant(v.name, spec, v.oracle_router, own))
         names = [v.name for v in out]
         if len(set(names)) != len(names):
             raise ValueError(f"ablation '{self.name}': variant names must be unique, got {names}")

@@ -41,11 +41,14 @@ UNPRUNED = "unpruned"
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A pipeline to evaluate. ``oracle_router``: route every question to its true class."""
+    """A pipeline to evaluate. ``oracle_router``: route every question to its true class.
+    ``budgets``: this variant's own budgets instead of the evaluation's (``None`` in it: the spec's
+    own budget, e.g. pooling's fixed count or FastV's paper ratio)."""
 
     name: str
     spec: PipelineSpec | None          # None: the unpruned model
     oracle_router: bool = False
+    budgets: tuple[int | float | None, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +138,7 @@ def evaluate(
     cuda = torch.device(device).type == "cuda"
 
     runs: list[tuple[Variant, int | None]] = [(Variant(UNPRUNED, None), None)]
-    runs += [(v, b) for v in variants for b in budgets]
+    runs += [(v, b) for v in variants for b in (v.budgets if v.budgets is not None else budgets)]
     # one pipeline per variant; the oracle router needs one per (variant, class)
     pipes = {id(v): Pipeline(v.spec) for v in variants if not v.oracle_router}
     oracle_pipes: dict[tuple[int, str], Pipeline] = {}
@@ -176,8 +179,11 @@ def evaluate(
             rec = {"correct": (pred == truth).tolist(), "pred": pred.tolist(), "logp": logp.tolist(),
                    "seconds": seconds}
             if handle is not None:
-                rec["kept"] = int(handle.last.kept.sum())
-                rec["total"] = int(handle.last.total.sum())
+                last = handle.last
+                final = last.llm_kept[-1] if last.llm_kept else last.kept  # after in-LLM pruning too
+                rec["kept"] = int(final.sum())
+                rec["total"] = int(last.total.sum())
+                rec["images"] = int(last.total.numel())
                 rec["routed"] = list(handle.last.classes)
             results.setdefault(r, {})[bi] = rec
             done += 1
@@ -209,6 +215,7 @@ def evaluate(
         }
         if any(x is not None for x in routed):
             out["retained"] = round(sum(x["kept"] for x in recs.values()) / sum(x["total"] for x in recs.values()), 4)
+            out["tokens_per_image"] = round(sum(x["kept"] for x in recs.values()) / sum(x["images"] for x in recs.values()), 1)
             out["routing_accuracy"] = round(sum(routed[i] == exs[i].klass for i in range(len(exs))) / len(exs), 4)
         return out
 

@@ -12,9 +12,15 @@ __all__ = ["text_table", "markdown_table", "plot"]
 COLUMNS = ("overall", *QA_CLASSES)
 
 
+def _tokens(r: dict[str, Any]) -> float:
+    """Visual tokens per image a run kept (its budget, or what the spec decided)."""
+    return r.get("tokens_per_image", r["budget"] if r["budget"] is not None else float("nan"))
+
+
 def _rows(report: dict[str, Any]) -> list[tuple[str, str, dict]]:
     rows = [("unpruned", "576", report["unpruned"])]
-    rows += [(r["variant"], str(r["budget"]), r) for r in report["runs"]]
+    rows += [(r["variant"], str(r["budget"]) if r["budget"] is not None else f"{_tokens(r):g}*", r)
+             for r in report["runs"]]
     return rows
 
 
@@ -67,8 +73,8 @@ def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
     variants = list(dict.fromkeys(r["variant"] for r in report["runs"]))
     for ax, c in zip(axes.flat, COLUMNS):
         for v in variants:
-            rs = sorted((r for r in report["runs"] if r["variant"] == v), key=lambda r: r["budget"])
-            ax.plot([r["budget"] for r in rs], [r["accuracy"].get(c, float("nan")) for r in rs], marker="o", label=v)
+            rs = sorted((r for r in report["runs"] if r["variant"] == v), key=_tokens)
+            ax.plot([_tokens(r) for r in rs], [r["accuracy"].get(c, float("nan")) for r in rs], marker="o", label=v)
         ax.axhline(report["unpruned"]["accuracy"].get(c, float("nan")), color="black", ls="--", lw=1, label="unpruned (576)")
         if c in report["chance"]:
             ax.axhline(report["chance"][c], color="grey", ls=":", lw=1, label="chance")
