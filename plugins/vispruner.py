@@ -10,23 +10,26 @@ from __future__ import annotations
 from pydantic import Field
 
 from tokenprune import hookimpl, ops
+from tokenprune.merging import Space, source
 from tokenprune.stages import Completion, CompletionRequest, CompletionResult
 
 
 class VisPrunerDiverse(Completion):
     """Iterative duplicate removal by bipartite matching (:func:`tokenprune.ops.bipartite_dedup`)
-    over the pool's unit decoder-space features, until ``K2`` tokens remain.
+    until ``K2`` tokens remain.
 
-    Each round splits the remaining tokens alternately into two sets and drops the
-    ``per_round`` tokens of the first set that are most similar to the second.
-    ``per_round`` is ours; the paper removes duplicates "progressively".
+    The remaining tokens start in descending ``phi`` (the [CLS] attention that chose the
+    important tokens); each round splits them alternately into two sets and drops the
+    ``per_round`` tokens of the first set most similar to the second (8 per round and cosine
+    similarity of the encoder features, as in the released code).
     """
 
-    per_round: int = Field(32, ge=1, description="most tokens removed per round")
-    permutation_invariant = False  # the two sets alternate in token order
+    per_round: int = Field(8, ge=1, description="most tokens removed per round")
+    space: Space = Field("encoder", description="compare encoder features (as published) or decoder features")
 
     def complete(self, req: CompletionRequest) -> CompletionResult:
-        return CompletionResult(ops.bipartite_dedup(req.unit, req.pool, req.k2, self.per_round))
+        x = ops.unit(source(req, self.space))  # (B, M, F)
+        return CompletionResult(ops.bipartite_dedup(x, req.pool, req.k2, self.per_round, order_by=req.scores))
 
 
 @hookimpl

@@ -161,14 +161,40 @@ def test_dpp_relevance_trade_off():
 # -- VisPruner --------------------------------------------------------------------------------------
 def test_vispruner_removes_exact_duplicates_before_distinct_tokens():
     """Four distinct directions, each present twice (neighbours, so the copies fall in opposite
-    halves): keeping four leaves one of each."""
+    halves): one round of four removals leaves one of each."""
     basis = torch.eye(4, dtype=torch.float64)
     order = [0, 0, 1, 1, 2, 2, 3, 3]
     x = basis[order][None]  # (1, 8, 4)
     keep = torch.ones(1, 8, dtype=torch.bool)
-    for r in (1, 2, 4):
-        got = ops.bipartite_dedup(x, keep, torch.tensor([4]), per_round=r)[0]
-        assert sorted(order[i] for i in got.nonzero().flatten().tolist()) == [0, 1, 2, 3]
+    got = ops.bipartite_dedup(x, keep, torch.tensor([4]), per_round=4)[0]
+    assert sorted(order[i] for i in got.nonzero().flatten().tolist()) == [0, 1, 2, 3]
+
+
+def _vispruner_by_hand(x, keep, target, per_round, order_by):
+    """The released algorithm on Python lists, one row."""
+    seq = sorted([i for i in range(len(keep)) if keep[i]], key=lambda i: (-float(order_by[i]), i))
+    while len(seq) > target:
+        a, b = seq[0::2], seq[1::2]
+        r = min(per_round, len(seq) - target, len(a))
+        score = {i: max((float(x[i] @ x[j]) for j in b), default=0.0) for i in a}
+        a_sorted = sorted(a, key=lambda i: -score[i])  # stable: ties keep A's order
+        seq = a_sorted[r:] + b
+    return sorted(seq)
+
+
+@given(seed=st.integers(0, 10_000), M=st.integers(1, 40), per_round=st.integers(1, 9), data=st.data())
+def test_vispruner_equals_the_released_algorithm_by_hand(seed, M, per_round, data):
+    g = torch.Generator().manual_seed(seed)
+    B = 2
+    x = _unit(torch.randn(B, M, 5, generator=g, dtype=torch.float64))
+    keep = torch.rand(B, M, generator=g) < 0.8
+    keep[:, 0] = True
+    order_by = torch.rand(B, M, generator=g, dtype=torch.float64)
+    target = torch.tensor([data.draw(st.integers(0, int(keep[b].sum()))) for b in range(B)])
+    got = ops.bipartite_dedup(x, keep, target, per_round, order_by=order_by)
+    for b in range(B):
+        want = _vispruner_by_hand(x[b], keep[b].tolist(), int(target[b]), per_round, order_by[b])
+        assert got[b].nonzero().flatten().tolist() == want
 
 
 def test_vispruner_one_round_by_hand():

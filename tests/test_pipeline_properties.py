@@ -36,7 +36,7 @@ VARIANTS = {
 }
 PERMUTATION_INVARIANT = [
     "clasp", "fusion=mean", "scoring=feature-norm", "scoring=text-similarity",
-    "completion=none", "completion=divprune", "completion=dpp", "completion=dart",
+    "completion=none", "completion=divprune", "completion=dpp", "completion=dart", "completion=vispruner",
 ]
 
 

@@ -425,47 +425,80 @@ def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Ten
     return picked
 
 
-def bipartite_dedup(x: Tensor, keep: Tensor, target: Tensor, per_round: int) -> Tensor:
+def bipartite_dedup(x: Tensor, keep: Tensor, target: Tensor, per_round: int, order_by: Tensor | None = None) -> Tensor:
     """Iterative duplicate removal by bipartite matching (VisPruner's diverse-token rule).
 
-    Each round splits a row's remaining tokens, in index order, into set A (even ordinals) and
-    set B (odd ordinals), scores every token of A by its highest cosine similarity to B, and
-    removes the ``r = min(per_round, |A|, remaining - target)`` most duplicated tokens of A
-    (ties to the lower index). Rounds repeat until ``target[b]`` tokens remain. The loop runs
-    over rounds (about ``(M - target) / per_round``), never over tokens or rows.
+    The remaining tokens of a row form a sequence, initially ``keep`` sorted by ``order_by``
+    descending (VisPruner: [CLS] attention; index order when ``None``). Each round splits the
+    sequence into set A (even ordinals) and set B (odd ordinals), scores every token of A by its
+    highest cosine similarity to B, drops the ``r = min(per_round, remaining - target)`` highest
+    scores of A, and continues with the sequence ``[A's survivors by descending score, B]``, as
+    the released code does. Rounds repeat until ``target[b]`` tokens remain.
+
+    The similarity matrix of the kept tokens is computed once; each round gathers its ``A x B``
+    block, so a round costs ``O(N^2)`` lookups, not ``O(N^2 D)`` products. The loop runs over
+    rounds (about ``(M - target) / per_round``), never over tokens or rows.
 
     Args:
         x: ``(B, M, D)`` unit vectors.
         keep: ``(B, M)`` bool starting set.
         target: ``(B,)`` int64 tokens to end with (``<= keep.sum(1)``).
-        per_round: most tokens removed per row per round.
+        per_round: most tokens removed per row per round (8 in the released code).
+        order_by: ``(B, M)`` scores that order the starting sequence, or ``None``.
 
     Returns:
         ``(B, M)`` bool, a subset of ``keep`` with exactly ``target[b]`` tokens in row ``b``.
     """
-    B, M, D = x.shape
-    keep = keep.clone()
-    target = target.to(x.device)
+    B, M, _ = x.shape
+    dev = x.device
+    target = target.to(dev)
+    idx, ok = compact(keep)  # (B, N) tokens in index order
+    N = idx.shape[1]
+    if N == 0:
+        return keep.clone()
+    xs = gather_rows(x, idx).float()  # (B, N, D)
+    gram = torch.bmm(xs, xs.transpose(1, 2))  # (B, N, N), once
+    if order_by is not None:
+        key = order_by.float().gather(1, idx).masked_fill(~ok, float("-inf"))
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices  # (B, N) slots of the sequence
+    else:
+        order = torch.arange(N, device=dev).expand(B, N).clone()
+    n = ok.sum(1)  # (B,) sequence length
+    rows = torch.arange(B, device=dev)
+    NA, NB = (N + 1) // 2, N // 2
+    ja = torch.arange(NA, device=dev)
+    jb = torch.arange(NB, device=dev)
     while True:
-        excess = keep.sum(1) - target  # (B,)
-        if not bool((excess > 0).any()):
-            return keep
-        idx, ok = compact(keep)  # (B, N)
-        N = idx.shape[1]
-        ordinal = torch.arange(N, device=x.device).expand(B, N)
-        in_a = ok & (ordinal % 2 == 0)
-        in_b = ok & (ordinal % 2 == 1)
-        xs = gather_rows(x, idx)  # (B, N, D)
-        sim = torch.bmm(xs, xs.transpose(1, 2)).float()  # (B, N, N)
-        dup = sim.masked_fill(~in_b.unsqueeze(1), float("-inf")).amax(-1)  # (B, N) best match in B
-        r = torch.minimum(excess.clamp_min(0), torch.minimum(in_a.sum(1), torch.full_like(excess, per_round)))
-        drop = topk_mask(dup, r, in_a & in_b.any(1, keepdim=True))  # (B, N)
-        # a row whose B is empty (one token left in A) drops from A by order
-        lone = (r > 0) & ~in_b.any(1)
-        drop = torch.where(lone.unsqueeze(1), topk_mask(-ordinal.float(), r, in_a), drop)
-        gone = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device)
-        gone.scatter_(1, torch.where(drop, idx, M), True)
-        keep = keep & ~gone[:, :M]
+        n_a = (n + 1) // 2  # |A|
+        r = torch.clamp(torch.minimum(torch.minimum(n - target, n_a), torch.full_like(n, per_round)), min=0)  # (B,)
+        if not bool(r.any()):
+            break
+        a, b = order[:, 0::2][:, :NA], order[:, 1::2][:, :NB]  # (B, NA), (B, NB)
+        a_ok = 2 * ja < n.unsqueeze(1)
+        b_ok = 2 * jb + 1 < n.unsqueeze(1)
+        sim = gram[rows.view(B, 1, 1), a.unsqueeze(2), b.unsqueeze(1)]  # (B, NA, NB)
+        if NB:
+            score = sim.masked_fill(~b_ok.unsqueeze(1), float("-inf")).amax(-1)  # (B, NA)
+        else:
+            score = torch.zeros(B, NA, device=dev)
+        score = torch.where(b_ok.any(1, keepdim=True), score, 0.0)  # a lone token: nothing to match
+        score = score.masked_fill(~a_ok, float("-inf"))
+        a_sorted = a.gather(1, torch.sort(score, dim=1, descending=True, stable=True).indices)
+        survivors = a_sorted.gather(1, (ja.unsqueeze(0) + r.unsqueeze(1)).clamp_max(NA - 1))  # (B, NA)
+        s_ok = ja < (n_a - r).unsqueeze(1)
+        dest_a = torch.where(s_ok, ja.expand(B, NA), N)  # survivors first
+        dest_b = torch.where(b_ok, (n_a - r).unsqueeze(1) + jb, N)  # then B
+        new = torch.zeros(B, N + 1, dtype=order.dtype, device=dev)
+        new.scatter_(1, dest_a, survivors)
+        new.scatter_(1, dest_b, b)
+        order = new[:, :N]
+        n = n - r
+    slot_ok = torch.arange(N, device=dev) < n.unsqueeze(1)  # (B, N) live sequence entries
+    chosen = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)
+    chosen.scatter_(1, torch.where(slot_ok, order, N), True)
+    out = torch.zeros(B, M + 1, dtype=torch.bool, device=dev)
+    out.scatter_(1, torch.where(chosen[:, :N] & ok, idx, M), True)
+    return out[:, :M]
 
 
 def lattice_mask(positions: Tensor, valid: Tensor, pool: Tensor, k: Tensor) -> Tensor:
