@@ -321,3 +321,16 @@ def test_keep_counts_are_geometric_and_exact_at_the_end():
     counts = stage.keep_counts(total, torch.tensor([72, 10, 9]), 3)
     assert [c.tolist() for c in counts] == [[288, 46, 9], [144, 22, 9], [72, 10, 9]]
     assert math.isclose(576 * 0.5 ** 3, 72)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dropping_nothing_in_half_precision(dtype):
+    m = build("qwen2.5-vl", dtype=dtype, text_layers=LAYERS)
+    inp = {k: v for k, v in batch(m, "qwen2.5-vl", samples("qwen2.5-vl", 2)).items()}
+    with torch.no_grad():
+        ref = m.generate(**inp, max_new_tokens=4, do_sample=False)
+        with tp.apply(m, spec("pyramid-drop"), budget=1.0):
+            assert torch.equal(m.generate(**inp, max_new_tokens=4, do_sample=False), ref)
+        with tp.apply(m, spec("fastv"), budget=3) as h:
+            out = m(**inp).logits
+            assert out.dtype == dtype and torch.isfinite(out).all() and h.last.llm_kept[-1].tolist() == [3, 3]

@@ -330,3 +330,59 @@ def test_downsample_errors_name_the_fix():
         tp.apply(build("qwen2-vl"), spec)
     with pytest.raises(ValueError, match="use one of them"):
         spec.replace(llm={"stage": "fastv"})
+
+
+# -- through a real model ---------------------------------------------------------------------------
+def test_adapter_captures_the_keys_visionzip_reads():
+    """The keys VisionZip merges by are layer -2's attention keys, averaged over heads, [CLS] dropped."""
+    from tiny_models import batch, build, samples
+
+    m = build("llava")
+    inp = batch(m, "llava", samples("llava", 2, seed=1))
+    spec = tp.load_spec(f"{METHODS}/visionzip.toml")
+    seen = {}
+    orig = spec.completion.__class__.complete
+
+    def spy(self, req):
+        seen["keys"] = req.tokens.key_features(-2)
+        return orig(self, req)
+
+    tower = m.model.vision_tower
+    with torch.no_grad():
+        hs = tower(inp["pixel_values"], output_hidden_states=True).hidden_states
+        layer = tower.encoder.layers[-2]
+        x = layer.layer_norm1(hs[-3])  # the input of the layer that makes hidden state -2
+        k = layer.self_attn.k_proj(x).view(2, x.shape[1], layer.self_attn.num_heads, -1)
+        want = k.mean(2)[:, 1:]  # (N, M, Dh)
+        try:
+            spec.completion.__class__.complete = spy
+            with tp.apply(m, spec, budget=8):
+                m(**inp)
+        finally:
+            spec.completion.__class__.complete = orig
+    torch.testing.assert_close(seen["keys"], want)
+
+
+def test_pooling_through_apply_feeds_cell_means_at_top_left_slots():
+    from tiny_models import IMG, batch, build, samples
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    m = build("llava")
+    inp = batch(m, "llava", samples("llava", 2, seed=2))
+    with torch.no_grad():
+        with tp.apply(m, f"{METHODS}/pool-2x2.toml") as h:  # 4 x 4 grid -> 4 tokens
+            got = m(**inp).logits
+            assert h.last.kept.tolist() == [4, 4]
+        for b in range(2):
+            keep = inp["attention_mask"][b].bool()
+            ids = inp["input_ids"][b, keep]
+            img = (ids == IMG).nonzero().flatten()
+            slots = [0, 2, 8, 10]
+            cols = torch.tensor(sorted(set(range(len(ids))) - set(img.tolist()) | set(img[slots].tolist())))
+            own = m.model.get_image_features(pixel_values=inp["pixel_values"][b : b + 1], vision_feature_layer=-2,
+                                             vision_feature_select_strategy="default", return_dict=True).pooler_output[0]
+            cells = [[s, s + 1, s + 4, s + 5] for s in slots]
+            feats = torch.stack([own[c].mean(0) for c in cells])
+            ref = m(input_ids=ids[cols][None], attention_mask=torch.ones(1, len(cols), dtype=torch.long),
+                    position_ids=cols[None], mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[feats])})
+            torch.testing.assert_close(got[b][h.last.source[b] >= 0], ref.logits[0])

@@ -182,10 +182,21 @@ def register_completions(register: Callable[[str, type[Completion]], None]) -> N
       ``valid & ~pivots``.
     - returns :class:`tokenprune.stages.CompletionResult`: ``mask`` ``(B, M)`` bool with exactly
       ``k2[b]`` entries of the pool in row ``b``, and optionally ``features`` ``(B, M, D)`` for
-      merge-based methods (the LLM then receives them at the kept positions).
+      merge-based methods (the LLM then receives them at the kept positions;
+      :func:`tokenprune.merging.merged_features` projects encoder-space merges).
+
+    Two optional methods:
+
+    - ``requirements(num_layers) -> Requirements``: signals read from ``request.tokens``, e.g.
+      ``Requirements(attention_keys={layer})`` for key-similarity merges; read them with
+      ``request.tokens.key_features(layer)`` ``(B, M, Dk)``.
+    - ``fixed_budget(tokens) -> Tensor | None``: ``(B,)`` counts when the stage itself decides
+      how many tokens each row keeps (pooling); the pipeline then keeps exactly that many, and
+      a call or spec with a different budget is an error.
 
     Built-ins: ``clasp`` (redundancy-aware seeding + spherical k-means medoids), ``none``
-    (top-R by ``phi``), ``random``, ``grid``, ``divprune``.
+    (top-R by ``phi``), ``random``, ``grid``, ``divprune``, ``visionzip``, ``vispruner``, ``dpp``
+    (CDPruner), ``dart``, ``prumerge+``, ``pool``.
     """
 
 
