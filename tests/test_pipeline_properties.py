@@ -178,3 +178,65 @@ def test_merged_and_fused_features_reach_the_selection():
     routing = tp.Pipeline(spec).route(tokens.prompts)
     fused = spec.fusion.fuse(tokens, routing, spec.class_table)
     assert torch.allclose(sel.features, sel.gather(fused.decoder))
+
+
+# -- stages that fix their own count, and the in-LLM pruners ----------------------------------
+@pytest.mark.parametrize("window", [1, 2, 3])
+@given(case=batches(max_B=3, max_M=30), dtype=st.sampled_from(DTYPES), cols=st.integers(1, 6))
+def test_pool_contract(window, device, case, dtype, cols):
+    """One token per non-empty cell, at the cell's first valid token; inputs untouched; batched
+    rows equal solo rows; merged features in the input dtype."""
+    M = case["M"]
+    grid = (math.ceil(M / cols), cols) if M % cols == 0 else (M, 1)
+    spec = tp.load_spec("specs/methods/pool-2x2.toml").replace(completion={"stage": "pool", "window": window})
+    tokens = make_tokens(case["B"], M, dtype=dtype, device=device, seed=case["seed"],
+                         valid_counts=case["valid_counts"], grid=grid)
+    before, originals = snapshot(tokens)
+    sel = _run(spec, tokens, None)
+    for old, new in zip(before, originals):
+        assert torch.equal(old, new)
+    valid = tokens.valid().cpu()
+    pos = tokens.positions.cpu().long()
+    for b in range(case["B"]):
+        cells: dict[tuple[int, int], int] = {}
+        for i in range(M):  # by hand: first valid token of each cell
+            if valid[b, i]:
+                cells.setdefault((int(pos[b, i, 0]) // window, int(pos[b, i, 1]) // window), i)
+        assert sel.row(b).tolist() == sorted(cells.values())
+        one = _run(spec, row(tokens, b), None)
+        assert torch.equal(one.row(0), sel.row(b))
+    if sel.features is not None:
+        assert sel.features.dtype == dtype
+
+
+@pytest.mark.parametrize("pruner", ["fastv", "pyramid-drop", "dart"])
+@given(N=st.integers(1, 4), M=st.integers(1, 30), T=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from(DTYPES), data=st.data())
+def test_llm_pruner_select_contract(pruner, device, N, M, T, seed, dtype, data):
+    """Exactly keep[n] valid tokens per image; rows independent; inputs untouched."""
+    from tokenprune.stages import LlmRequest
+
+    stage = tp.load_spec("specs/clasp.toml").replace(llm={"stage": pruner}).llm
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(N, M, generator=g) < 0.8
+    valid[:, 0] = True
+    keep = torch.tensor([data.draw(st.integers(0, int(valid[n].sum()))) for n in range(N)])
+    D = 8
+    req = LlmRequest(
+        layer=2, step=0, hidden=torch.randn(N, M, D, generator=g).to(device, dtype), valid=valid.to(device),
+        keep=keep.to(device), attention=torch.rand(N, M, generator=g).to(device),
+        key_norms=torch.rand(N, M, generator=g).to(device), text_hidden=torch.randn(N, T, D, generator=g).to(device, dtype),
+        text_valid=torch.ones(N, T, dtype=torch.bool, device=device), text_key_norms=torch.rand(N, T, generator=g).to(device),
+        norm=lambda h: h,
+    )
+    snap = [t.clone() for t in (req.hidden, req.attention, req.key_norms, req.text_hidden)]
+    got = stage.select(req)
+    assert got.shape == (N, M) and got.dtype == torch.bool
+    assert not bool((got & ~req.valid).any()) and got.sum(1).tolist() == keep.tolist()
+    for old, new in zip(snap, (req.hidden, req.attention, req.key_norms, req.text_hidden)):
+        assert torch.equal(old, new)
+    for n in range(N):
+        one = LlmRequest(2, 0, req.hidden[n : n + 1], req.valid[n : n + 1], req.keep[n : n + 1],
+                         req.attention[n : n + 1], req.key_norms[n : n + 1], req.text_hidden[n : n + 1],
+                         req.text_valid[n : n + 1], req.text_key_norms[n : n + 1], req.norm)
+        assert torch.equal(stage.select(one)[0], got[n])
