@@ -228,6 +228,17 @@ def test_eval_cli_writes_json_png_and_matches_the_api(mini, tmp_path, capsys):
     assert _strip(api) == _strip(report)
 
 
+def test_eval_cli_runs_own_count_and_in_llm_presets(tmp_path):
+    """Pooling runs once at its own count; FastV's budget is what is left after layer 1 (the
+    shipped model: the miniature LLM has one layer)."""
+    assert main(["eval", "--scenes", "1", "--budgets", "32", "--quiet", "--out", str(tmp_path),
+                 "--name", "m", "--spec", str(REPO / "specs/methods/pool-3x3.toml"),
+                 "--spec", str(REPO / "specs/methods/fastv-matched.toml")]) == 0
+    runs = {r["variant"]: r for r in json.loads((tmp_path / "m.json").read_text())["runs"]}
+    assert runs["pool-3x3"]["budget"] is None and runs["pool-3x3"]["tokens_per_image"] == 64
+    assert runs["fastv-matched"]["budget"] == 32 and runs["fastv-matched"]["tokens_per_image"] == 32
+
+
 def test_data_parallel_eval_equals_single_process(mini, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo, CPU) gives the single-process result."""
     common = ["eval", "--model", str(mini), "--scenes", "3", "--budgets", "32", "--batch", "4", "--quiet",

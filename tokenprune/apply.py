@@ -53,7 +53,7 @@ def _as_pipeline(spec: Pipeline | PipelineSpec | str | Path) -> Pipeline:
 
 def _check_budget(budget: Budget | None, pipeline: Pipeline) -> None:
     spec = pipeline.spec
-    fixes = type(spec.completion).fixed_budget is not Completion.fixed_budget
+    fixes = type(spec.completion).fixed_budget is not Completion.fixed_budget  # pooling: no budget
     if budget is None and spec.budget is None and spec.budget_ratio is None and not fixes:
         raise ValueError("no budget: pass apply(..., budget=64) (tokens per image) or a ratio such as 0.25")
     if budget is not None:
