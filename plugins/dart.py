@@ -101,8 +101,12 @@ class DartLlm(LlmPruner):
         t_idx, t_ok = ops.compact(txt_piv)
         anchors = torch.cat([ops.gather_rows(x, i_idx), ops.gather_rows(t, t_idx)], 1)  # (N, A, D)
         ok = torch.cat([i_ok, t_ok], 1)
-        # rows with no pivots at all (budget 0 pivots): fall back to the top key norms
         picked = least_duplicated(x, anchors, ok, req.valid & ~img_piv, k - n_img)
+        # a row without any pivot (both pivot counts 0, or no text) keeps its top key norms [ours]
+        bare = ~ok.any(1)
+        if bool(bare.any()):
+            top = ops.topk_mask(req.key_norms, torch.where(bare, k - n_img, 0), req.valid & ~img_piv)
+            picked = torch.where(bare.unsqueeze(1), top, picked)
         return picked | img_piv
 
 

@@ -315,6 +315,23 @@ def test_schedule_and_model_errors_are_clear():
         tp.apply(build("llava-next"), BASE.replace(llm={"stage": "fastv", "layer": 1}), budget=3)
 
 
+def test_generate_without_cache_is_refused():
+    m = model("llava")
+    inp = inputs(m, "llava", samples("llava", 1), "cpu")
+    with tp.apply(m, spec("fastv"), budget=3), pytest.raises(ValueError, match="leave use_cache on"):
+        m.generate(**inp, max_new_tokens=2, use_cache=False)
+
+
+def test_dart_without_pivots_keeps_top_key_norms():
+    from tokenprune.stages import LlmRequest
+
+    stage = BASE.replace(llm={"stage": "dart", "layer": 2, "image_pivots": 0, "text_pivots": 0}).llm
+    kn = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
+    req = LlmRequest(2, 0, torch.randn(1, 4, 8), torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]), None, kn,
+                     torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool), torch.rand(1, 3), lambda h: h)
+    assert stage.select(req)[0].nonzero().flatten().tolist() == [1, 3]
+
+
 def test_keep_counts_are_geometric_and_exact_at_the_end():
     stage = tp.load_spec("specs/methods/pyramid-drop.toml").llm
     total = torch.tensor([576, 100, 9])

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter, PruneRecord, UnsupportedModel, adapter_for
+from .adapters import Adapter, PruneRecord, UnsupportedInput, UnsupportedModel, adapter_for
 from .adapters import capture
 from .adapters.llm_site import LlmSite
 from .pipeline import Budget, Pipeline, resolve_budget
@@ -183,6 +183,11 @@ class PruningHandle:
         record = self.last
         session = site.begin(new, record.kept, record.image_sample, record.llm_budget)
         if entry == "generate":  # the prefill is generate's first forward call
+            if new.get("use_cache") is False:
+                raise UnsupportedInput(
+                    "in-LLM pruning drops tokens at prefill and keeps them out through the KV cache; "
+                    "generate(use_cache=False) would re-run every step unpruned: leave use_cache on"
+                )
             self._pending = session
             try:
                 return original(**new)
