@@ -36,7 +36,8 @@ class ConditionalDPP(Completion):
         r = ((phi - lo) / (hi - lo).clamp_min(1e-6)).masked_fill(~valid, 0)  # (B, M) in [0, 1]
         alpha = self.theta / (2 * (1 - self.theta))
         q = torch.exp(alpha * r)  # (B, M)
-        return CompletionResult(ops.greedy_dpp_map(req.unit, q, req.pool, req.pivots, req.k2))
+        gram = ops.similarity_rows(req.unit)  # once, when the features would not stay in cache
+        return CompletionResult(ops.greedy_dpp_map(req.unit, q, req.pool, req.pivots, req.k2, gram=gram))
 
 
 @hookimpl

@@ -386,3 +386,17 @@ def test_pooling_through_apply_feeds_cell_means_at_top_left_slots():
             ref = m(input_ids=ids[cols][None], attention_mask=torch.ones(1, len(cols), dtype=torch.long),
                     position_ids=cols[None], mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[feats])})
             torch.testing.assert_close(got[b][h.last.source[b] >= 0], ref.logits[0])
+
+
+@given(seed=st.integers(0, 10_000), n_fixed=st.integers(0, 3))
+def test_dpp_reading_gram_rows_equals_per_pick_products(seed, n_fixed):
+    """Large inputs read rows of a precomputed similarity matrix; the picks are the same."""
+    g = torch.Generator().manual_seed(seed)
+    B, M, D, k = 3, 40, 16, 10
+    x = _unit(torch.randn(B, M, D, generator=g, dtype=torch.float64))
+    q = torch.rand(B, M, generator=g, dtype=torch.float64) + 0.5
+    sel = torch.zeros(B, M, dtype=torch.bool)
+    sel[:, :n_fixed] = True
+    rows = ops.greedy_dpp_map(x, q, ~sel, sel, torch.full((B,), k))
+    gram = ops.greedy_dpp_map(x, q, ~sel, sel, torch.full((B,), k), gram=ops.similarity_rows(x, force=True))
+    assert torch.equal(rows, gram)

@@ -335,9 +335,10 @@ def greedy_max_min(
         sims = torch.bmm(x, gather_rows(x, sel_idx).transpose(1, 2)).float()  # (B, M, S)
         max_sim = sims.masked_fill(~sel_ok.unsqueeze(1), float("-inf")).amax(-1)  # (B, M)
     first_score: Tensor | None = None
+    full: Tensor | None = None
     if not bool(any_sel.all()):
         if init_isolated:
-            full = torch.bmm(x, x.transpose(1, 2)).float()  # (B, M, M)
+            full = torch.bmm(x, x.transpose(1, 2)).float()  # (B, M, M), reused by every pick
             both = candidates.unsqueeze(1) & candidates.unsqueeze(2)
             eye = torch.eye(M, dtype=torch.bool, device=x.device)
             nearest = full.masked_fill(~both | eye, float("-inf")).amax(-1)  # (B, M) closest other
@@ -358,13 +359,31 @@ def greedy_max_min(
         active = step < k  # (B,)
         hit = torch.nn.functional.one_hot(choice, M).bool() & active.view(B, 1)  # (B, M)
         picked = picked | hit
-        new = torch.bmm(x, x[rows, choice].unsqueeze(-1)).squeeze(-1).float()  # (B, M)
+        if full is not None:  # the similarity matrix is already paid for: read its row
+            new = full[rows, choice]  # (B, M)
+        else:
+            new = torch.bmm(x, x[rows, choice].unsqueeze(-1)).squeeze(-1).float()  # (B, M)
         max_sim = torch.where(active.view(B, 1), torch.maximum(max_sim, new), max_sim)
     return picked
 
 
+#: feature tensors larger than this (bytes) are not re-read once per pick: the greedy solvers
+#: compute the similarity matrix once instead (one GEMM; each pick then reads one of its rows).
+#: Below it, a per-pick matrix-vector product that stays in cache is cheaper.
+GRAM_BYTES = 64 * 2**20
+
+
+def similarity_rows(x: Tensor, force: bool | None = None) -> Tensor | None:
+    """``(B, M, M)`` similarity matrix of ``x`` when re-reading ``x`` once per pick would cost
+    more (see :data:`GRAM_BYTES`; ``force`` overrides), else ``None``."""
+    big = x.numel() * x.element_size() > GRAM_BYTES
+    if force is False or (force is None and not big):
+        return None
+    return torch.bmm(x, x.transpose(1, 2))
+
+
 def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Tensor, k: Tensor,
-                   eps: float = 1e-10) -> Tensor:
+                   eps: float = 1e-10, gram: Tensor | None = None) -> Tensor:
     """Greedy MAP inference for a DPP with kernel ``L_ij = q_i (u_i . u_j) q_j``, batched.
 
     The fast incremental-Cholesky form of Chen, Zhang & Zhou (NeurIPS 2018): each pick adds the
@@ -383,6 +402,8 @@ def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Ten
         candidates: ``(B, M)`` bool tokens that may be picked.
         selected: ``(B, M)`` bool tokens already in the set (disjoint from ``candidates``).
         k: ``(B,)`` int64 picks per row (``<=`` the row's candidate count).
+        gram: optional ``(B, M, M)`` similarity matrix ``x x^T`` (:func:`similarity_rows`): each
+            pick then reads one row of it instead of a ``(B, M, D)`` product.
 
     Returns:
         ``(B, M)`` bool mask of the picked tokens.
@@ -390,6 +411,7 @@ def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Ten
     B, M, D = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(acc)
+    G = None if gram is None else gram.to(acc)
     q = quality.to(acc)  # (B, M)
     d2 = q * q * (xf * xf).sum(-1)  # (B, M) diag of L
     fixed_index, fixed_ok = compact(selected)  # (B, P)
@@ -402,7 +424,8 @@ def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Ten
 
     def add(j: Tensor, on: Tensor, t: int) -> None:  # j (B,) token, on (B,) rows that take it
         dj = d2[rows, j].clamp_min(eps).sqrt()  # (B,)
-        Lj = q[rows, j].unsqueeze(1) * q * torch.bmm(xf, xf[rows, j].unsqueeze(-1)).squeeze(-1)  # (B, M)
+        sim = G[rows, j] if G is not None else torch.bmm(xf, xf[rows, j].unsqueeze(-1)).squeeze(-1)  # (B, M)
+        Lj = q[rows, j].unsqueeze(1) * q * sim
         if t:
             Lj = Lj - torch.bmm(C[rows, :t, j].unsqueeze(1), C[:, :t]).squeeze(1)  # (B, M)
         e = Lj / dj.unsqueeze(1)
