@@ -3,7 +3,7 @@ with a few pivots.
 
 - ``dart`` completion (pre-LLM): the pivots are the pipeline's (``feature-norm`` scoring with
   ``top-k``); the completion adds the pool tokens least similar to them.
-- ``dart`` LLM pruner (layer 2): pivots are the tokens with the largest key L1 norms (4 image +
+- ``dart`` LLM pruner (layer 2): pivots are the tokens with the largest key norms (4 image +
   4 text tokens in the paper) at layer ``K - 1``; it needs no attention maps.
 
 In both, each pivot in turn takes its share of the budget: the remaining tokens least
@@ -73,7 +73,9 @@ class DartCompletion(Completion):
 
 class DartLlm(LlmPruner):
     """In-LLM DART at layer ``K`` (paper: 2): pivots are the ``image_pivots`` visual tokens and the
-    ``text_pivots`` question tokens with the largest key L1 norms at layer ``K - 1``; the image
+    ``text_pivots`` question tokens with the largest key norms at layer ``K - 1`` (L2 over all
+    heads; the released code takes the L1 norm of the rotated keys, which changes with absolute
+    positions, so a padded row would pick other pivots than the same prompt alone); the image
     pivots are kept, and the rest of the budget is shared among all pivots by
     :func:`least_duplicated` over the visual tokens' hidden states after the LLM's final norm
     (as the released code compares them)."""

@@ -115,9 +115,9 @@ def _hand_select(name: str, layer, h, out, pe, img, text, keep, final_norm) -> l
         else:
             row = a[text].mean(0)
         return sorted(img[i] for i in _top([float(row[j]) for j in img], keep))
-    # DART: key-L1 pivots, then each pivot in turn takes its share of the least similar
+    # DART: key-norm pivots, then each pivot in turn takes its share of the least similar
     _, k, _ = _qk(layer, h, pe)
-    kn = k[0].abs().sum((0, 2))  # (S,)
+    kn = k[0].square().sum((0, 2)).sqrt()  # (S,) L2 over heads and channels
     n_img = min(cfg["image_pivots"], keep)
     piv_img = sorted(img[i] for i in _top([float(kn[j]) for j in img], n_img))
     n_txt = min(cfg["text_pivots"], len(text))

@@ -237,7 +237,7 @@ def register_llm_pruners(register: Callable[[str, type[LlmPruner]], None]) -> No
       (row), the visual tokens' hidden states leaving layer ``K - 1`` ``(N, M, D)``, their
       validity, the count to keep, and what the class variable ``reads`` asked for: the text's
       attention to them at layer ``K - 1`` (``"attention"``; a ``query`` field picks the last
-      token or the mean over question tokens) and the L1 norms of their keys
+      token or the mean over question tokens) and the L2 norms of their keys
       (``"key_norms"``). Returns an ``(N, M)`` bool mask with exactly ``keep[n]`` entries.
 
     The adapter does everything else: it records only what ``reads`` asks for, only at the

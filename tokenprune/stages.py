@@ -217,7 +217,7 @@ class LlmRequest:
         keep: ``(N,)`` int64 tokens to keep per image (``<= valid.sum(1)``).
         attention: ``(N, M)`` float32 attention the text paid to each visual token at layer
             ``K - 1`` (heads averaged; rows as the stage's ``query`` asks), or ``None``.
-        key_norms: ``(N, M)`` float32 L1 norm of each visual token's keys at layer ``K - 1``,
+        key_norms: ``(N, M)`` float32 L2 norm of each visual token's keys (all heads) at layer ``K - 1``,
             or ``None``.
         text_hidden: ``(N, T, D)`` hidden states of the question's text tokens (what follows the
             image), ``text_valid`` ``(N, T)`` bool, ``text_key_norms`` ``(N, T)`` or ``None``.

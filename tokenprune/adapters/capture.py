@@ -18,8 +18,9 @@ What is recorded per call (one call per image chunk / window in Qwen towers):
   layers; with left padding the last column is every row's last token);
 - ``"text"``: the probabilities averaged over the query rows in ``Recorder.query_weights``
   ``(B, S)`` (weights summing to 1 per row), ``(B, H, S)`` float32;
-- ``"key_l1"``: the L1 norm of each token's keys over all heads, ``(B, S)`` float32 (DART's
-  pivot rule; keys as the attention saw them, i.e. after rotary embedding).
+- ``"key_norm"``: the L2 norm of each token's keys over all heads, ``(B, S)`` float32 (DART's
+  pivot rule). Rotary embeddings rotate pairs of channels, so this is also the norm before
+  them: it does not depend on absolute positions, hence not on a row's padding.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def capture_kernel(module, query, key, value, attention_mask, scaling=None, drop
         with torch.no_grad():
             if "keys" in signals:
                 rec.records.setdefault((layer, "keys"), []).append(key.float().mean(1))  # (B, S, Dh)
-            if "key_l1" in signals:
-                rec.records.setdefault((layer, "key_l1"), []).append(key.float().abs().sum((1, 3)))  # (B, S)
+            if "key_norm" in signals:
+                rec.records.setdefault((layer, "key_norm"), []).append(key.float().square().sum((1, 3)).sqrt())  # (B, S)
             if "last" in signals:
                 p = _probabilities(query, key, attention_mask, scaling, causal, slice(-1, None))  # (B, H, 1, S)
                 rec.records.setdefault((layer, "last"), []).append(p[:, :, 0])

@@ -111,7 +111,7 @@ class LlmSite:
         if "attention" in pruner.reads:
             self.signals.add(getattr(pruner, "query", "last"))
         if "key_norms" in pruner.reads:
-            self.signals.add("key_l1")
+            self.signals.add("key_norm")
         self._hooks: list[Any] = []
 
     # -- install / remove --------------------------------------------------------------------------
@@ -208,12 +208,12 @@ class LlmSite:
             rows = s.rows.unsqueeze(1)  # (N, 1)
             hid = hidden[rows, s.image_slots]  # (N, M, D)
             att = keyn = txt_keyn = None
-            if self.signals - {"key_l1"}:
-                sig = next(iter(self.signals - {"key_l1"}))
+            if self.signals - {"key_norm"}:
+                sig = next(iter(self.signals - {"key_norm"}))
                 a = call.recorder.take(layer - 1, sig)[-1].mean(1)  # (B, H, S) -> (B, S)
                 att = a[rows, s.image_slots].masked_fill(~s.image_ok, 0)
-            if "key_l1" in self.signals:
-                kn = call.recorder.take(layer - 1, "key_l1")[-1]  # (B, S)
+            if "key_norm" in self.signals:
+                kn = call.recorder.take(layer - 1, "key_norm")[-1]  # (B, S)
                 keyn = kn[rows, s.image_slots]
                 txt_keyn = kn[rows, s.text_slots]
             keep_n = s.keep[step]
