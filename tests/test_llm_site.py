@@ -351,3 +351,25 @@ def test_dropping_nothing_in_half_precision(dtype):
         with tp.apply(m, spec("fastv"), budget=3) as h:
             out = m(**inp).logits
             assert out.dtype == dtype and torch.isfinite(out).all() and h.last.llm_kept[-1].tolist() == [3, 3]
+
+
+def test_a_hand_written_decode_loop_on_the_pruned_cache():
+    """Passing the returned cache back by hand gets the same masks as generate's decode steps."""
+    from tokenprune.adapters.base import cache_keyword
+
+    m = model("qwen2-vl")
+    inp = inputs(m, "qwen2-vl", samples("qwen2-vl", 2, seed=6), "cpu")
+    with torch.no_grad(), tp.apply(m, spec("fastv"), budget=3):
+        want = m.generate(**inp, max_new_tokens=3, do_sample=False, min_new_tokens=3)[:, inp["input_ids"].shape[1]:]
+        out = m(**inp)
+        cache = out.past_key_values
+        mask = inp["attention_mask"]
+        got = []
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(3):
+            got.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            step = m(input_ids=nxt, attention_mask=mask, **{cache_keyword(): cache}, use_cache=True,
+                     mm_token_type_ids=torch.zeros_like(nxt))
+            nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+    assert torch.equal(torch.cat(got, 1), want)

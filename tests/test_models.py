@@ -20,11 +20,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedInput, UnsupportedModel
+from tokenprune.adapters.base import cache_keyword
 from tiny_models import FAMILIES, IMG, Sample, batch, build, default_sizes, samples
 
 from conftest import DEVICES
 
 SPEC = tp.load_spec("specs/clasp.toml")
+CACHE = cache_keyword()  # `past_key_values` before transformers 5.24, `cache` after
 #: fp32 tolerance between runs whose shapes differ (padding, batch): CUDA picks other kernels
 TOL = {"cpu": dict(atol=1e-5, rtol=1e-5), "cuda": dict(atol=1e-4, rtol=1e-4)}
 #: identity stages: no routing, the model's own feature layer, keep-all budgets
@@ -279,7 +281,7 @@ def test_generate_equals_hand_written_greedy_loop(family, device):
                 pos = cols[None]
             cache = DynamicCache(config=m.config.get_text_config())
             logits = m(input_ids=ids[cols][None], attention_mask=torch.ones(1, len(cols), dtype=torch.long, device=device),
-                       position_ids=pos, mm_encoder_outputs={"image": enc}, past_key_values=cache, use_cache=True).logits
+                       position_ids=pos, mm_encoder_outputs={"image": enc}, **{CACHE: cache}, use_cache=True).logits
             seq = []
             mask_len = len(cols)
             for t in range(steps):
@@ -288,7 +290,7 @@ def test_generate_equals_hand_written_greedy_loop(family, device):
                 mask_len += 1
                 p = pos[..., -1:] + 1 + t  # every row continues at last + 1
                 logits = m(input_ids=nxt.view(1, 1), attention_mask=torch.ones(1, mask_len, dtype=torch.long, device=device),
-                           position_ids=p, past_key_values=cache, use_cache=True).logits
+                           position_ids=p, **{CACHE: cache}, use_cache=True).logits
             new = out[b, inp["input_ids"].shape[1]:].tolist()
             assert new == seq, (family, b)
 

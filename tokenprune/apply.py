@@ -26,6 +26,7 @@ from torch import nn
 
 from .adapters import Adapter, PruneRecord, UnsupportedInput, UnsupportedModel, adapter_for
 from .adapters import capture
+from .adapters.base import cache_keyword, cache_of
 from .adapters.llm_site import LlmSite
 from .pipeline import Budget, Pipeline, resolve_budget
 from .spec import PipelineSpec
@@ -193,10 +194,10 @@ class PruningHandle:
                 return original(**new)
             finally:
                 self._pending = None
-        if new.get("use_cache", True) is not False and new.get("past_key_values") is None:
+        if new.get("use_cache", True) is not False and cache_of(new) is None:
             from transformers import DynamicCache
 
-            new["past_key_values"] = DynamicCache(config=self.adapter.text_config())
+            new[cache_keyword()] = DynamicCache(config=self.adapter.text_config())
         with site.prefill(session, new):
             out = original(**new)
         self._finish(session)
@@ -213,7 +214,7 @@ class PruningHandle:
                     out = original(**kwargs)
                 self._finish(session)
                 return out
-            session = site.session_of(kwargs.get("past_key_values"))
+            session = site.session_of(cache_of(kwargs))
             if session is not None:
                 with site.decode(session, kwargs.get("attention_mask")):
                     return original(**kwargs)

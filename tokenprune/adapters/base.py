@@ -50,6 +50,21 @@ def question_columns(mask: Tensor, is_img: Tensor) -> Tensor:
     return torch.where(after.any(1, keepdim=True), after, text)
 
 
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a call passes: ``cache=`` (transformers >= 5.24) or ``past_key_values=``."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def cache_keyword() -> str:
+    """The keyword the installed transformers takes for the KV cache (renamed in 5.24)."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
 class UnsupportedInput(ValueError):
     """The inputs cannot be pruned as given; the message says what to change."""
 
@@ -224,7 +239,7 @@ class Adapter(ABC):
                 "tokenprune needs input_ids to find the image placeholders; pass input_ids (not "
                 "inputs_embeds) together with the image inputs"
             )
-        cache = inputs.get("past_key_values")
+        cache = cache_of(inputs)
         if cache is not None and cache.get_seq_length() > 0:
             raise UnsupportedInput(
                 "images arrived together with a non-empty KV cache; tokenprune prunes at prefill "

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..stages import LlmPruner, LlmRequest
 from . import capture
-from .base import question_columns
+from .base import cache_of, question_columns
 from .sequence import left_pack, pad_flat
 
 _ATTR = "_tokenprune_llm_session"
@@ -170,7 +170,7 @@ class LlmSite:
             finally:
                 _CALL.reset(token)
         session.prefilling = False
-        cache = inputs.get("past_key_values")
+        cache = cache_of(inputs)
         if cache is not None:
             setattr(cache, _ATTR, session)
 
@@ -281,16 +281,14 @@ class LlmSite:
                 if call.decode_mask is not None:
                     tail = call.decode_mask[:, s.prefill_length:].long()
                 else:
-                    past = kwargs["past_key_values"].get_seq_length(layer)
+                    past = cache_of(kwargs).get_seq_length(layer)
                     tail = torch.ones(B, past - step.valid.shape[1] + new, dtype=torch.long, device=hidden.device)
                 mask2d = torch.cat([step.valid.long(), tail.to(step.valid.device)], 1)
             if st not in call.masks:
                 from transformers.masking_utils import create_causal_mask
 
-                call.masks[st] = create_causal_mask(
-                    config=self.config, inputs_embeds=hidden, attention_mask=mask2d,
-                    past_key_values=kwargs.get("past_key_values"), position_ids=None, layer_idx=layer,
-                )
+                # the cache is the 4th parameter (``past_key_values`` before transformers 5.24, ``cache`` after)
+                call.masks[st] = create_causal_mask(self.config, hidden, mask2d, cache_of(kwargs), None, layer_idx=layer)
             kwargs["attention_mask"] = call.masks[st]
             return args, kwargs
 
