@@ -362,7 +362,7 @@ def test_a_hand_written_decode_loop_on_the_pruned_cache():
     with torch.no_grad(), tp.apply(m, spec("fastv"), budget=3):
         want = m.generate(**inp, max_new_tokens=3, do_sample=False, min_new_tokens=3)[:, inp["input_ids"].shape[1]:]
         out = m(**inp)
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
         mask = inp["attention_mask"]
         got = []
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)

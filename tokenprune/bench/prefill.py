@@ -155,7 +155,7 @@ def bandwidth(device: str, mbytes: int = 512, repeats: int = 5) -> float:
 
 def cache_mb(out: Any) -> float:
     """Size of the KV cache a prefill returned, in MB."""
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # renamed in transformers 5.24
     if cache is None:
         return float("nan")
     layers = getattr(cache, "layers", [])
