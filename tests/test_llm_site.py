@@ -354,22 +354,25 @@ def test_dropping_nothing_in_half_precision(dtype):
 
 
 def test_a_hand_written_decode_loop_on_the_pruned_cache():
-    """Passing the returned cache back by hand gets the same masks as generate's decode steps."""
+    """Passing the returned cache back by hand gets the same per-layer masks as generate's decode
+    steps. (A hand loop passes the pruned sequence's mask and the next original positions.)"""
     from tokenprune.adapters.base import cache_keyword
 
-    m = model("qwen2-vl")
-    inp = inputs(m, "qwen2-vl", samples("qwen2-vl", 2, seed=6), "cpu")
-    with torch.no_grad(), tp.apply(m, spec("fastv"), budget=3):
-        want = m.generate(**inp, max_new_tokens=3, do_sample=False, min_new_tokens=3)[:, inp["input_ids"].shape[1]:]
-        out = m(**inp)
+    m = model("llava")
+    inp = inputs(m, "llava", samples("llava", 2, seed=6), "cpu")
+    with torch.no_grad(), tp.apply(m, spec("fastv"), budget=3) as h:
+        S = inp["input_ids"].shape[1]
+        pos = inp["attention_mask"].long().cumsum(-1) - 1  # generate's positions for the caller's sequence
+        want = m.generate(**inp, max_new_tokens=3, do_sample=False, min_new_tokens=3)[:, S:]
+        out = m(**inp, position_ids=pos.masked_fill(inp["attention_mask"] == 0, 0))
         cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
-        mask = inp["attention_mask"]
+        mask = (h.last.source >= 0).long()  # the pruned sequence's mask: the cache holds that sequence
         got = []
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(3):
+        for t in range(3):
             got.append(nxt)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            step = m(input_ids=nxt, attention_mask=mask, **{cache_keyword(): cache}, use_cache=True,
-                     mm_token_type_ids=torch.zeros_like(nxt))
+            step = m(input_ids=nxt, attention_mask=mask, position_ids=pos[:, -1:] + 1 + t,
+                     **{cache_keyword(): cache}, use_cache=True)
             nxt = step.logits[:, -1].argmax(-1, keepdim=True)
     assert torch.equal(torch.cat(got, 1), want)
