@@ -86,9 +86,7 @@ class DartLlm(LlmPruner):
     reads: ClassVar[frozenset[str]] = frozenset({"key_norms"})
 
     def schedule(self, num_layers: int) -> list[int]:
-        from tokenprune_plugins.llm import _check_layers
-
-        return _check_layers([self.layer], num_layers, "dart")
+        return [self.layer]
 
     def select(self, req: LlmRequest) -> Tensor:
         N, M, D = req.hidden.shape

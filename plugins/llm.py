@@ -18,16 +18,6 @@ from tokenprune.stages import LlmPruner, LlmRequest
 Query = Literal["last", "text"]
 
 
-def _check_layers(layers: list[int], num_layers: int, name: str) -> list[int]:
-    bad = [k for k in layers if not 1 <= k < num_layers]
-    if bad:
-        raise ValueError(
-            f"llm pruner '{name}' prunes before decoder layers {layers}, but this LLM has {num_layers} "
-            f"layers: each K must be in 1..{num_layers - 1}; set [llm] layer(s) for this model"
-        )
-    return layers
-
-
 class FastV(LlmPruner):
     """FastV (Chen et al., ECCV 2024): after layer ``K - 1``, keep the ``R`` visual tokens that the
     last token attended to most (head-averaged), drop the rest for layers ``K..``.
@@ -41,7 +31,7 @@ class FastV(LlmPruner):
     reads: ClassVar[frozenset[str]] = frozenset({"attention"})
 
     def schedule(self, num_layers: int) -> list[int]:
-        return _check_layers([self.layer], num_layers, "fastv")
+        return [self.layer]
 
     def select(self, req: LlmRequest) -> Tensor:
         return ops.topk_mask(req.attention, req.keep, req.valid)  # (N, M)
@@ -68,7 +58,7 @@ class PyramidDrop(LlmPruner):
         return v
 
     def schedule(self, num_layers: int) -> list[int]:
-        return _check_layers(list(self.layers), num_layers, "pyramid-drop")
+        return list(self.layers)
 
     def select(self, req: LlmRequest) -> Tensor:
         return ops.topk_mask(req.attention, req.keep, req.valid)

@@ -311,6 +311,15 @@ def test_schedule_and_model_errors_are_clear():
         tp.apply(m, BASE.replace(llm={"stage": "fastv", "layer": 4}), budget=3)
     with pytest.raises(ValueError, match="strictly ascending"):
         BASE.replace(llm={"stage": "pyramid-drop", "layers": [2, 1]})
+    from tokenprune.adapters.llm_site import LlmSite
+    from tokenprune_plugins.llm import FastV
+
+    class Backwards(FastV):  # a third-party pruner with a bad schedule
+        def schedule(self, num_layers):
+            return [2, 1]
+
+    with pytest.raises(ValueError, match="strictly ascending"):
+        LlmSite(tp.adapters.adapter_for(m), Backwards(), "backwards")
     with pytest.raises(UnsupportedModel, match="LLaVA-1.5 and Qwen2/2.5-VL"):
         tp.apply(build("llava-next"), BASE.replace(llm={"stage": "fastv", "layer": 1}), budget=3)
 

@@ -328,6 +328,8 @@ def test_downsample_errors_name_the_fix():
     spec = tp.load_spec(f"{METHODS}/downsample.toml")
     with pytest.raises(ValueError, match="max_pixels"):
         tp.apply(build("qwen2-vl"), spec)
+    with pytest.raises(ValueError, match="LLaVA-1.5 only"):
+        tp.apply(build("llava-next"), spec)
     with pytest.raises(ValueError, match="use one of them"):
         spec.replace(llm={"stage": "fastv"})
 

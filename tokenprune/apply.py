@@ -30,7 +30,6 @@ from .adapters.base import cache_keyword, cache_of
 from .adapters.llm_site import LlmSite
 from .pipeline import Budget, Pipeline, resolve_budget
 from .spec import PipelineSpec
-from .stages import Completion
 
 __all__ = ["apply", "PruningHandle"]
 
@@ -54,8 +53,7 @@ def _as_pipeline(spec: Pipeline | PipelineSpec | str | Path) -> Pipeline:
 
 def _check_budget(budget: Budget | None, pipeline: Pipeline) -> None:
     spec = pipeline.spec
-    fixes = type(spec.completion).fixed_budget is not Completion.fixed_budget  # pooling: no budget
-    if budget is None and spec.budget is None and spec.budget_ratio is None and not fixes:
+    if spec.budget_or_default(budget) is None and not spec.completion_fixes_budget:  # pooling needs none
         raise ValueError("no budget: pass apply(..., budget=64) (tokens per image) or a ratio such as 0.25")
     if budget is not None:
         resolve_budget(budget, torch.tensor([1_000_000]))  # raises on a malformed budget
@@ -93,12 +91,9 @@ class PruningHandle:
                     f"in-LLM pruning ([llm] stage '{pipeline.spec.stage_name('llm')}') supports LLaVA-1.5 and "
                     f"Qwen2/2.5-VL; {type(model).__name__} is not supported yet: use a pre-LLM spec"
                 )
-            self.site = LlmSite(adapter, pipeline.spec.llm)
+            self.site = LlmSite(adapter, pipeline.spec.llm, pipeline.spec.stage_name("llm"))
         if pipeline.spec.image_downsample:
-            try:
-                adapter.placeholders_per_image()
-            except ValueError:
-                adapter.encode_downsampled({}, None, None, 0)  # raises the family's explanation
+            adapter.check_downsample()
         self._pending = None  # a generate() prefill waiting for its first forward call
         self._removed = False
 

@@ -26,12 +26,6 @@ from .spec import load_spec
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "clasp.toml"
 
 
-def _fixes_budget(spec) -> bool:
-    from .stages import Completion
-
-    return type(spec.completion).fixed_budget is not Completion.fixed_budget
-
-
 def _default_spec() -> Path:
     """``specs/clasp.toml`` of the working directory, of the checkout, or of the installed package."""
     import importlib.util
@@ -208,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _threads(args)
     specs = [load_spec(p) for p in (args.spec or [_default_spec()])]
     # a stage that fixes its own count (pooling) runs once, at that count
-    variants = [Variant(s.name, s, budgets=(None,) if _fixes_budget(s) else None) for s in specs]
+    variants = [Variant(s.name, s, budgets=(None,) if s.completion_fixes_budget else None) for s in specs]
     dist = Dist.from_env()
     model, processor = load(args.model, device=args.device)
     report = evaluate(model, processor, variants, _csv_ints(args.budgets), args.split, scenes=args.scenes,

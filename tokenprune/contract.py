@@ -249,13 +249,20 @@ class VisualTokens:
         B, M = self.shape
         return torch.ones(B, M, dtype=torch.bool, device=self.device)
 
+    def _at(self, table: Mapping[int, Tensor], index: int) -> tuple[Tensor | None, int, list[int]]:
+        """``table``'s tensor at hidden-state ``index`` (keys may be negative), or ``None``; with the
+        normalised index and the normalised keys present, for error messages."""
+        want = normalize_layer(index, self.num_layers)
+        for key, value in table.items():
+            if normalize_layer(key, self.num_layers) == want:
+                return value, want, []
+        return None, want, sorted(normalize_layer(k, self.num_layers) for k in table)
+
     def layer(self, index: int) -> Tensor:
         """Features of one hidden-state index, ``(B, M, Dv)``; a clear error if not supplied."""
-        want = normalize_layer(index, self.num_layers)
-        for key, h in self.layers.items():
-            if normalize_layer(key, self.num_layers) == want:
-                return h
-        have = sorted(normalize_layer(k, self.num_layers) for k in self.layers)
+        h, want, have = self._at(self.layers, index)
+        if h is not None:
+            return h
         raise KeyError(
             f"encoder layer {want} (asked as {index}) was not supplied; the inputs carry layers {have}. "
             "Pass it in VisualTokens.layers, or let an adapter collect Pipeline.requirements()."
@@ -264,13 +271,10 @@ class VisualTokens:
     def signal(self, name: str, index: int) -> Tensor:
         """An attention signal (``cls_attention`` / ``received_attention``) at one layer, ``(B, M)``
         float32, averaged over heads."""
-        want = normalize_layer(index, self.num_layers)
-        table: Mapping[int, Tensor] = getattr(self, name)
-        for key, a in table.items():
-            if normalize_layer(key, self.num_layers) == want:
-                a = a.float()
-                return a.mean(1) if a.dim() == 3 else a  # (B, H, M) -> (B, M)
-        have = sorted(normalize_layer(k, self.num_layers) for k in table)
+        a, want, have = self._at(getattr(self, name), index)
+        if a is not None:
+            a = a.float()
+            return a.mean(1) if a.dim() == 3 else a  # (B, H, M) -> (B, M)
         raise KeyError(
             f"{name} at encoder layer {want} (asked as {index}) was not supplied; have layers {have}. "
             f"Pass VisualTokens({name}={{{want}: tensor}}), or apply the pipeline through an adapter."
@@ -278,11 +282,9 @@ class VisualTokens:
 
     def key_features(self, index: int) -> Tensor:
         """Attention keys at one layer, ``(B, M, Dk)``; a clear error if not supplied."""
-        want = normalize_layer(index, self.num_layers)
-        for key, k in self.attention_keys.items():
-            if normalize_layer(key, self.num_layers) == want:
-                return k
-        have = sorted(normalize_layer(k, self.num_layers) for k in self.attention_keys)
+        k, want, have = self._at(self.attention_keys, index)
+        if k is not None:
+            return k
         raise KeyError(
             f"attention keys at encoder layer {want} (asked as {index}) were not supplied; have layers "
             f"{have}. Pass VisualTokens(attention_keys={{{want}: (B, M, Dk) tensor}}), or apply the "

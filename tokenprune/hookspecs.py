@@ -229,8 +229,9 @@ def register_llm_pruners(register: Callable[[str, type[LlmPruner]], None]) -> No
 
     A pruner implements:
 
-    - ``schedule(num_layers) -> list[int]``: the layers ``K`` (ascending, ``1 <= K < num_layers``)
-      before which it drops tokens. Several layers make a schedule (PyramidDrop).
+    - ``schedule(num_layers) -> list[int]``: the layers ``K`` (ascending, ``1 <= K < num_layers``;
+      the adapter rejects any other list with an error naming the stage) before which it drops
+      tokens. Several layers make a schedule (PyramidDrop).
     - ``keep_counts(total, budget, steps)`` (optional): tokens per image after each step; the
       default is geometric and exact at the last step (= the call's budget).
     - ``select(request) -> Tensor``: :class:`tokenprune.stages.LlmRequest` holds, per image

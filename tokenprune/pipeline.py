@@ -135,16 +135,16 @@ class Pipeline:
         spec = self.spec
         B, M = tokens.shape
         valid = tokens.valid()
-        if budget is None:
-            budget = spec.budget if spec.budget is not None else spec.budget_ratio
+        budget = spec.budget_or_default(budget)
         counts_valid = valid.sum(1)  # (B,)
         fixed = self.fixed_budget(tokens)
         if fixed is not None:
             R = fixed.to(counts_valid.device)
-            if budget is not None and not torch.equal(resolve_budget(budget, counts_valid), R):
+            asked = None if budget is None else resolve_budget(budget, counts_valid)
+            if asked is not None and not torch.equal(asked, R):
                 raise ValueError(
                     f"completion '{spec.stage_name('completion')}' decides how many tokens each image keeps "
-                    f"({R.tolist()} here), but the budget asks for {resolve_budget(budget, counts_valid).tolist()}: "
+                    f"({R.tolist()} here), but the budget asks for {asked.tolist()}: "
                     "leave the budget out (budget=None and no budget in the spec) for this stage"
                 )
         else:

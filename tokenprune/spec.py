@@ -169,6 +169,18 @@ class PipelineSpec(BaseModel):
         return self
 
     # -- views ----------------------------------------------------------------------------------
+    def budget_or_default(self, budget: Any = None) -> Any:
+        """``budget`` if given, else the spec's ``budget`` or ``budget_ratio`` (``None`` if neither)."""
+        if budget is not None:
+            return budget
+        return self.budget if self.budget is not None else self.budget_ratio
+
+    @property
+    def completion_fixes_budget(self) -> bool:
+        """Whether the completion stage decides each row's token count (pooling), so the spec
+        needs no budget."""
+        return type(self.completion).fixed_budget is not Completion.fixed_budget
+
     def stage(self, field: str) -> Stage:
         return getattr(self, field)
 

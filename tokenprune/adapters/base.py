@@ -163,6 +163,8 @@ class Adapter(ABC):
 
     #: whether the in-LLM pruning site (:mod:`tokenprune.adapters.llm_site`) supports this family
     llm_site: ClassVar[bool] = False
+    #: whether :meth:`encode_downsampled` (the ``image_downsample`` baseline) is implemented
+    downsample: ClassVar[bool] = False
 
     def language_model(self) -> nn.Module:
         lm = getattr(getattr(self.model, "model", None), "language_model", None)
@@ -201,14 +203,20 @@ class Adapter(ABC):
         at = enc.slot_token  # (N, P), -1 = no token behind the slot
         return token_keep.gather(1, at.clamp_min(0)) & (at >= 0)
 
+    def check_downsample(self) -> None:
+        """Raise a clear error unless this family implements :meth:`encode_downsampled`."""
+        if not self.downsample:
+            raise UnsupportedInput(
+                f"image down-sampling inside tokenprune is implemented for LLaVA-1.5 only; for {self.family}, "
+                "resize with the processor instead (Qwen-VL: max_pixels = R * 28 * 28 gives about R tokens)"
+            )
+
     def encode_downsampled(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder,
                            tokens: int) -> Encoded:
         """Encode the images resized so that the encoder makes at most ``tokens`` tokens each
-        (the ``image_downsample`` baseline). Families that cannot resize raise a clear error."""
-        raise UnsupportedInput(
-            f"image down-sampling inside tokenprune is implemented for LLaVA-1.5 only; for {self.family}, "
-            "resize with the processor instead (Qwen-VL: max_pixels = R * 28 * 28 gives about R tokens)"
-        )
+        (the ``image_downsample`` baseline); only families with ``downsample = True``."""
+        self.check_downsample()
+        raise NotImplementedError(f"{type(self).__name__} sets downsample but does not implement it")
 
     def encoder_output(self, features: Tensor, deepstack: list[Tensor]) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -308,8 +316,9 @@ class Adapter(ABC):
         spec = pipeline.spec
         with capture.recording(wanted) as rec:
             if spec.image_downsample:
-                wanted_budget = budget if budget is not None else (spec.budget if spec.budget is not None else spec.budget_ratio)
-                enc = self.encode_downsampled(inputs, need, rec, self._downsample_target(wanted_budget, inputs))
+                self.check_downsample()
+                target = self._downsample_target(spec.budget_or_default(budget), inputs)
+                enc = self.encode_downsampled(inputs, need, rec, target)
                 budget = 1.0  # the encoder made the budget's worth of tokens; keep them all
             else:
                 enc = self.encode(inputs, need, rec)
@@ -342,9 +351,7 @@ class Adapter(ABC):
         )
         llm_budget = None
         if pipeline.spec.llm is not None:  # keep everything here; the LLM pruner spends the budget
-            spec = pipeline.spec
-            wanted = budget if budget is not None else (spec.budget if spec.budget is not None else spec.budget_ratio)
-            llm_budget = resolve_budget(wanted, tokens.valid().sum(1))
+            llm_budget = resolve_budget(spec.budget_or_default(budget), tokens.valid().sum(1))
             budget = 1.0
         sel = pipeline(tokens, budget=budget, routing=img_routing)
         clock["select"] = time.perf_counter() - t0

@@ -37,6 +37,7 @@ def _tower_layers(need: Requirements, feature_layer: int, num_layers: int) -> li
 class LlavaAdapter(Adapter):
     family = "llava"
     llm_site = True
+    downsample = True
     image_inputs = ("pixel_values", "image_sizes")
 
     def __init__(self, model: nn.Module):
@@ -92,12 +93,19 @@ class LlavaAdapter(Adapter):
             layers=feats,
             num_layers=self.num_layers,
             positions=grid_positions(side, M // side, N, own.device) if side * side == M else None,
+            project=self._project,
+            **self._captured(need, recorder),
+        )
+        return Encoded(tokens, own, torch.full((N,), M, dtype=torch.long, device=own.device))
+
+    @staticmethod
+    def _captured(need: Requirements, recorder: capture.Recorder) -> dict[str, dict[int, Tensor]]:
+        """The recorded attention signals and keys of a one-crop-per-image tower, [CLS] dropped."""
+        return dict(
             cls_attention={li: recorder.take(li, "cls")[0][:, :, 1:] for li in need.cls_attention},
             received_attention={li: recorder.take(li, "received")[0][:, :, 1:] for li in need.received_attention},
             attention_keys={li: recorder.take(li, "keys")[0][:, 1:] for li in need.attention_keys},
-            project=self._project,
         )
-        return Encoded(tokens, own, torch.full((N,), M, dtype=torch.long, device=own.device))
 
 
     def placeholders_per_image(self) -> int:
@@ -127,10 +135,7 @@ class LlavaAdapter(Adapter):
         slot_token = torch.where(slot_token < M, slot_token, -1)
         tokens_ = VisualTokens(
             layers=feats, num_layers=self.num_layers, positions=grid_positions(side, side, N, own.device),
-            cls_attention={li: recorder.take(li, "cls")[0][:, :, 1:] for li in need.cls_attention},
-            received_attention={li: recorder.take(li, "received")[0][:, :, 1:] for li in need.received_attention},
-            attention_keys={li: recorder.take(li, "keys")[0][:, 1:] for li in need.attention_keys},
-            project=self._project,
+            project=self._project, **self._captured(need, recorder),
         )
         return Encoded(tokens_, own, torch.full((N,), P, dtype=torch.long, device=own.device), slot_token)
 
@@ -138,6 +143,7 @@ class LlavaAdapter(Adapter):
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava-next"
     llm_site = False  # newline slots would need their own rule
+    downsample = False  # anyres crops: resize with the processor's image_grid_pinpoints instead
 
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
@@ -224,9 +230,6 @@ class LlavaNextAdapter(LlavaAdapter):
                                       patch_size=cfg.vision_config.image_size)
             for s in sizes.tolist()
         ])
-
-    def encode_downsampled(self, inputs, need, recorder, tokens):
-        return Adapter.encode_downsampled(self, inputs, need, recorder, tokens)
 
     def slot_keep(self, enc: Encoded, token_keep: Tensor) -> Tensor:
         kept = Adapter.slot_keep(self, enc, token_keep)  # (N, P) kept token slots

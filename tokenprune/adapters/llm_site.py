@@ -94,22 +94,22 @@ _CALL: ContextVar[Call | None] = ContextVar("tokenprune_llm_call", default=None)
 class LlmSite:
     """The hooks of one :class:`~tokenprune.stages.LlmPruner` on one model instance."""
 
-    def __init__(self, adapter: Any, pruner: LlmPruner):
+    def __init__(self, adapter: Any, pruner: LlmPruner, name: str = ""):
         self.adapter = adapter
         self.pruner = pruner
         self.layers: nn.ModuleList = adapter.decoder_layers()
         self.config = adapter.text_config()
         self.norm: nn.Module = adapter.final_norm()
-        self.schedule = list(pruner.schedule(len(self.layers)))
+        self.schedule = _checked(list(pruner.schedule(len(self.layers))), len(self.layers), name or type(pruner).__name__)
         types = getattr(self.config, "layer_types", None) or []
         if any(t != "full_attention" for t in types[self.schedule[0]:]):
             from .llava import UnsupportedModel
 
             raise UnsupportedModel("in-LLM pruning supports full-attention decoder layers only; this LLM "
                                    "has sliding-window layers after the first pruning layer")
-        self.signals = set()
-        if "attention" in pruner.reads:
-            self.signals.add(getattr(pruner, "query", "last"))
+        #: the attention signal recorded for ``req.attention`` ("last" / "text"), if the pruner reads one
+        self.attention_signal = getattr(pruner, "query", "last") if "attention" in pruner.reads else None
+        self.signals = {self.attention_signal} - {None}
         if "key_norms" in pruner.reads:
             self.signals.add("key_norm")
         self._hooks: list[Any] = []
@@ -208,9 +208,8 @@ class LlmSite:
             rows = s.rows.unsqueeze(1)  # (N, 1)
             hid = hidden[rows, s.image_slots]  # (N, M, D)
             att = keyn = txt_keyn = None
-            if self.signals - {"key_norm"}:
-                sig = next(iter(self.signals - {"key_norm"}))
-                a = call.recorder.take(layer - 1, sig)[-1].mean(1)  # (B, H, S) -> (B, S)
+            if self.attention_signal is not None:
+                a = call.recorder.take(layer - 1, self.attention_signal)[-1].mean(1)  # (B, H, S) -> (B, S)
                 att = a[rows, s.image_slots].masked_fill(~s.image_ok, 0)
             if "key_norm" in self.signals:
                 kn = call.recorder.take(layer - 1, "key_norm")[-1]  # (B, S)
@@ -256,13 +255,13 @@ class LlmSite:
         return hook
 
     def _before(self, layer: int):
-        n_before = lambda: sum(1 for k in self.schedule if k <= layer)  # noqa: E731
+        st = sum(1 for k in self.schedule if k <= layer)  # steps done before this layer runs
+
         def hook(module, args, kwargs):
             call = _CALL.get()
             if call is None or call.site is not self:
                 return None
             s = call.session
-            st = n_before()
             if st == 0 or st > len(s.steps):
                 return None
             step = s.steps[st - 1]
@@ -293,6 +292,21 @@ class LlmSite:
             return args, kwargs
 
         return hook
+
+
+def _checked(schedule: list[int], num_layers: int, name: str) -> list[int]:
+    """A pruner's schedule, or a clear error: ascending layers ``K`` in ``1..num_layers - 1``."""
+    if not schedule:
+        raise ValueError(f"llm pruner '{name}' returned an empty schedule; it must name at least one layer")
+    bad = [k for k in schedule if not 1 <= k < num_layers]
+    if bad:
+        raise ValueError(
+            f"llm pruner '{name}' prunes before decoder layers {schedule}, but this LLM has {num_layers} "
+            f"layers: each K must be in 1..{num_layers - 1}; set [llm] layer(s) for this model"
+        )
+    if any(b <= a for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(f"llm pruner '{name}' returned layers {schedule}; they must be strictly ascending")
+    return schedule
 
 
 def _repack(slots: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor]:

@@ -188,19 +188,7 @@ def run(
                         progress(f"{device} {shape} B={B} R={R}")
                     # iterations CLASP actually runs on this input
                     iters = _iterations(pipe, tokens, R, routing)
-                    acc: dict[str, list[float]] = defaultdict(list)
-
-                    @contextlib.contextmanager
-                    def timer(name, _acc=acc, _dev=device):
-                        _sync(_dev)
-                        t0 = time.perf_counter()
-                        yield
-                        _sync(_dev)
-                        _acc[name].append((time.perf_counter() - t0) * 1e3)
-
-                    for _ in range(repeats + 1):
-                        pipe(tokens, budget=R, routing=routing, timer=timer)
-                    stage_ms = {s: statistics.median(v[1:]) for s, v in acc.items()}
+                    stage_ms, _ = _stage_times(pipe, tokens, R, routing, device, repeats)
                     clasp_ms = _time(lambda: pipe(tokens, budget=R, routing=routing), device, repeats)
                     mm = matmul_reference(B, M, D, k1, k2, iters, device, dtype)
                     matmul_ms = _time(mm, device, repeats)
@@ -212,6 +200,25 @@ def run(
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
     return rows
+
+
+def _stage_times(pipe: tp.Pipeline, tokens: tp.VisualTokens, R: int | None, routing, device: str,
+                 repeats: int) -> tuple[dict[str, float], tp.Selection]:
+    """Median milliseconds of each pipeline stage over ``repeats`` timed calls (after one
+    warm-up), through the pipeline's ``timer`` hook; and the last call's selection."""
+    acc: dict[str, list[float]] = defaultdict(list)
+
+    @contextlib.contextmanager
+    def timer(name):
+        _sync(device)
+        t0 = time.perf_counter()
+        yield
+        _sync(device)
+        acc[name].append((time.perf_counter() - t0) * 1e3)
+
+    for _ in range(repeats + 1):
+        sel = pipe(tokens, budget=R, routing=routing, timer=timer)
+    return {s: statistics.median(v[1:]) for s, v in acc.items()}, sel
 
 
 def _iterations(pipe: tp.Pipeline, tokens: tp.VisualTokens, R: int, routing) -> int:
@@ -336,20 +343,8 @@ def run_methods(
                     pipe = tp.Pipeline(spec)
                     routing = pipe.route(tokens.prompts)
                     R = None if pipe.fixed_budget(tokens) is not None else budget
-                    acc: dict[str, list[float]] = defaultdict(list)
-
-                    @contextlib.contextmanager
-                    def timer(name, _acc=acc, _dev=device):
-                        _sync(_dev)
-                        t0 = time.perf_counter()
-                        yield
-                        _sync(_dev)
-                        _acc[name].append((time.perf_counter() - t0) * 1e3)
-
-                    sel = None
-                    for _ in range(repeats + 1):
-                        sel = pipe(tokens, budget=R, routing=routing, timer=timer)
-                    select_ms = sum(statistics.median(acc[s][1:]) for s in SELECT_STAGES if s in acc)
+                    stage_ms, sel = _stage_times(pipe, tokens, R, routing, device, repeats)
+                    select_ms = sum(stage_ms[s] for s in SELECT_STAGES if s in stage_ms)
                     total_ms = _time(lambda: pipe(tokens, budget=R, routing=routing), device, repeats)
                     row = MethodRow(device, shape, M, B, spec.name, int(sel.counts[0]), select_ms, total_ms)
                     if spec.name == "clasp":
