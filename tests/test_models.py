@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedInput, UnsupportedModel
 from tokenprune.adapters.base import cache_keyword
-from tiny_models import FAMILIES, IMG, Sample, batch, build, default_sizes, samples
+from tiny_models import FAMILIES, IMG, ONE_CROP_LLAVA, Sample, batch, build, default_sizes, samples
 
 from conftest import DEVICES
 
@@ -67,7 +67,7 @@ def rows_of(inp: dict, b: int, family: str, per_image: list[int]) -> dict:
     out = {"input_ids": inp["input_ids"][b, keep][None], "attention_mask": inp["attention_mask"][b, keep][None]}
     first = sum(per_image[:b])
     sl = slice(first, first + per_image[b])
-    if family in ("llava", "llava-next"):
+    if family.startswith("llava"):
         out["pixel_values"] = inp["pixel_values"][sl]
         if family == "llava-next":
             out["image_sizes"] = inp["image_sizes"][sl]
@@ -120,7 +120,7 @@ def reference_logits(m, family: str, one: dict, kept_slots: list[torch.Tensor], 
     ids = one["input_ids"][0]
     img_cols = (ids == IMG).nonzero().flatten().tolist()
     enc_kw = {k: v for k, v in one.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
-    if family == "llava":
+    if family in ONE_CROP_LLAVA:
         enc_kw.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
     own = m.model.get_image_features(**enc_kw, return_dict=True)
     keep_cols, feats, start = [], [], 0
@@ -208,7 +208,7 @@ def compositions(draw, family: str):
     for _ in range(B):
         before = [1] + draw(st.lists(st.integers(10, 199), min_size=1, max_size=4))
         after = draw(st.lists(st.integers(10, 199), min_size=1, max_size=3))
-        n_img = draw(st.integers(1, 2)) if family != "llava" else 1
+        n_img = draw(st.integers(1, 2)) if family not in ONE_CROP_LLAVA else 1
         smp.append(Sample(before, after, [draw(st.sampled_from(sizes)) for _ in range(n_img)]))
     budget = draw(st.one_of(st.integers(1, 40), st.floats(0.05, 1.0)))
     cls = draw(st.sampled_from(["ocr", "counting", "spatial", "scene"]))
@@ -318,16 +318,18 @@ def test_attention_implementation_is_never_switched(family):
     assert (m.config._attn_implementation, m.config.vision_config._attn_implementation) == before[:2]
 
 
-def test_captured_cls_attention_equals_eager_attention_maps():
-    """The capture kernel's [CLS] row equals the probabilities an eager tower returns."""
-    m = model("llava")
-    eager = build("llava", attn="eager")
-    inp = inputs(m, "llava", samples("llava", 2), "cpu")
+@pytest.mark.parametrize("family", ONE_CROP_LLAVA)
+def test_captured_cls_attention_equals_eager_attention_maps(family):
+    """The capture kernel's [CLS] row equals the probabilities an eager tower returns (CLIP and
+    DINOv2 towers)."""
+    m = model(family)
+    eager = build(family, attn="eager")
+    inp = inputs(m, family, samples(family, 2), "cpu")
     from tokenprune.adapters import adapter_for, capture
     from tokenprune.contract import Requirements
 
     ad = adapter_for(m)
-    h = tp.apply(m, clasp("llava"), budget=4)
+    h = tp.apply(m, clasp(family), budget=4)
     try:
         with torch.no_grad(), capture.recording({ad.attention_module(3): (3, frozenset({"cls", "received"}))}) as rec:
             enc = ad.encode(inp, Requirements(layers=frozenset({3}), cls_attention=frozenset({3}),

@@ -13,13 +13,22 @@ import torch
 
 PAD, BOS, IMG, VID, VSTART, VEND = 0, 1, 5, 6, 7, 8
 VOCAB = 200
-FAMILIES = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+FAMILIES = ("llava", "llava-dinov2", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+#: LLaVA-1.5 with one 56-px image per prompt: a CLIP tower, or a DINOv2 tower (the testbed v2 shape).
+ONE_CROP_LLAVA = ("llava", "llava-dinov2")
 
 
 def _text(layers: int = 2, **extra):
     return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=BOS,
                 eos_token_id=2, **extra)
+
+
+def _dinov2(image_size: int):
+    from transformers import Dinov2Config
+
+    return Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=image_size, patch_size=14, layerscale_value=0.5)
 
 
 def _clip(image_size: int):
@@ -38,8 +47,9 @@ def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", s
     import transformers as tf
 
     torch.manual_seed(seed)
-    if family == "llava":
-        cfg = tf.LlavaConfig(vision_config=_clip(56), text_config=tf.LlamaConfig(**_text(text_layers)),
+    if family in ONE_CROP_LLAVA:
+        tower = _clip(56) if family == "llava" else _dinov2(56)
+        cfg = tf.LlavaConfig(vision_config=tower, text_config=tf.LlamaConfig(**_text(text_layers)),
                              image_token_id=IMG, vision_feature_layer=-2)
         cls = tf.LlavaForConditionalGeneration
     elif family == "llava-next":
@@ -86,7 +96,7 @@ def batch(model, family: str, samples: list[Sample], seed: int = 0) -> dict[str,
     g = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     rows, extra = [], {}
-    if family == "llava":
+    if family in ONE_CROP_LLAVA:
         n = (56 // 14) ** 2
         pix = [torch.randn(3, 56, 56, generator=g) for s in samples for _ in s.sizes]
         rows = [s.before + [IMG] * (n * len(s.sizes)) + s.after for s in samples]
@@ -140,6 +150,7 @@ def default_sizes(family: str) -> list[tuple[int, int]]:
     """Image sizes that give a few dozen tokens and, for the anyres/Qwen families, different counts."""
     return {
         "llava": [(56, 56)],
+        "llava-dinov2": [(56, 56)],
         "llava-next": [(28, 56), (56, 56), (56, 28)],
         "qwen2-vl": [(56, 56), (56, 112), (112, 56)],
         "qwen2.5-vl": [(56, 56), (112, 112), (56, 112)],

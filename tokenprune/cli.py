@@ -287,14 +287,25 @@ def cmd_testbed_curve(args: argparse.Namespace) -> int:
 
 
 def cmd_testbed_train(args: argparse.Namespace) -> int:
-    from .testbed.train import TrainConfig, train
-
     _threads(args)
-    given = {"seed": args.seed, "tower_steps": args.tower_steps, "qa_steps": args.qa_steps}
-    cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # the rest: TrainConfig's defaults
-    record = train(cfg, args.out, max_minutes=args.max_minutes)
+    if args.version == 2:
+        from .testbed.train_v2 import TrainConfigV2, train_v2
+
+        given = {"seed": args.seed, "steps": args.steps, "features": args.features}
+        cfg = TrainConfigV2(**{k: v for k, v in given.items() if v is not None})  # the rest: the defaults
+        record = train_v2(cfg, args.out, max_minutes=args.max_minutes)
+        where = f"step {record['step']}"
+    else:
+        from .testbed.train import TrainConfig, train
+
+        if args.steps is not None or args.features is not None:
+            raise ValueError("--steps and --features belong to --version 2; v1 takes --tower-steps and --qa-steps")
+        given = {"seed": args.seed, "tower_steps": args.tower_steps, "qa_steps": args.qa_steps}
+        cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # the rest: TrainConfig's defaults
+        record = train(cfg, args.out, max_minutes=args.max_minutes)
+        where = f"stage {record['stage']} step {record['step']}"
     state = "finished" if record["finished"] else "paused (run the same command to resume)"
-    print(f"{state}: stage {record['stage']} step {record['step']}, {record['seconds']:.0f} s in all -> {args.out}")
+    print(f"{state}: {where}, {record['seconds']:.0f} s in all -> {args.out}")
     return 0
 
 
@@ -389,7 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp_ = sub.add_parser("testbed", help="the testbed model")
     tsub = tp_.add_subparsers(dest="testbed_command", required=True)
     tt = tsub.add_parser("train", help="train (or resume) the testbed model")
+    tt.add_argument("--version", type=int, choices=(1, 2), default=1,
+                    help="1: CLIP tower trained from scratch; 2: the pretrained DINOv2 tower, frozen")
     tt.add_argument("--out", default="runs/testbed", help="checkpoint and output folder")
+    tt.add_argument("--steps", type=int, help="v2: training steps (default: TrainConfigV2.steps)")
+    tt.add_argument("--features", help="v2: the cached pool features' folder (default: <out>/features)")
     tt.add_argument("--seed", type=int, help="model init seed (default: TrainConfig.seed)")
     tt.add_argument("--tower-steps", type=int, help="stage-1 steps (default: TrainConfig.tower_steps)")
     tt.add_argument("--qa-steps", type=int, help="stage-2 steps (default: TrainConfig.qa_steps)")

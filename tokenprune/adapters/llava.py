@@ -34,6 +34,21 @@ def _tower_layers(need: Requirements, feature_layer: int, num_layers: int) -> li
     return sorted(layers)
 
 
+def _tower_attentions(tower: nn.Module) -> list[nn.Module]:
+    """The self-attention module of each tower block, in order: ``encoder.layers[i].self_attn``
+    (CLIP, SigLIP) or ``encoder.layer[i].attention`` (DINOv2). Both call their kernel through
+    ``AttentionInterface``, which is what attention capture needs."""
+    encoder = getattr(tower, "encoder", None)
+    if hasattr(encoder, "layers") and all(hasattr(b, "self_attn") for b in encoder.layers):
+        return [b.self_attn for b in encoder.layers]
+    if hasattr(encoder, "layer") and all(hasattr(b, "attention") for b in encoder.layer):
+        return [b.attention for b in encoder.layer]
+    raise UnsupportedModel(
+        f"the vision tower {type(tower).__name__} has neither encoder.layers[i].self_attn (CLIP/SigLIP) nor "
+        "encoder.layer[i].attention (DINOv2); tokenprune's LLaVA adapter supports those towers"
+    )
+
+
 class LlavaAdapter(Adapter):
     family = "llava"
     llm_site = True
@@ -54,18 +69,14 @@ class LlavaAdapter(Adapter):
                 "tokenprune supports one feature layer"
             )
         self.tower = model.model.vision_tower
-        if not hasattr(self.tower, "encoder") or not hasattr(self.tower.encoder, "layers"):
-            raise UnsupportedModel(
-                f"the vision tower {type(self.tower).__name__} has no encoder.layers; tokenprune's "
-                "LLaVA adapter supports CLIP/SigLIP-style towers"
-            )
+        self._attentions = _tower_attentions(self.tower)
 
     @property
     def num_layers(self) -> int:
-        return len(self.tower.encoder.layers)
+        return len(self._attentions)
 
     def attention_module(self, layer: int) -> nn.Module:
-        return self.tower.encoder.layers[layer - 1].self_attn
+        return self._attentions[layer - 1]
 
     def _project(self, x: Tensor) -> Tensor:
         return self.model.model.multi_modal_projector(x)  # (N, M, Dv) -> (N, M, D)

@@ -13,7 +13,8 @@ import numpy as np
 
 from .scenes import BACKGROUNDS, COLORS, SHAPES, Scene, scene_rng
 
-__all__ = ["QA_CLASSES", "Question", "ask", "ask_all", "answer_words", "question_words"]
+__all__ = ["QA_CLASSES", "AUX_KINDS", "Question", "ask", "ask_all", "ask_aux", "answer_words", "question_words",
+           "aux_words"]
 
 QA_CLASSES: tuple[str, ...] = ("ocr", "counting", "spatial", "attribute", "existence", "scene", "reasoning")
 
@@ -199,6 +200,57 @@ def ask_all(scene: Scene, draws: int = 1) -> list[Question]:
     return out
 
 
+# -- training-only one-hop questions ---------------------------------------------------------------
+# Decomposed steps of the evaluated classes, asked only in training (never evaluated, never
+# routed): does a colour / a shape occur, where is an object (row / column), how many objects, what
+# is each digit. They teach the decoder to find and read one patch, the step every class needs,
+# without any supervision of attention.
+AUX_KINDS: tuple[str, ...] = ("has-color", "has-shape", "row", "column", "objects", "digit")
+_HAS_COLOR = ("Is there a {c} object?", "Is anything {c}?")
+_HAS_SHAPE = ("Is there a {s}?", "Can you see any {s}?")
+_ROW = ("Which row is the {o} in?", "In which row is the {o}?")
+_COLUMN = ("Which column is the {o} in?", "In which column is the {o}?")
+_OBJECTS = ("How many objects are there?", "How many shapes are in the picture?")
+_DIGIT = ("What is the {nth} digit in the box?", "Read the {nth} digit of the number.")
+
+
+def _aux(scene: Scene, kind: str, rng) -> Question | None:
+    objs = scene.objects
+    if kind == "has-color":
+        c = _pick(rng, list(COLORS))
+        text = _pick(rng, _HAS_COLOR).format(c=c).replace(" a orange", " an orange")
+        return Question("aux:" + kind, text, "yes" if any(o.color == c for o in objs) else "no")
+    if kind == "has-shape":
+        s = _pick(rng, SHAPES)
+        return Question("aux:" + kind, _pick(rng, _HAS_SHAPE).format(s=s), "yes" if any(o.shape == s for o in objs) else "no")
+    if kind in ("row", "column"):
+        if not objs:
+            return None
+        o = objs[int(rng.integers(len(objs)))]
+        text = _pick(rng, _ROW if kind == "row" else _COLUMN).format(o=f"{o.color} {o.shape}")
+        return Question("aux:" + kind, text, str(o.row if kind == "row" else o.col))
+    if kind == "objects":
+        return Question("aux:" + kind, _pick(rng, _OBJECTS), str(len(objs)))
+    if kind == "digit":
+        k = int(rng.integers(2))
+        return Question("aux:" + kind, _pick(rng, _DIGIT).format(nth=("first", "second")[k]), f"{scene.number:02d}"[k])
+    raise KeyError(kind)
+
+
+def ask_aux(scene: Scene, draws: int = 1, first: int = 0) -> list[Question]:
+    """Up to ``draws`` training-only questions of each kind in :data:`AUX_KINDS`, draws
+    ``first .. first + draws - 1`` (deterministic; their random streams are disjoint from
+    :func:`ask`'s)."""
+    out = []
+    for d in range(first, first + draws):
+        for j, kind in enumerate(AUX_KINDS):
+            rng = scene_rng(scene.seed, scene.index, stream=10_000 + len(AUX_KINDS) * d + j)
+            q = _aux(scene, kind, rng)
+            if q is not None:
+                out.append(q)
+    return out
+
+
 def answer_words() -> list[str]:
     """Every possible answer, each a single word (one token)."""
     nums = [str(i) for i in range(100)]
@@ -211,3 +263,9 @@ def question_words() -> list[str]:
              *_SCENE, *_SUM, *_COMPARE, *_REL.values()]
     fills = ["an", *COLORS, *SHAPES, *(_plural(s) for s in SHAPES)]
     return texts + fills
+
+
+def aux_words() -> list[str]:
+    """Every word the training-only questions add (the tokenizer appends them last, so the
+    words of the evaluated questions keep their ids)."""
+    return [*_HAS_COLOR, *_HAS_SHAPE, *_ROW, *_COLUMN, *_OBJECTS, *_DIGIT, "first", "second"]

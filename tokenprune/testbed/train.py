@@ -191,14 +191,16 @@ def _align_targets(scenes, word_id) -> dict[str, torch.Tensor]:
             "digit": digit_words[_cell_labels(scenes, "digit")]}
 
 
-def qa_loss(model, packer: Packer, scenes, questions, align_weight: float):
-    """Answer loss (+ alignment loss) for a batch of scenes with their questions."""
+def qa_loss(model, packer: Packer, scenes, questions, align_weight: float, feats: torch.Tensor | None = None):
+    """Answer loss (+ alignment loss) for a batch of scenes with their questions. ``feats``: the
+    tower's features of the scenes, ``(B, M, Dv)``, if they are cached (else the tower runs)."""
     ids, mask, pos, slots, klasses = packer.pack(questions)
-    pv = pixels([s.image for s in scenes])
-    with torch.no_grad():
-        out = model.model.vision_tower(pv, output_hidden_states=True)
-        layer = model.config.vision_feature_layer
-        feats = out.hidden_states[layer][:, 1:]  # (B, M, Dv): the "default" strategy drops [CLS]
+    if feats is None:
+        pv = pixels([s.image for s in scenes])
+        with torch.no_grad():
+            out = model.model.vision_tower(pv, output_hidden_states=True)
+            layer = model.config.vision_feature_layer
+            feats = out.hidden_states[layer][:, 1:]  # (B, M, Dv): the "default" strategy drops [CLS]
     image = model.model.multi_modal_projector(feats)  # (B, M, D)
     embeds = model.get_input_embeddings()(ids)  # (B, T, D)
     is_image = ids == packer.image_id
