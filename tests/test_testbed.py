@@ -299,7 +299,7 @@ def test_ablation_errors_name_the_variant(tmp_path):
 def test_calibrate_writes_a_table_a_spec_can_use(mini, tmp_path):
     out = tmp_path / "table.toml"
     assert main(["calibrate", "--model", str(mini), "--scenes", "1", "--budgets", "32", "--strategies", "A,E",
-                 "--ratios", "0.25,0.75", "--quiet", "--out", str(out)]) == 0
+                 "--ratios", "0.25,0.75", "--quiet", "--out", str(out), "--guard-z", "0"]) == 0
     table = ClassTable.load(out)
     grid = json.loads(out.with_suffix(".json").read_text())["grid"]
     for c in QA_CLASSES:
@@ -313,6 +313,33 @@ def test_calibrate_writes_a_table_a_spec_can_use(mini, tmp_path):
     from tokenprune.spec import load_spec
 
     assert load_spec(spec).class_table == table
+
+
+def test_calibration_guard_keeps_the_pooled_row_unless_a_cell_beats_it_beyond_noise():
+    from tokenprune.testbed.calibrate import _guarded
+
+    pooled = [True] * 50 + [False] * 50
+    clear = [True] * 80 + [False] * 20            # +0.30 over 100 paired questions: far beyond 2 SE
+    noise = [True] * 52 + [False] * 48            # +0.02: noise
+    win = _guarded("A/0.5", "E/0.25", {"A/0.5": clear, "E/0.25": pooled}, 1.96)
+    assert win["chosen"] == "A/0.5" and win["delta"] == 0.3 and win["p"] < 0.001
+    keep = _guarded("A/0.5", "E/0.25", {"A/0.5": noise, "E/0.25": pooled}, 1.96)
+    assert keep["chosen"] == "E/0.25" and "pooled row kept" in keep["why"]
+    assert _guarded("A/0.5", "E/0.25", {"A/0.5": noise, "E/0.25": pooled}, 0)["chosen"] == "A/0.5"  # no guard
+
+
+def test_calibrate_with_the_guard_records_each_decision(mini, tmp_path):
+    out = tmp_path / "table.toml"
+    assert main(["calibrate", "--model", str(mini), "--scenes", "1", "--budgets", "32", "--strategies", "A,E",
+                 "--ratios", "0.25", "--quiet", "--out", str(out)]) == 0
+    table = ClassTable.load(out)
+    grid = json.loads(out.with_suffix(".json").read_text())
+    for c in QA_CLASSES:
+        g = grid["guard"][c]
+        e = table.classes[c]
+        assert f"{e.strategy}/{e.pivot_ratio:g}" == g["chosen"] and g["chosen"] in (g["best"], g["pooled"])
+        # one scene: no difference can beat its noise, so every class keeps the pooled row
+        assert g["chosen"] == g["pooled"]
 
 
 def test_demo_writes_overlays(mini, tmp_path, capsys):

@@ -207,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, processor = load(args.model, device=args.device)
     report = evaluate(model, processor, variants, _csv_ints(args.budgets), args.split, scenes=args.scenes,
                       batch_size=args.batch, dist=dist, progress=None if args.quiet else progress_bar("eval"),
-                      device=args.device)
+                      device=args.device, reference=args.reference)
     if dist.rank == 0:
         print(text_table(report))
         stem = args.name or "-".join(s.name for s in specs) + f"-{args.split}"
@@ -219,7 +219,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from .testbed.ablation import load_ablation
     from .testbed.evaluate import Dist, evaluate, progress_bar
     from .testbed.model import load
-    from .testbed.report import markdown_table
+    from .testbed.report import markdown_table, paired_table, recall_table
 
     _threads(args)
     abl, variants = load_ablation(args.file)
@@ -229,7 +229,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     model, processor = load(args.model, device=args.device)
     report = evaluate(model, processor, variants, budgets, split, scenes=args.scenes, batch_size=args.batch,
                       dist=dist, progress=None if args.quiet else progress_bar(f"ablate {abl.name}"),
-                      device=args.device)
+                      device=args.device, reference=args.reference)
     report["ablation"] = abl.name
     if dist.rank == 0:
         table = markdown_table(report, delta=True)
@@ -239,7 +239,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         (out / f"ablation-{abl.name}.md").write_text(
             f"### Ablation `{abl.name}`: {abl.description}\n\n"
             f"`tokenprune ablate {args.file}` on the {split} split ({report['examples']} questions); "
-            "accuracy (difference to unpruned)\n\n" + table + "\n")
+            "accuracy ± the 95 % Wilson interval's half-width (difference to unpruned)\n\n" + table + "\n\n"
+            f"Evidence recall (share of each question's evidence cells that reached the LLM)\n\n"
+            + recall_table(report) + "\n\n"
+            f"Paired difference from '{report['reference']}' at the same budget (exact McNemar p; ** p < 0.05)\n\n"
+            + paired_table(report) + "\n")
     return 0
 
 
@@ -258,18 +262,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               f"budgets {budgets}, strategies {args.strategies}, pivot ratios {ratios}) on the testbed model")
     table, grid = calibrate(model, processor, base, split=args.split, scenes=args.scenes, budgets=budgets,
                             strategies=args.strategies.split(","), ratios=ratios, batch_size=args.batch,
-                            dist=dist, source=source,
+                            dist=dist, source=source, guard_z=args.guard_z,
                             progress=None if args.quiet else (lambda c: progress_bar(f"calibrate {c}")))
     if dist.rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         header = ("CLASP class table fitted by `tokenprune calibrate` (see docs/results.md).\n"
                   "Per class: the layer strategy (A shallow-heavy .. E deep-heavy) and pivot ratio with the\n"
-                  "best mean accuracy over the budgets on the calibration split, true class routed.")
+                  "best mean accuracy over the budgets on the calibration split, true class routed, kept only\n"
+                  f"if it beats the pooled (general) row by more than {args.guard_z:g} paired SEs.")
         out.write_text(table_toml(table, header))
         out.with_suffix(".json").write_text(json.dumps(grid, indent=1))
         for c, e in table.classes.items():
-            print(f"{c:<10} strategy {e.strategy}  pivot ratio {e.pivot_ratio}")
+            why = grid["guard"][c]["why"] if c in grid["guard"] else "the best cell pooled over all classes"
+            print(f"{c:<10} strategy {e.strategy}  pivot ratio {e.pivot_ratio}   ({why})")
         print(f"wrote {out} (and the grid to {out.with_suffix('.json')})", file=sys.stderr)
     return 0
 
@@ -379,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep = sub.add_parser("eval", help="accuracy vs budget on the testbed (JSON + PNG)")
     ep.add_argument("--spec", action="append", help="spec file; repeat to compare (default: specs/clasp.toml)")
     ep.add_argument("--budgets", default="64,128,192")
+    ep.add_argument("--reference", help="the variant (spec name) every other is paired against (default: the first --spec)")
     ep.add_argument("--name", help="file stem of the outputs")
     testbed_args(ep, "test", "out/eval")
     ep.set_defaults(func=cmd_eval)
@@ -386,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("ablate", help="a grid of swapped stages x budgets (markdown + PNG + JSON)")
     ap.add_argument("file", help="an ablation file, e.g. specs/ablations/fusion.toml")
     ap.add_argument("--budgets", help="override the file's budgets")
+    ap.add_argument("--reference", help="the variant every other is paired against (default: the file's first)")
     testbed_args(ap, None, "out/ablate")
     ap.set_defaults(func=cmd_ablate)
 
@@ -394,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--budgets", default="64,128")
     cp.add_argument("--strategies", default="A,B,C,D,E")
     cp.add_argument("--ratios", default="0.25,0.5,0.75")
+    cp.add_argument("--guard-z", type=float, default=1.96,
+                    help="a class's own cell must beat the pooled row by this many paired SEs (0: no guard)")
     testbed_args(cp, "calibration", "out/class_table.toml")
     cp.set_defaults(func=cmd_calibrate)
 

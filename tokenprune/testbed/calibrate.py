@@ -7,6 +7,14 @@ cell with the best mean accuracy over the budgets wins; ties go to the higher me
 of the right answer (a finer signal on a small split). ``general``, the router's fallback, gets
 the cell that is best averaged over all classes. The calibration split shares no scene with the
 test split, so nothing is tuned to the reported figures.
+
+**The guard.** A class's own best cell replaces the pooled (``general``) cell only if it beats it
+by more than its paired noise: on that class's calibration questions, over all budgets, the
+accuracy difference must exceed ``guard_z`` times its paired standard error (McNemar's
+discordant pairs). Otherwise the class keeps the pooled row. On a class the model cannot answer,
+the best of 15 cells is noise, and a noise-chosen row (say, shallow layers fed to the LLM) then
+hurts on the test split; the guard keeps such a class on the pooled row. ``guard_z = 0`` turns
+the guard off (the best cell always wins). What it decided is in the grid's ``guard`` entry.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from ..classes import CLASSES, STRATEGIES, ClassEntry, ClassTable
 from ..spec import PipelineSpec
 from .evaluate import Dist, Variant, evaluate
 from .questions import QA_CLASSES
+from .stats import mcnemar
 
 __all__ = ["calibrate", "table_toml"]
 
@@ -43,6 +52,7 @@ def calibrate(
     dist: Dist | None = None,
     progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
     source: str = "",
+    guard_z: float = 1.96,
 ) -> tuple[ClassTable, dict[str, Any]]:
     """Returns the fitted table and the grid of scores ``{class: {cell: {accuracy, mean_logp}}}``."""
     bad = [s for s in strategies if s not in STRATEGIES]
@@ -51,6 +61,7 @@ def calibrate(
     if not ratios or any(not 0 <= r <= 1 for r in ratios):
         raise ValueError(f"pivot ratios must be in [0, 1], got {list(ratios)}")
     grid: dict[str, dict[str, dict[str, float]]] = {}
+    correct: dict[str, dict[str, list[bool]]] = {}  # class -> cell -> correctness over (budget, question)
     cells_of = {_cell_name(s, a): (s, a) for s, a in itertools.product(strategies, ratios)}
     current = base.class_table.model_dump(exclude_none=True)
     for c in QA_CLASSES:
@@ -67,20 +78,41 @@ def calibrate(
             cell = cells.setdefault(run["variant"], {"accuracy": 0.0, "mean_logp": 0.0})
             cell["accuracy"] += run["accuracy"]["overall"] / len(budgets)
             cell["mean_logp"] += run["mean_logp"] / len(budgets)
+            correct.setdefault(c, {}).setdefault(run["variant"], []).extend(run["correct"])
         grid[c] = {k: {m: round(v, 5) for m, v in x.items()} for k, x in cells.items()}
         grid[c]["unpruned"] = {"accuracy": report["unpruned"]["accuracy"]["overall"],
                                "mean_logp": report["unpruned"]["mean_logp"]}
 
-    def best_entry(scores: dict[str, dict[str, float]]) -> ClassEntry:
-        s, a = cells_of[max(cells_of, key=lambda k: (scores[k]["accuracy"], scores[k]["mean_logp"]))]
+    def best(scores: dict[str, dict[str, float]]) -> str:
+        return max(cells_of, key=lambda k: (scores[k]["accuracy"], scores[k]["mean_logp"]))
+
+    def entry(cell: str) -> ClassEntry:
+        s, a = cells_of[cell]
         return ClassEntry(strategy=s, temperature=temperature, pivot_ratio=a)
 
-    rows = {c: best_entry(grid[c]) for c in QA_CLASSES}
     pooled = {k: {m: sum(grid[c][k][m] for c in QA_CLASSES) / len(QA_CLASSES) for m in ("accuracy", "mean_logp")}
               for k in cells_of}
-    rows["general"] = best_entry(pooled)
+    general = best(pooled)
+    guard = {c: _guarded(best(grid[c]), general, correct[c], guard_z) for c in QA_CLASSES}
+    rows = {c: entry(guard[c]["chosen"]) for c in QA_CLASSES}
+    rows["general"] = entry(general)
     table = ClassTable(source=source, classes=rows)
-    return table, {"budgets": list(budgets), "split": split, "scenes": scenes, "grid": grid, "pooled": pooled}
+    return table, {"budgets": list(budgets), "split": split, "scenes": scenes, "grid": grid, "pooled": pooled,
+                   "guard_z": guard_z, "guard": guard}
+
+
+def _guarded(best: str, pooled: str, correct: dict[str, list[bool]], z: float) -> dict[str, Any]:
+    """The class's best cell if it beats the pooled cell by more than ``z`` paired SEs on the
+    class's calibration questions (all budgets), else the pooled cell; with the evidence."""
+    if best == pooled:
+        return {"best": best, "pooled": pooled, "chosen": best, "delta": 0.0, "se": 0.0, "p": 1.0,
+                "why": "the class's best cell is the pooled cell"}
+    t = mcnemar(correct[best], correct[pooled])
+    wins = t["delta"] > z * t["se"] if z > 0 else True
+    why = (f"beats the pooled cell by {t['delta']:+.3f} > {z:g} x paired SE {t['se']:.3f}" if wins else
+           f"{t['delta']:+.3f} is within {z:g} x paired SE {t['se']:.3f} of the pooled cell: noise, pooled row kept")
+    return {"best": best, "pooled": pooled, "chosen": best if wins else pooled, "delta": round(t["delta"], 4),
+            "se": round(t["se"], 4), "p": round(t["p"], 5), "why": why}
 
 
 def table_toml(table: ClassTable, header: str = "") -> str:

@@ -13,6 +13,17 @@ CPU) and put back in batch order, so the result equals the single-process one.
 The answer is the argmax of the next-token logits after ``assistant:`` (every answer is one
 token, so this is greedy decoding's first token). Prefill time is the wall time of the model's
 forward on a batch, pruning included, per example.
+
+Uncertainty and evidence (:mod:`~tokenprune.testbed.stats`):
+
+- every accuracy carries a 95 % Wilson interval (``interval``);
+- every run is compared with the *reference* run at the same budget (by default the first
+  variant, CLASP in the shipped specs and ablations) by an exact McNemar test on the same
+  questions (``vs_reference``: accuracy difference, its paired SE, discordant counts, p);
+- **evidence recall**: the share of each question's evidence cells (``Question.evidence``, known
+  to the generator) among the visual tokens that reached the LLM (after in-LLM pruning too), per
+  class; model-free, so it ranks methods even where the model is weak. Not defined for image
+  down-sampling, whose tokens are not cells of the original grid.
 """
 
 from __future__ import annotations
@@ -30,9 +41,11 @@ import torch
 
 from ..pipeline import Pipeline
 from ..spec import PipelineSpec
+from .memo import memoized_tower
 from .model import prompt
 from .questions import QA_CLASSES
 from .splits import Example, examples, scene
+from .stats import mcnemar, wilson
 
 __all__ = ["Variant", "Dist", "evaluate", "chance", "UNPRUNED"]
 
@@ -90,22 +103,70 @@ def chance(exs: Sequence[Example]) -> dict[str, float]:
 
 
 def _batches(exs: Sequence[Example], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(exs)), key=lambda i: (QA_CLASSES.index(exs[i].klass), exs[i].index, i))
+    """Single-class batches, block by block of ``batch_size`` scenes: every class's questions about
+    scenes 0-15, then 16-31, ... so that a block's images stay in the tower memo
+    (:mod:`~tokenprune.testbed.memo`) while all its classes are asked."""
+    block = lambda i: exs[i].index // batch_size  # noqa: E731
+    order = sorted(range(len(exs)), key=lambda i: (block(i), QA_CLASSES.index(exs[i].klass), exs[i].index, i))
     batches: list[list[int]] = []
-    for k in QA_CLASSES:
-        members = [i for i in order if exs[i].klass == k]
-        batches += [members[j:j + batch_size] for j in range(0, len(members), batch_size)]
+    for b in sorted({block(i) for i in order}):
+        for k in QA_CLASSES:
+            members = [i for i in order if block(i) == b and exs[i].klass == k]
+            batches += [members[j:j + batch_size] for j in range(0, len(members), batch_size)]
     return batches
 
 
+def _groups(exs: Sequence[Example]) -> dict[str, list[int]]:
+    """Example indices per class, then ``overall`` (all of them)."""
+    out = {k: [i for i, e in enumerate(exs) if e.klass == k] for k in QA_CLASSES}
+    out = {k: v for k, v in out.items() if v}
+    out["overall"] = list(range(len(exs)))
+    return out
+
+
 def _summarise(exs: Sequence[Example], correct: Sequence[bool]) -> dict[str, float]:
-    acc = {}
-    for k in QA_CLASSES:
-        idx = [i for i, e in enumerate(exs) if e.klass == k]
-        if idx:
-            acc[k] = round(sum(correct[i] for i in idx) / len(idx), 4)
-    acc["overall"] = round(sum(correct) / max(1, len(correct)), 4)
-    return acc
+    return {k: round(sum(correct[i] for i in idx) / len(idx), 4) for k, idx in _groups(exs).items()}
+
+
+def _intervals(exs: Sequence[Example], correct: Sequence[bool]) -> dict[str, list[float]]:
+    """95 % Wilson interval of each accuracy in :func:`_summarise`."""
+    return {k: [round(x, 4) for x in wilson(sum(correct[i] for i in idx), len(idx))]
+            for k, idx in _groups(exs).items()}
+
+
+def _recall(exs: Sequence[Example], recall: Sequence[float | None]) -> dict[str, float]:
+    """Mean evidence recall per class (questions with evidence only)."""
+    out = {}
+    for k, idx in _groups(exs).items():
+        vals = [recall[i] for i in idx if recall[i] is not None]
+        if vals:
+            out[k] = round(sum(vals) / len(vals), 4)
+    return out
+
+
+def _paired(exs: Sequence[Example], correct: Sequence[bool], ref: Sequence[bool]) -> dict[str, dict]:
+    """Exact McNemar test of ``correct`` against the reference's ``ref``, per class and overall."""
+    out = {}
+    for k, idx in _groups(exs).items():
+        t = mcnemar([correct[i] for i in idx], [ref[i] for i in idx])
+        out[k] = {"delta": round(t["delta"], 4), "se": round(t["se"], 4), "only_this": t["a_only"],
+                  "only_reference": t["b_only"], "p": round(t["p"], 5)}
+    return out
+
+
+def kept_cells(inputs: dict[str, torch.Tensor], record, image_token_id: int, cells: int) -> torch.Tensor:
+    """``(B, cells)`` bool: which visual tokens of each prompt's (single) image reached the LLM, at
+    the last in-LLM step if the spec has one. Read from ``record.source`` / ``llm_source``, the
+    caller's column behind every position the LLM saw."""
+    ids = inputs["input_ids"]  # (B, S)
+    is_image = ids == image_token_id
+    cell_of = is_image.long().cumsum(1) - 1  # (B, S): the cell index of an image column
+    src = record.llm_source if record.llm_source is not None else record.source  # (B, S')
+    col = src.clamp_min(0)
+    image_at = is_image.gather(1, col) & (src >= 0)  # (B, S')
+    kept = torch.zeros(ids.shape[0], cells + 1, dtype=torch.bool, device=ids.device)
+    kept.scatter_(1, torch.where(image_at, cell_of.gather(1, col), cells), True)  # column `cells`: a sink
+    return kept[:, :cells]
 
 
 def evaluate(
@@ -121,11 +182,14 @@ def evaluate(
     dist: Dist | None = None,
     progress: Callable[[int, int], None] | None = None,
     device: str | torch.device = "cpu",
+    reference: str | None = None,
+    memo: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy, share retained, routing accuracy and prefill time of each variant at each budget,
-    plus the unpruned model. Returns plain data (the JSON that ``tokenprune eval`` writes)."""
-    import tokenprune as tp
-
+    """Accuracy (with 95 % intervals), evidence recall, paired tests against the ``reference``
+    variant (default: the first) and against the unpruned model, share retained, routing accuracy
+    and prefill time of each variant at each budget, plus the unpruned model. Returns plain data
+    (the JSON that ``tokenprune eval`` writes). ``memo``: compute each image's tower pass once per
+    evaluation (:func:`~tokenprune.testbed.memo.memoized_tower`)."""
     dist = dist or Dist()
     exs = examples(split, scenes)
     if classes is not None:
@@ -156,39 +220,24 @@ def evaluate(
     total, done = len(runs) * len(mine), 0
     results: dict[int, dict[int, dict]] = {}  # run -> batch -> record
     model.eval()
-    for bi in mine:  # each batch is drawn and preprocessed once, then answered by every run
-        idx = batches[bi]
-        inputs = processor(images=[scene(split, exs[i].index).image for i in idx],
-                           text=[prompt(exs[i].question.text) for i in idx],
-                           return_tensors="pt", padding=True).to(device)
-        truth = torch.tensor(tok.convert_tokens_to_ids([exs[i].question.answer for i in idx]), device=device)
-        klass = exs[idx[0]].klass
-        for r, (variant, budget) in enumerate(runs):
-            use = pipeline_for(variant, klass)
-            ctx = tp.apply(model, use, budget=budget, tokenizer=tok) if use is not None else nullcontext()
-            with ctx as handle, torch.inference_mode():
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                logits = model(**inputs).logits[:, -1]  # (B, V)
-                if cuda:
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - t0
-            pred = logits.argmax(-1)
-            logp = torch.log_softmax(logits.float(), -1).gather(1, truth[:, None])[:, 0]
-            rec = {"correct": (pred == truth).tolist(), "pred": pred.tolist(), "logp": logp.tolist(),
-                   "seconds": seconds}
-            if handle is not None:
-                last = handle.last
-                final = last.llm_kept[-1] if last.llm_kept else last.kept  # after in-LLM pruning too
-                rec["kept"] = int(final.sum())
-                rec["total"] = int(last.total.sum())
-                rec["images"] = int(last.total.numel())
-                rec["routed"] = list(handle.last.classes)
-            results.setdefault(r, {})[bi] = rec
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    with memoized_tower(model) if memo else nullcontext():
+        for bi in mine:  # each batch is drawn and preprocessed once, then answered by every run
+            idx = batches[bi]
+            inputs = processor(images=[scene(split, exs[i].index).image for i in idx],
+                               text=[prompt(exs[i].question.text) for i in idx],
+                               return_tensors="pt", padding=True).to(device)
+            truth = torch.tensor(tok.convert_tokens_to_ids([exs[i].question.answer for i in idx]), device=device)
+            klass = exs[idx[0]].klass
+            for r, (variant, budget) in enumerate(runs):
+                use = pipeline_for(variant, klass)
+                rec = _answer(model, inputs, truth, use, variant, budget, tok, cuda)
+                if "kept_cells" in rec:  # (B, M) -> evidence recall per question
+                    kept = rec.pop("kept_cells")
+                    rec["recall"] = [_evidence_recall(kept[j], exs[i].question.evidence) for j, i in enumerate(idx)]
+                results.setdefault(r, {})[bi] = rec
+                done += 1
+                if progress is not None:
+                    progress(done, total)
     gathered: dict[int, dict[int, dict]] = {}
     for part in dist.gather(results):
         for r, recs in part.items():
@@ -200,6 +249,7 @@ def evaluate(
         pred = [0] * len(exs)
         logp = [0.0] * len(exs)
         routed: list[str | None] = [None] * len(exs)
+        recall: list[float | None] = [None] * len(exs)
         for bi, idx in enumerate(batches):
             for j, i in enumerate(idx):
                 correct[i] = bool(recs[bi]["correct"][j])
@@ -207,8 +257,12 @@ def evaluate(
                 logp[i] = recs[bi]["logp"][j]
                 if "routed" in recs[bi]:
                     routed[i] = recs[bi]["routed"][j]
+                if "recall" in recs[bi]:
+                    recall[i] = recs[bi]["recall"][j]
         out: dict[str, Any] = {
             "accuracy": _summarise(exs, correct),
+            "interval": _intervals(exs, correct),
+            "correct": correct,
             "prefill_ms_per_example": round(1000 * sum(x["seconds"] for x in recs.values()) / len(exs), 3),
             "mean_logp": round(sum(logp) / len(exs), 5),
             "predictions": pred,
@@ -217,9 +271,21 @@ def evaluate(
             out["retained"] = round(sum(x["kept"] for x in recs.values()) / sum(x["total"] for x in recs.values()), 4)
             out["tokens_per_image"] = round(sum(x["kept"] for x in recs.values()) / sum(x["images"] for x in recs.values()), 1)
             out["routing_accuracy"] = round(sum(routed[i] == exs[i].klass for i in range(len(exs))) / len(exs), 4)
+            if any(x is not None for x in recall):
+                out["evidence_recall"] = _recall(exs, recall)
         return out
 
     unpruned = run_summary(0)
+    summaries = [run_summary(r) for r in range(1, len(runs))]
+    ref_name = reference if reference is not None else (variants[0].name if variants else None)
+    if ref_name is not None and variants and ref_name not in {v.name for v in variants}:
+        raise ValueError(f"reference variant '{ref_name}' is not among the variants {[v.name for v in variants]}")
+    ref_at = {b: summaries[r - 1] for r, (v, b) in enumerate(runs[1:], start=1) if v.name == ref_name}
+    for r, (variant, budget) in enumerate(runs[1:], start=1):
+        summary = summaries[r - 1]
+        summary["vs_unpruned"] = _paired(exs, summary["correct"], unpruned["correct"])
+        if budget in ref_at and variant.name != ref_name:
+            summary["vs_reference"] = _paired(exs, summary["correct"], ref_at[budget]["correct"])
     report = {
         "split": split,
         "scenes": len({e.index for e in exs}),
@@ -228,13 +294,53 @@ def evaluate(
         "chance": chance(exs),
         "batch_size": batch_size,
         "processes": dist.world,
+        "reference": ref_name,
         "unpruned": unpruned,
         "runs": [],
     }
     for r, (variant, budget) in enumerate(runs[1:], start=1):
         report["runs"].append({"variant": variant.name, "spec": variant.spec.name, "budget": budget,
-                               "oracle_router": variant.oracle_router, **run_summary(r)})
+                               "oracle_router": variant.oracle_router, **summaries[r - 1]})
     return report
+
+
+def _answer(model, inputs: dict, truth: torch.Tensor, use: Pipeline | None, variant: Variant, budget,
+            tok, cuda: bool) -> dict[str, Any]:
+    """One run on one batch: correctness, predictions, log p of the truth, time, and for a pruned
+    run the tokens kept and the (B, M) cells that reached the LLM."""
+    import tokenprune as tp
+
+    ctx = tp.apply(model, use, budget=budget, tokenizer=tok) if use is not None else nullcontext()
+    with ctx as handle, torch.inference_mode():
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = model(**inputs).logits[:, -1]  # (B, V)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    pred = logits.argmax(-1)
+    logp = torch.log_softmax(logits.float(), -1).gather(1, truth[:, None])[:, 0]
+    rec = {"correct": (pred == truth).tolist(), "pred": pred.tolist(), "logp": logp.tolist(), "seconds": seconds}
+    if handle is not None:
+        last = handle.last
+        image_id = model.config.image_token_id
+        if not variant.spec.image_downsample:  # down-sampled tokens are not cells of the grid
+            cells = int((inputs["input_ids"] == image_id).sum(1).max())  # visual tokens per image
+            rec["kept_cells"] = kept_cells(inputs, last, image_id, cells).cpu()
+        final = last.llm_kept[-1] if last.llm_kept else last.kept  # after in-LLM pruning too
+        rec["kept"] = int(final.sum())
+        rec["total"] = int(last.total.sum())
+        rec["images"] = int(last.total.numel())
+        rec["routed"] = list(last.classes)
+    return rec
+
+
+def _evidence_recall(kept: torch.Tensor, evidence: tuple[int, ...]) -> float | None:
+    """Share of ``evidence`` cells kept (``None`` for a question without evidence cells)."""
+    if not evidence:
+        return None
+    return float(kept[list(evidence)].float().mean())
 
 
 def progress_bar(desc: str):

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from .scenes import BACKGROUNDS, COLORS, SHAPES, Scene, scene_rng
+from .scenes import BACKGROUNDS, COLORS, GRID, SHAPES, Scene, SceneObject, scene_rng
 
 __all__ = ["QA_CLASSES", "AUX_KINDS", "Question", "ask", "ask_all", "ask_aux", "answer_words", "question_words",
            "aux_words"]
@@ -21,9 +21,23 @@ QA_CLASSES: tuple[str, ...] = ("ocr", "counting", "spatial", "attribute", "exist
 
 @dataclasses.dataclass(frozen=True)
 class Question:
+    """A question with its one-word answer. ``evidence``: the grid cells (row-major indices into
+    the 24 x 24 patches) that hold what the answer depends on, known to the generator; a pruning
+    method that drops them has lost the evidence. Empty when the evidence is everywhere (scene) or
+    nowhere (counting something absent).
+
+    - ocr, reasoning: the digits' cells;
+    - counting: the cells of every object counted;
+    - spatial: both objects' cells;
+    - attribute: the object's cells;
+    - existence: "yes": the object's cells; "no": the cells of every object that has the asked
+      colour or the asked shape (the distractors that must be looked at to answer "no").
+    """
+
     klass: str
     text: str
     answer: str
+    evidence: tuple[int, ...] = ()
 
 
 def _pick(rng: np.random.Generator, options):
@@ -100,18 +114,28 @@ _COMPARE = (
 )
 
 
+def _cells(*objects: SceneObject) -> tuple[int, ...]:
+    """Row-major cell indices covered by ``objects``, sorted."""
+    return tuple(sorted({(o.row + dr) * GRID + o.col + dc for o in objects
+                         for dr in range(o.span) for dc in range(o.span)}))
+
+
+def _digit_cells(scene: Scene) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.flatnonzero(scene.labels.digit.reshape(-1) > 0))
+
+
 def _ocr(scene: Scene, rng) -> Question:
-    return Question("ocr", _pick(rng, _OCR), str(scene.number))
+    return Question("ocr", _pick(rng, _OCR), str(scene.number), _digit_cells(scene))
 
 
 def _counting(scene: Scene, rng) -> Question:
     if rng.random() < 0.5:
         s = _pick(rng, SHAPES)
-        n = sum(o.shape == s for o in scene.objects)
-        return Question("counting", _pick(rng, _COUNT_SHAPE).format(ps=_plural(s)), str(n))
+        hits = [o for o in scene.objects if o.shape == s]
+        return Question("counting", _pick(rng, _COUNT_SHAPE).format(ps=_plural(s)), str(len(hits)), _cells(*hits))
     c = _pick(rng, list(COLORS))
-    n = sum(o.color == c for o in scene.objects)
-    return Question("counting", _pick(rng, _COUNT_COLOR).format(c=c), str(n))
+    hits = [o for o in scene.objects if o.color == c]
+    return Question("counting", _pick(rng, _COUNT_COLOR).format(c=c), str(len(hits)), _cells(*hits))
 
 
 def _spatial(scene: Scene, rng) -> Question | None:
@@ -132,7 +156,7 @@ def _spatial(scene: Scene, rng) -> Question | None:
             rel = {"left": "right", "right": "left", "above": "below", "below": "above"}[rel]
             truth = False
         text = _pick(rng, _SPATIAL).format(a=f"{a.color} {a.shape}", b=f"{b.color} {b.shape}", rel=_REL[rel])
-        return Question("spatial", text, "yes" if truth else "no")
+        return Question("spatial", text, "yes" if truth else "no", _cells(a, b))
     return None
 
 
@@ -143,10 +167,10 @@ def _attribute(scene: Scene, rng) -> Question | None:
     by_color = [o for o in scene.objects if colors.count(o.color) == 1]
     if by_shape and (not by_color or rng.random() < 0.5):
         o = by_shape[int(rng.integers(len(by_shape)))]
-        return Question("attribute", _pick(rng, _ATTR_COLOR).format(s=o.shape), o.color)
+        return Question("attribute", _pick(rng, _ATTR_COLOR).format(s=o.shape), o.color, _cells(o))
     if by_color:
         o = by_color[int(rng.integers(len(by_color)))]
-        return Question("attribute", _pick(rng, _ATTR_SHAPE).format(c=o.color), o.shape)
+        return Question("attribute", _pick(rng, _ATTR_SHAPE).format(c=o.color), o.shape, _cells(o))
     return None
 
 
@@ -163,7 +187,11 @@ def _existence(scene: Scene, rng) -> Question:
         c, s = pool[int(rng.integers(len(pool)))]
         ans = "no"
     text = _pick(rng, _EXIST).format(c=c, s=s).replace(" a orange", " an orange")
-    return Question("existence", text, ans)
+    if ans == "yes":
+        evidence = _cells(o)
+    else:
+        evidence = _cells(*(x for x in scene.objects if x.color == c or x.shape == s))
+    return Question("existence", text, ans, evidence)
 
 
 def _scene(scene: Scene, rng) -> Question:
@@ -172,8 +200,9 @@ def _scene(scene: Scene, rng) -> Question:
 
 def _reasoning(scene: Scene, rng) -> Question:
     if rng.random() < 0.7:
-        return Question("reasoning", _pick(rng, _SUM), str(sum(int(d) for d in str(scene.number))))
-    return Question("reasoning", _pick(rng, _COMPARE), "yes" if scene.number > 50 else "no")
+        return Question("reasoning", _pick(rng, _SUM), str(sum(int(d) for d in str(scene.number))),
+                        _digit_cells(scene))
+    return Question("reasoning", _pick(rng, _COMPARE), "yes" if scene.number > 50 else "no", _digit_cells(scene))
 
 
 _ASK = {

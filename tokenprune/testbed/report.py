@@ -1,4 +1,9 @@
-"""Tables and plots of :func:`~tokenprune.testbed.evaluate.evaluate` reports."""
+"""Tables and plots of :func:`~tokenprune.testbed.evaluate.evaluate` reports.
+
+Accuracies are shown with their 95 % Wilson interval; ``recall`` is the evidence recall (share of
+the question's evidence cells that reached the LLM); ``vs ref`` is the paired difference from the
+reference variant at the same budget with its exact McNemar p-value.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from typing import Any
 
 from .questions import QA_CLASSES
 
-__all__ = ["text_table", "markdown_table", "plot"]
+__all__ = ["text_table", "markdown_table", "recall_table", "paired_table", "plot", "style"]
 
 COLUMNS = ("overall", *QA_CLASSES)
 
@@ -24,42 +29,108 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str, dict]]:
     return rows
 
 
+def _half(row: dict[str, Any], c: str) -> float:
+    """The larger half-width of the 95 % interval of class ``c``'s accuracy."""
+    lo, hi = row.get("interval", {}).get(c, (float("nan"), float("nan")))
+    a = row["accuracy"].get(c, float("nan"))
+    return max(a - lo, hi - a)
+
+
+def _vs_ref(row: dict[str, Any], c: str = "overall") -> str:
+    t = row.get("vs_reference", {}).get(c)
+    return "" if t is None else f"{t['delta']:+.3f} p={_p(t['p'])}"
+
+
+def _p(p: float) -> str:
+    return "<.001" if p < 0.001 else f"{p:.3f}"
+
+
 def text_table(report: dict[str, Any]) -> str:
-    """A fixed-width table: accuracy per class, share retained, routing accuracy, prefill ms."""
-    head = f"{'variant':<28} {'R':>4} " + " ".join(f"{c[:8]:>8}" for c in COLUMNS)
-    head += f" {'retained':>8} {'routed':>7} {'ms/ex':>7}"
+    """A fixed-width table: accuracy per class (± the 95 % interval's half-width), evidence recall,
+    the paired difference from the reference, share retained, routing accuracy, prefill ms."""
+    head = f"{'variant':<28} {'R':>4} " + " ".join(f"{c[:10]:>10}" for c in COLUMNS)
+    head += f" {'recall':>6} {'vs ' + str(report.get('reference'))[:10]:>18} {'retained':>8} {'routed':>7} {'ms/ex':>7}"
     lines = [head, "-" * len(head)]
     chance = report["chance"]
-    lines.append(f"{'chance (majority answer)':<28} {'':>4} {'':>8} "
-                 + " ".join(f"{chance.get(c, float('nan')):>8.2f}" for c in QA_CLASSES))
+    lines.append(f"{'chance (majority answer)':<28} {'':>4} {'':>10} "
+                 + " ".join(f"{chance.get(c, float('nan')):>10.2f}" for c in QA_CLASSES))
     for name, r, row in _rows(report):
         acc = row["accuracy"]
-        line = f"{name[:28]:<28} {r:>4} " + " ".join(f"{acc.get(c, float('nan')):>8.3f}" for c in COLUMNS)
+        line = f"{name[:28]:<28} {r:>4} " + " ".join(
+            f"{acc.get(c, float('nan')):>5.3f}±{_half(row, c):.2f}"[:10].rjust(10) for c in COLUMNS)
+        recall = row.get("evidence_recall", {}).get("overall")
+        line += f" {'' if recall is None else f'{recall:.3f}':>6} {_vs_ref(row):>18}"
         line += f" {row.get('retained', 1.0):>8.3f} {row.get('routing_accuracy', float('nan')):>7.3f}"
         line += f" {row['prefill_ms_per_example']:>7.1f}"
         lines.append(line)
+    n = report["per_class"]
+    lines.append(f"n per class: {', '.join(f'{k} {v}' for k, v in n.items())}; ± is the 95 % Wilson interval; "
+                 f"'vs' is the paired difference from '{report.get('reference')}' at the same budget, exact McNemar p")
     return "\n".join(lines)
 
 
 def markdown_table(report: dict[str, Any], *, delta: bool = False) -> str:
-    """The same as a markdown table (``delta``: accuracy minus the unpruned accuracy)."""
+    """The same as a markdown table: accuracy ± the 95 % interval's half-width (``delta``: also
+    minus the unpruned accuracy), evidence recall, the paired difference from the reference."""
     base = report["unpruned"]["accuracy"]
-    head = "| variant | R | " + " | ".join(COLUMNS) + " | retained | routing acc. | prefill ms/ex |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 5)]
+    head = ("| variant | R | " + " | ".join(COLUMNS)
+            + f" | evidence recall | vs {report.get('reference')} (p) | retained | routing acc. | prefill ms/ex |")
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 7)]
     chance = report["chance"]
     lines.append("| chance (majority answer) | | | " + " | ".join(f"{chance.get(c, 0):.2f}" for c in QA_CLASSES)
-                 + " | | | |")
+                 + " | | | | | |")
     for name, r, row in _rows(report):
         acc = row["accuracy"]
         cells = []
         for c in COLUMNS:
             v = acc.get(c, float("nan"))
-            cells.append(f"{v:.3f}" if not delta or name == "unpruned" else f"{v:.3f} ({v - base.get(c, 0):+.3f})")
+            cell = f"{v:.3f} ±{_half(row, c):.3f}"
+            cells.append(cell if not delta or name == "unpruned" else f"{cell} ({v - base.get(c, 0):+.3f})")
         routed = row.get("routing_accuracy")
+        recall = row.get("evidence_recall", {}).get("overall")
         lines.append(f"| {name} | {r} | " + " | ".join(cells)
+                     + f" | {'' if recall is None else f'{recall:.3f}'} | {_vs_ref(row)}"
                      + f" | {row.get('retained', 1.0):.3f} | {'' if routed is None else f'{routed:.3f}'}"
                      + f" | {row['prefill_ms_per_example']:.1f} |")
     return "\n".join(lines)
+
+
+def recall_table(report: dict[str, Any]) -> str:
+    """Evidence recall per class and budget (markdown); scene questions have no evidence cells."""
+    cols = [c for c in COLUMNS if any(c in r.get("evidence_recall", {}) for r in report["runs"])]
+    lines = ["| variant | R | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for name, r, row in _rows(report)[1:]:
+        rec = row.get("evidence_recall")
+        if rec is not None:
+            lines.append(f"| {name} | {r} | " + " | ".join(f"{rec[c]:.3f}" if c in rec else "" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(report: dict[str, Any], alpha: float = 0.05) -> str:
+    """Per class, each run's accuracy minus the reference's at the same budget, with the exact
+    McNemar p-value; ``**`` marks p < ``alpha`` (markdown)."""
+    lines = [f"| variant | R | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    for name, r, row in _rows(report)[1:]:
+        tests = row.get("vs_reference")
+        if tests is None:
+            continue
+        cells = []
+        for c in COLUMNS:
+            t = tests.get(c)
+            mark = "**" if t is not None and t["p"] < alpha else ""
+            cells.append("" if t is None else f"{mark}{t['delta']:+.3f}{mark} (p={_p(t['p'])})")
+        lines.append(f"| {name} | {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def style(i: int) -> dict[str, Any]:
+    """Colour, marker and line style of the ``i``-th variant in a plot: 10 colours x 8 markers,
+    so no two of the first 80 variants look alike."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"].colors
+    markers = "osD^vP*X"
+    return {"color": colours[i % 10], "marker": markers[(i // 10 + i) % 8], "ls": ("-", "--", "-.", ":")[(i // 10) % 4]}
 
 
 def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
@@ -72,9 +143,12 @@ def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), sharex=True)
     variants = list(dict.fromkeys(r["variant"] for r in report["runs"]))
     for ax, c in zip(axes.flat, COLUMNS):
-        for v in variants:
+        for i, v in enumerate(variants):
             rs = sorted((r for r in report["runs"] if r["variant"] == v), key=_tokens)
-            ax.plot([_tokens(r) for r in rs], [r["accuracy"].get(c, float("nan")) for r in rs], marker="o", label=v)
+            acc = [r["accuracy"].get(c, float("nan")) for r in rs]
+            lo = [a - r.get("interval", {}).get(c, (a, a))[0] for a, r in zip(acc, rs)]
+            hi = [r.get("interval", {}).get(c, (a, a))[1] - a for a, r in zip(acc, rs)]
+            ax.errorbar([_tokens(r) for r in rs], acc, yerr=[lo, hi], capsize=2, ms=4, lw=1.2, label=v, **style(i))
         ax.axhline(report["unpruned"]["accuracy"].get(c, float("nan")), color="black", ls="--", lw=1, label="unpruned (576)")
         if c in report["chance"]:
             ax.axhline(report["chance"][c], color="grey", ls=":", lw=1, label="chance")
@@ -87,7 +161,8 @@ def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
     axes[1, 0].set_ylabel("accuracy")
     handles, labels = axes.flat[1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-    fig.suptitle(title or f"testbed '{report['split']}' split, {report['examples']} questions")
+    fig.suptitle(title or f"testbed '{report['split']}' split, {report['examples']} questions "
+                 "(error bars: 95 % Wilson intervals)")
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -218,14 +218,19 @@ def qa_loss(model, packer: Packer, scenes, questions, align_weight: float, feats
     return loss, klasses, correct
 
 
-def mimetic_init(model, qk_std: float = 0.08, vo_std: float = 0.05) -> None:
+def mimetic_init(model, qk_std: float | None = None, vo_std: float = 0.05) -> None:
     """Mimetic initialisation of the decoder's self-attention (Trockman & Kolter, 2023, "Mimetic
     initialization of self-attention layers"): ``W_k = W_q`` so that ``W_q^T W_k`` is positive
     semi-definite (a token starts out attending to tokens like itself, and with RoPE to nearby
     ones), and ``W_o = W_v^T`` so that a head starts out copying what it attends to. It only
     sets the starting point; no attention target is ever used. A decoder trained from scratch
-    otherwise sits for a long time on the retrieval plateau (``docs/testbed.md``)."""
+    otherwise sits for a long time on the retrieval plateau (``docs/testbed.md``).
+
+    ``qk_std`` defaults to ``0.08 * sqrt(128 / width)``, so the initial attention logits have the
+    same scale at every decoder width (0.08 at v1's width 128)."""
     lm = model.model.language_model
+    if qk_std is None:
+        qk_std = 0.08 * math.sqrt(128 / lm.config.hidden_size)
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for layer in lm.layers:

@@ -1,0 +1,166 @@
+"""Measurement that can rank: Wilson intervals, exact McNemar tests, evidence cells and recall,
+and the tower memo that makes many-run evaluations affordable."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tokenprune.testbed.evaluate import Variant, evaluate, kept_cells
+from tokenprune.testbed.questions import QA_CLASSES, ask
+from tokenprune.testbed.scenes import GRID
+from tokenprune.testbed.splits import scene
+from tokenprune.testbed.stats import Z95, mcnemar, paired_se, wilson
+
+
+# -- Wilson ----------------------------------------------------------------------------------------
+@given(st.integers(0, 400).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
+def test_wilson_interval_solves_its_defining_equation(kn):
+    """The bounds are the p where |k/n - p| = z sqrt(p (1 - p) / n): the score test's boundary."""
+    k, n = kn
+    lo, hi = wilson(k, n)
+    if n == 0:
+        assert (lo, hi) == (0.0, 1.0)
+        return
+    phat = k / n
+    assert 0 <= lo <= phat <= hi <= 1
+    for p in (lo, hi):
+        if 0 < p < 1:
+            assert abs(abs(phat - p) - Z95 * math.sqrt(p * (1 - p) / n)) < 1e-9
+
+
+def test_wilson_known_values_and_errors():
+    lo, hi = wilson(8, 10)  # textbook: [0.490, 0.943]
+    assert round(lo, 3) == 0.490 and round(hi, 3) == 0.943
+    assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        wilson(5, 3)
+
+
+# -- McNemar ---------------------------------------------------------------------------------------
+def _exact_p_by_enumeration(b: int, c: int) -> float:
+    """Two-sided exact p written out: the probability, under Binomial(b + c, 1/2), of every
+    outcome no more likely than the observed one."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    probs = [Fraction(math.comb(n, i), 2**n) for i in range(n + 1)]
+    return float(min(Fraction(1), sum(q for q in probs if q <= probs[b])))
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=120))
+def test_mcnemar_counts_and_exact_p(pairs):
+    a = [x for x, _ in pairs]
+    b = [y for _, y in pairs]
+    t = mcnemar(a, b)
+    assert t["a_only"] == sum(x and not y for x, y in pairs)
+    assert t["b_only"] == sum(y and not x for x, y in pairs)
+    assert t["delta"] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
+    assert t["p"] == pytest.approx(_exact_p_by_enumeration(t["a_only"], t["b_only"]), abs=1e-12)
+    assert mcnemar(b, a)["p"] == pytest.approx(t["p"])  # symmetric
+
+
+def test_mcnemar_refuses_unpaired_inputs_and_se_matches_the_formula():
+    with pytest.raises(ValueError, match="pair the same ones"):
+        mcnemar([True], [True, False])
+    # 10 + 4 discordant of 100: var = (0.14 - 0.06^2) / 100
+    assert paired_se(10, 4, 100) == pytest.approx(math.sqrt((0.14 - 0.0036) / 100))
+
+
+# -- evidence cells --------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 149), st.sampled_from(QA_CLASSES), st.integers(0, 3))
+def test_evidence_cells_hold_what_the_question_names(index, klass, draw):
+    s = scene("test", index)
+    q = ask(s, klass, draw)
+    if q is None:
+        return
+    ev = np.array(q.evidence, dtype=int)
+    assert len(set(q.evidence)) == len(q.evidence) and all(0 <= c < GRID * GRID for c in q.evidence)
+    colour = s.labels.color.reshape(-1)
+    digit = s.labels.digit.reshape(-1)
+    if klass in ("ocr", "reasoning"):
+        assert set(ev) == set(np.flatnonzero(digit > 0))
+    elif klass == "scene":
+        assert len(ev) == 0
+    elif klass == "counting":
+        assert len(ev) == 0 if q.answer == "0" else (colour[ev] > 0).all()
+        assert sum(s.labels.anchor.reshape(-1)[ev]) == int(q.answer)  # one anchor per counted object
+    elif klass in ("attribute", "spatial") or (klass == "existence" and q.answer == "yes"):
+        assert len(ev) and (colour[ev] > 0).all()
+        assert sum(s.labels.anchor.reshape(-1)[ev]) == (2 if klass == "spatial" else 1)
+
+
+def test_kept_cells_reads_the_columns_that_reached_the_llm():
+    IMG = 9
+    ids = torch.tensor([[0, 1, IMG, IMG, IMG, IMG, 5], [1, 3, 4, IMG, IMG, IMG, IMG]])  # 4 cells each
+    # row 0 kept cells 1 and 3 (columns 3, 5), row 1 kept cells 0 and 3 (columns 3, 6); -1 is padding
+    source = torch.tensor([[1, 3, 5, 6], [-1, 0, 3, 6]])
+    record = SimpleNamespace(source=source, llm_source=None)
+    got = kept_cells({"input_ids": ids}, record, IMG, 4)
+    assert got.tolist() == [[False, True, False, True], [True, False, False, True]]
+    after_llm = SimpleNamespace(source=source, llm_source=torch.tensor([[1, 5, 6], [-1, 0, 6]]))
+    assert kept_cells({"input_ids": ids}, after_llm, IMG, 4).tolist() == [[False, False, False, True], [False, False, False, True]]
+
+
+# -- the evaluation report -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report():
+    from tokenprune.spec import load_spec
+    from tokenprune.testbed.model import load
+
+    model, processor = load()
+    variants = [Variant("clasp", load_spec("specs/clasp.toml")),
+                Variant("random", load_spec("specs/variants/random.toml"))]
+    return evaluate(model, processor, variants, [32, 576], "test", scenes=3)
+
+
+def test_every_accuracy_has_an_interval_and_every_run_a_paired_test(report):
+    runs = report["runs"]
+    assert report["reference"] == "clasp"
+    for row in [report["unpruned"], *runs]:
+        for c, acc in row["accuracy"].items():
+            lo, hi = row["interval"][c]
+            assert lo <= acc <= hi
+    for r in runs:
+        assert set(r["vs_unpruned"]) == set(r["accuracy"])
+        assert ("vs_reference" in r) == (r["variant"] != "clasp")
+    rand = next(r for r in runs if r["variant"] == "random" and r["budget"] == 32)
+    clasp = next(r for r in runs if r["variant"] == "clasp" and r["budget"] == 32)
+    both = [(x, y) for x, y in zip(rand["correct"], clasp["correct"])]
+    assert rand["vs_reference"]["overall"]["only_this"] == sum(x and not y for x, y in both)
+
+
+def test_evidence_recall_is_one_when_every_token_is_kept(report):
+    full = [r for r in report["runs"] if r["budget"] == 576]
+    assert full and all(set(r["evidence_recall"].values()) == {1.0} for r in full)
+    assert "scene" not in full[0]["evidence_recall"]  # scene questions have no evidence cells
+    small = [r for r in report["runs"] if r["budget"] == 32]
+    assert all(0 <= v <= 1 for r in small for v in r["evidence_recall"].values())
+
+
+def test_tower_memo_gives_the_same_report_and_restores_the_tower():
+    from tokenprune.spec import load_spec
+    from tokenprune.testbed.memo import memoized_tower
+    from tokenprune.testbed.model import load
+
+    model, processor = load()
+    variants = [Variant("clasp", load_spec("specs/clasp.toml")),
+                Variant("vz", load_spec("specs/methods/visionzip.toml"))]
+    a = evaluate(model, processor, variants, [48], "test", scenes=2, memo=True)
+    b = evaluate(model, processor, variants, [48], "test", scenes=2, memo=False)
+    for x, y in zip([a["unpruned"], *a["runs"]], [b["unpruned"], *b["runs"]]):
+        assert x["predictions"] == y["predictions"] and x.get("evidence_recall") == y.get("evidence_recall")
+        assert x["mean_logp"] == pytest.approx(y["mean_logp"], abs=1e-4)
+    assert "forward" not in model.model.vision_tower.__dict__
+    with memoized_tower(model) as stats:
+        px = processor.image_processor([scene("test", 0).image] * 3, return_tensors="pt")["pixel_values"]
+        model.model.vision_tower(px, output_hidden_states=True)
+        model.model.vision_tower(px[:1], output_hidden_states=True)
+    assert stats == {"misses": 1, "hits": 3}  # one image, computed once
