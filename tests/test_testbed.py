@@ -138,6 +138,14 @@ def test_every_question_and_answer_tokenises_without_unknowns():
             assert unk not in ids, q.text
 
 
+def test_split_examples_never_repeat_a_question_of_a_scene():
+    ex = examples("test", 80)
+    keys = [(e.index, e.question.klass, e.question.text) for e in ex]
+    assert len(keys) == len(set(keys))
+    # two draws: some class has a second, different question for most scenes
+    assert sum(e.question.klass == "counting" for e in ex) > 1.5 * 80
+
+
 def test_existence_negatives_are_adversarial():
     hard = total = 0
     for e in examples("test", 60):

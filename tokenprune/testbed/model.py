@@ -204,9 +204,12 @@ def save(model, tokenizer, directory: str | Path, meta: dict | None = None) -> N
 
 def load(directory: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device="cpu",
          attn: str = "sdpa"):
-    """``(model, processor)`` from ``directory`` (default: the weights shipped in the package)."""
+    """``(model, processor)`` from ``directory`` (default: the weights shipped in the package;
+    ``"v1"`` / ``"v2"``: the shipped weights of that version)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
+    if str(directory) in ("v1", "v2"):  # the shipped weights of either version
+        directory = shipped_dir(int(str(directory)[1]))
     directory = Path(directory) if directory else shipped_dir()
     if not (directory / "model.safetensors").exists():
         raise FileNotFoundError(
