@@ -29,15 +29,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/tokenprune bench stages
 
-# Every figure in docs/results.md (about 65 minutes on 2 CPU cores). Calibration first: the
-# shipped class table is the calibrated one, and every later run uses it.
-ABLATIONS := fusion scoring completion pivot-ratio router
+# Every figure in docs/results.md: calibration first (the shipped class table is the calibrated
+# one, and every later step reads it), then each comparison and ablation. Resumable: a step whose
+# inputs (model, specs, class table, arguments) are unchanged since it last finished is skipped
+# (docs/results/manifest.json); `tokenprune results --force` re-runs everything.
 results: $(STAMP)
-	$(VENV)/bin/tokenprune calibrate --split calibration --scenes 60 --out tokenprune/data/class_table.toml
-	$(VENV)/bin/tokenprune ablate specs/ablations/alternatives.toml --split test --out docs/results
-	$(VENV)/bin/tokenprune ablate specs/ablations/methods.toml --split test --out docs/results
-	$(VENV)/bin/tokenprune eval --spec specs/clasp.toml --spec specs/variants/random.toml --split hard --scenes 60 --out docs/results --name hard
-	for a in $(ABLATIONS); do $(VENV)/bin/tokenprune ablate specs/ablations/$$a.toml --scenes 100 --out docs/results || exit 1; done
+	$(VENV)/bin/tokenprune results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,8 @@ from tokenprune.testbed.questions import QA_CLASSES, ask
 from tokenprune.testbed.scenes import GRID
 from tokenprune.testbed.splits import scene
 from tokenprune.testbed.stats import Z95, mcnemar, paired_se, wilson
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- Wilson ----------------------------------------------------------------------------------------
@@ -164,3 +167,69 @@ def test_tower_memo_gives_the_same_report_and_restores_the_tower():
         model.model.vision_tower(px, output_hidden_states=True)
         model.model.vision_tower(px[:1], output_hidden_states=True)
     assert stats == {"misses": 1, "hits": 3}  # one image, computed once
+
+
+# -- make results: a plan that resumes ------------------------------------------------------------
+def _results_fixture(tmp_path):
+    from tokenprune.testbed.results import Step
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        (model / f).write_text(f)
+    spec = tmp_path / "a.toml"
+    spec.write_text((ROOT / "specs/variants/random.toml").read_text())
+    steps = [Step(n, ("eval", "--spec", str(spec), "--name", n), (tmp_path / f"{n}.json",), specs=(str(spec),))
+             for n in ("one", "two")]
+    calls = []
+
+    def run(argv):
+        calls.append(argv[-1])
+        (tmp_path / f"{argv[-1]}.json").write_text("{}")
+        return 0
+
+    return model, spec, steps, calls, run
+
+
+def test_results_plan_resumes_and_reruns_exactly_what_changed(tmp_path):
+    from tokenprune.testbed.results import run_plan
+
+    model, spec, steps, calls, run = _results_fixture(tmp_path)
+    manifest = tmp_path / "manifest.json"
+    kw = dict(manifest=manifest, run=run, log=lambda s: None)
+    run_plan(steps, model, **kw)
+    assert calls == ["one", "two"]
+    run_plan(steps, model, **kw)  # nothing changed: nothing runs
+    assert calls == ["one", "two"]
+    (tmp_path / "two.json").unlink()  # a lost output re-runs its step only
+    run_plan(steps, model, **kw)
+    assert calls == ["one", "two", "two"]
+    spec.write_text(spec.read_text().replace("seed = 0", "seed = 7"))
+    run_plan(steps, model, **kw)  # a changed spec re-runs every step that reads it
+    assert calls[3:] == ["one", "two"]
+    (model / "model.safetensors").write_text("new weights")
+    run_plan(steps, model, only=["two"], **kw)
+    assert calls[5:] == ["two"]
+    run_plan(steps, model, force=True, **kw)
+    assert calls[6:] == ["one", "two"]
+
+
+def test_results_plan_stops_at_a_failing_step_and_names_it(tmp_path):
+    from tokenprune.testbed.results import run_plan
+
+    model, _, steps, calls, run = _results_fixture(tmp_path)
+    manifest = tmp_path / "manifest.json"
+    with pytest.raises(RuntimeError, match="results step 'one' failed"):
+        run_plan(steps, model, manifest=manifest, run=lambda argv: 1, log=lambda s: None)
+    assert not manifest.exists()
+    with pytest.raises(ValueError, match="unknown results step"):
+        run_plan(steps, model, manifest=manifest, run=run, only=["three"], log=lambda s: None)
+    assert calls == []
+
+
+def test_results_plan_covers_every_shipped_ablation():
+    from tokenprune.testbed.results import plan
+
+    names = {s.name for s in plan()}
+    assert {p.stem for p in (ROOT / "specs/ablations").glob("*.toml")} <= names
+    assert [s.name for s in plan()][0] == "calibrate"

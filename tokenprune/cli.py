@@ -280,11 +280,31 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from .testbed.model import resolve_dir
+    from .testbed.results import fingerprint, plan, run_plan
+
+    steps = plan()
+    model_dir = resolve_dir(args.model)
+    if args.list:
+        import json as _json
+
+        done = _json.loads(Path("docs/results/manifest.json").read_text()) if Path(
+            "docs/results/manifest.json").exists() else {}
+        for s in steps:
+            state = "up to date" if done.get(s.name, {}).get("fingerprint") == fingerprint(s, model_dir) else "to run"
+            print(f"{s.name:<13} {state:<11} tokenprune {' '.join(s.argv)}")
+        return 0
+    only = [x for x in (args.only or "").split(",") if x]
+    run_plan(steps, model_dir, model_arg=("--model", args.model) if args.model else (), force=args.force, only=only)
+    return 0
+
+
 def cmd_testbed_curve(args: argparse.Namespace) -> int:
-    from .testbed.model import shipped_dir
+    from .testbed.model import resolve_dir
     from .testbed.report import plot_training
 
-    d = Path(args.model) if args.model else shipped_dir()
+    d = resolve_dir(args.model)
     record = json.loads((d / "training.json").read_text())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plot_training(record, args.out)
@@ -406,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a class's own cell must beat the pooled row by this many paired SEs (0: no guard)")
     testbed_args(cp, "calibration", "out/class_table.toml")
     cp.set_defaults(func=cmd_calibrate)
+
+    rp = sub.add_parser("results", help="re-run the figures of docs/results.md that are not up to date")
+    rp.add_argument("--model", help="testbed model folder (default: the shipped weights)")
+    rp.add_argument("--force", action="store_true", help="re-run steps even where their inputs are unchanged")
+    rp.add_argument("--only", help="comma list of step names (see --list)")
+    rp.add_argument("--list", action="store_true", help="print the steps and whether each is up to date")
+    rp.set_defaults(func=cmd_results)
 
     tp_ = sub.add_parser("testbed", help="the testbed model")
     tsub = tp_.add_subparsers(dest="testbed_command", required=True)

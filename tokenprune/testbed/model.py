@@ -26,7 +26,7 @@ from .questions import answer_words, aux_words, question_words
 from .scenes import SIZE
 
 __all__ = ["ARCH", "ARCH_V2", "IMAGE_TOKEN", "tower_kind", "normalisation", "arch_with", "build", "build_tokenizer", "build_processor", "load", "save",
-           "shipped_dir", "prompt", "CLIP_MEAN", "CLIP_STD"]
+           "shipped_dir", "resolve_dir", "prompt", "CLIP_MEAN", "CLIP_STD"]
 
 IMAGE_TOKEN = "<image>"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -62,6 +62,16 @@ def shipped_dir(version: int = 1) -> Path:
     if version not in (1, 2):
         raise ValueError(f"testbed version {version} does not exist; choose 1 or 2")
     return Path(str(resources.files("tokenprune").joinpath("data/testbed" if version == 1 else "data/testbed_v2")))
+
+
+def resolve_dir(directory: str | Path | None) -> Path:
+    """A model folder from what a user gives: ``None`` (the default shipped weights), ``"v1"`` or
+    ``"v2"`` (the shipped weights of that version), or a path."""
+    if directory is None or str(directory) == "":
+        return shipped_dir()
+    if str(directory) in ("v1", "v2"):
+        return shipped_dir(int(str(directory)[1]))
+    return Path(directory)
 
 
 def tower_kind(config) -> str:
@@ -208,9 +218,7 @@ def load(directory: str | Path | None = None, *, dtype: torch.dtype = torch.floa
     ``"v1"`` / ``"v2"``: the shipped weights of that version)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
-    if str(directory) in ("v1", "v2"):  # the shipped weights of either version
-        directory = shipped_dir(int(str(directory)[1]))
-    directory = Path(directory) if directory else shipped_dir()
+    directory = resolve_dir(directory)
     if not (directory / "model.safetensors").exists():
         raise FileNotFoundError(
             f"no testbed weights in {directory}: train them with `tokenprune testbed train --out {directory}`")

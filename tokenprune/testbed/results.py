@@ -1,0 +1,130 @@
+"""``tokenprune results``: every figure of ``docs/results.md``, as a plan of steps that resumes.
+
+Each step is one ``tokenprune`` command (calibrate, eval or ablate) with its outputs. After a step
+succeeds, its *fingerprint* goes into ``docs/results/manifest.json``: a hash of its arguments, the
+model's weights and config, and every resolved spec it runs (stages, parameters and the class
+table they read). A later ``tokenprune results`` skips a step whose outputs exist and whose
+fingerprint is unchanged, so an interrupted run (a session that ends, a ``Ctrl-C``) resumes at the
+first step not done, and a new class table re-runs every step that reads it. The manifest is
+committed beside the figures, so a fresh clone knows which figures match its inputs.
+
+What the fingerprint does not see is the code: after a change to a stage's implementation, run
+``tokenprune results --force`` (or ``--only NAME`` for one step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+__all__ = ["Step", "plan", "fingerprint", "run_plan"]
+
+RESULTS = Path("docs/results")
+TABLE = Path("tokenprune/data/class_table.toml")
+#: the per-class ablations of CLASP, run on the first ``ABLATION_SCENES`` test scenes
+ABLATIONS = ("fusion", "scoring", "completion", "pivot-ratio", "router")
+ABLATION_SCENES = 150
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One command of the plan. ``specs``: spec files it runs (beside an ablation file's own)."""
+
+    name: str
+    argv: tuple[str, ...]
+    outputs: tuple[Path, ...]
+    specs: tuple[str, ...] = ()
+    ablation: str | None = None
+
+
+def plan(results: Path = RESULTS, table: Path = TABLE) -> list[Step]:
+    """The steps of ``docs/results.md``, in order: calibration first (every later step reads the
+    table it writes), then the comparisons on the test split, the hard split and the ablations."""
+    r = str(results)
+    steps = [Step("calibrate", ("calibrate", "--split", "calibration", "--out", str(table)),
+                  (table, table.with_suffix(".json")), specs=("specs/clasp.toml",))]
+    for name in ("alternatives", "methods"):
+        f = f"specs/ablations/{name}.toml"
+        steps.append(Step(name, ("ablate", f, "--split", "test", "--out", r), _ablation_outputs(results, name),
+                          ablation=f))
+    hard = ("specs/clasp.toml", "specs/variants/random.toml")
+    steps.append(Step("hard", ("eval", "--spec", hard[0], "--spec", hard[1], "--split", "hard", "--out", r,
+                               "--name", "hard"), (results / "hard.json", results / "hard.png"), specs=hard))
+    for name in ABLATIONS:
+        f = f"specs/ablations/{name}.toml"
+        steps.append(Step(name, ("ablate", f, "--scenes", str(ABLATION_SCENES), "--out", r),
+                          _ablation_outputs(results, name), ablation=f))
+    return steps
+
+
+def _ablation_outputs(results: Path, name: str) -> tuple[Path, ...]:
+    return tuple(results / f"ablation-{name}.{ext}" for ext in ("json", "md", "png"))
+
+
+def fingerprint(step: Step, model_dir: Path) -> str:
+    """sha256 over the step's arguments, the model's files and every spec it resolves."""
+    from ..spec import load_spec
+    from .ablation import load_ablation
+
+    h = hashlib.sha256(json.dumps(step.argv).encode())
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        h.update(_file_digest(model_dir / f).encode())
+    resolved = [_resolved(load_spec(p)) for p in step.specs]
+    if step.ablation:
+        _, variants = load_ablation(step.ablation)
+        resolved += [f"{v.name}:{v.oracle_router}:{v.budgets}:{_resolved(v.spec) if v.spec else None}"
+                     for v in variants]
+    for text in resolved:
+        h.update(text.encode())
+    return h.hexdigest()
+
+
+def _resolved(spec) -> str:
+    """Every stage with its parameters and the class table: what ``tokenprune spec show`` prints."""
+    return json.dumps(spec.resolved(), sort_keys=True, default=str)
+
+
+def _file_digest(path: Path) -> str:
+    if not path.exists():
+        return f"{path.name}: absent"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str] = (), force: bool = False,
+             only: Sequence[str] = (), manifest: Path = RESULTS / "manifest.json",
+             run: Callable[[list[str]], int] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the steps not done (all with ``force``; just ``only`` when given) and return the manifest."""
+    unknown = sorted(set(only) - {s.name for s in steps})
+    if unknown:
+        raise ValueError(f"unknown results step(s) {unknown}; the plan has {[s.name for s in steps]}")
+    if run is None:
+        from ..cli import main as run
+    done = json.loads(manifest.read_text()) if manifest.exists() else {}
+    for step in steps:
+        if only and step.name not in only:
+            continue
+        fp = fingerprint(step, model_dir)
+        current = done.get(step.name, {}).get("fingerprint") == fp and all(o.exists() for o in step.outputs)
+        if current and not force:
+            log(f"results: {step.name} is up to date ({done[step.name]['finished']}); --force re-runs it")
+            continue
+        log(f"results: {step.name}: tokenprune {' '.join(step.argv)}")
+        t0 = time.perf_counter()
+        rc = run([*step.argv, *model_arg])
+        if rc:
+            raise RuntimeError(f"results step '{step.name}' failed (exit {rc}): tokenprune {' '.join(step.argv)}; "
+                               "fix it and run `tokenprune results` again to resume from this step")
+        fp = fingerprint(step, model_dir)  # calibrate rewrites the table: record what now stands
+        done[step.name] = {"fingerprint": fp, "argv": list(step.argv),
+                           "seconds": round(time.perf_counter() - t0, 1),
+                           "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps(done, indent=1) + "\n")
+        sys.stdout.flush()
+    return done
