@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -65,6 +66,11 @@ class ClaspCompletion(Completion):
     spread_without_pivots: bool = Field(
         True, description="with K1 = 0, seed every floor(|U|/K2)-th token instead of the first K2"
     )
+    medoid_centres: Literal["updated", "assigning"] = Field(
+        "updated", description="medoids (eq. 41) against the centres updated from the final clusters (eq. 40, "
+        "as the paper orders them) or 'assigning': against the centres that made the final assignment "
+        "(tokenprune's order before the testbed v2 figures)"
+    )
 
     def plan(self, req: CompletionRequest, trace: bool = False) -> ClaspPlan:
         x = req.unit  # (B, M, D)
@@ -94,8 +100,9 @@ class ClaspCompletion(Completion):
             spread.scatter_(1, torch.where(j < k2.view(B, 1), at, M), True)
             seeds = torch.where(has_pivots.unsqueeze(1), seeds, spread[:, :M] & pool)
         seed_index, seed_ok = ops.compact(seeds)  # (B, K2max)
-        # 3. spherical k-means over the pool (eqs. 39-40)
-        km = ops.spherical_kmeans(x, pool, seed_index, seed_ok, self.iterations, self.early_stop, trace)
+        # 3. spherical k-means over the pool (eqs. 39-40, T rounds)
+        km = ops.spherical_kmeans(x, pool, seed_index, seed_ok, self.iterations, self.early_stop, trace,
+                                  final_update=self.medoid_centres == "updated")
         # 4. medoids (eq. 41), then fill to exactly K2
         med = ops.cluster_medoids(x, pool, km, tiebreak=rho)  # (B, K2max), M = none
         chosen = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device).scatter_(1, med, True)[:, :M]

@@ -82,8 +82,10 @@ def test_medoids_are_members_and_result_is_exact(device, case, dtype):
     assert not (mask & ~req.pool).any()
 
 
-def _reference_clasp(u, pivots, pool, k2, iterations=10):
-    """CLASP stage 4 for one sample, written directly from eqs. 36-41 with Python loops."""
+def _reference_clasp(u, pivots, pool, k2, iterations=10, medoid_centres="updated"):
+    """CLASP stage 4 for one sample, written directly from eqs. 36-41 with Python loops: T rounds
+    of assignment (39) then update (40), stopping early when an assignment repeats, then medoids
+    (41) against the centres of the final clusters. ``"assigning"``: the last round skips (40)."""
     P = pivots.nonzero().flatten().tolist()
     U = pool.nonzero().flatten().tolist()
     rho = {t: max(float(u[t] @ u[j]) for j in P) for t in U}
@@ -93,10 +95,10 @@ def _reference_clasp(u, pivots, pool, k2, iterations=10):
     for step in range(iterations):
         new = {t: max(range(k2), key=lambda k: (float(u[t] @ mu[k]), -k)) for t in U}
         if new == assign:
-            break
+            break  # converged: mu are already the normalised sums of these clusters
         assign = new
-        if step == iterations - 1:
-            break  # the last step assigns; medoids are measured against these centres
+        if step == iterations - 1 and medoid_centres == "assigning":
+            break
         for k in range(k2):
             members = [t for t in U if assign[t] == k]
             if members:
@@ -116,13 +118,31 @@ def _reference_clasp(u, pivots, pool, k2, iterations=10):
     return chosen
 
 
-@given(case=requests(max_M=24, min_k1=1))
-def test_clasp_completion_equals_hand_written_reference(device, case):
+@given(case=requests(max_M=24, min_k1=1), iterations=st.sampled_from([1, 2, 10]),
+       medoid_centres=st.sampled_from(["updated", "assigning"]))
+def test_clasp_completion_equals_hand_written_reference(device, case, iterations, medoid_centres):
     req = build_request(case, torch.float64, device)
-    mask = ClaspCompletion().complete(req).mask.cpu()
+    stage = ClaspCompletion(iterations=iterations, medoid_centres=medoid_centres)
+    mask = stage.complete(req).mask.cpu()
     for b in range(case["B"]):
-        ref = _reference_clasp(req.unit[b].cpu(), req.pivots[b].cpu(), req.pool[b].cpu(), case["k2"][b])
+        ref = _reference_clasp(req.unit[b].cpu(), req.pivots[b].cpu(), req.pool[b].cpu(), case["k2"][b],
+                               iterations, medoid_centres)
         assert set(mask[b].nonzero().flatten().tolist()) == ref
+
+
+def test_medoids_use_the_updated_centres_unless_asked_otherwise():
+    """One round (T = 1) on a cluster seeded at its edge: eq. 41 against the updated centre picks
+    the member nearest the cluster's mean; against the seed centre it would pick the seed."""
+    a = math.radians
+    u = torch.tensor([[math.cos(a(d)), math.sin(a(d)), 0.0] for d in (0, 30, 40, 50)] + [[0, 0, 1.0]])
+    u = u.unsqueeze(0).double()  # (1, 5, 3); token 4 is the pivot, orthogonal to all
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    pivots = torch.tensor([[False, False, False, False, True]])
+    tokens = tp.VisualTokens(layers={1: u}, num_layers=1)
+    req = CompletionRequest(u, torch.zeros(1, 5), pivots, torch.tensor([1]), valid, tokens, tp.Fused(u, u))
+    chosen = lambda m: ClaspCompletion(iterations=1, medoid_centres=m).complete(req).mask[0].nonzero().flatten()
+    assert chosen("updated").tolist() == [1]  # the cluster's mean direction is at 30.2 deg
+    assert chosen("assigning").tolist() == [0]  # the seed (lowest rho, lowest index) matches itself best
 
 
 def test_without_pivots_seeds_are_spread_evenly():

@@ -156,7 +156,7 @@ class KMeansResult:
         iterations: assignment steps run (each costs one ``(N, D) x (D, K)`` product per row).
         objective: ``(B, iterations)`` float32 trace of ``sum_t u_t . mu_{a_t}`` measured right
             after each assignment step, if requested, else ``None``.
-        score: ``(B, N)`` similarity of each slot to its own centre, from the last products.
+        score: ``(B, N)`` similarity of each slot to its own (returned) centre.
     """
 
     centres: Tensor
@@ -191,16 +191,22 @@ def spherical_kmeans(
     iterations: int = 10,
     early_stop: bool = True,
     trace: bool = False,
+    final_update: bool = True,
 ) -> KMeansResult:
     """Spherical k-means over unit vectors, initialised at given members, batched with masks.
 
-    Assignment: ``a_t = argmax_k u_t . mu_k`` (ties to the lower ``k``). Update:
-    ``mu_k = normalise(sum_{t in S_k} u_t)``; an empty cluster keeps its previous centre. Runs
-    ``iterations`` assignment steps with an update between consecutive ones, or stops earlier
-    (``early_stop``) once no assignment changes in any row. It always ends on an assignment step,
-    so the returned centres are the ones that produced the returned assignment, and the last
-    products give every slot's similarity to its centre for free (used for medoids). Rows that converged earlier are at a fixed point, so extra steps leave them as
+    Assignment (CLASP eq. 39): ``a_t = argmax_k u_t . mu_k`` (ties to the lower ``k``). Update
+    (eq. 40): ``mu_k = normalise(sum_{t in S_k} u_t)``; an empty cluster keeps its previous
+    centre. Runs ``iterations`` rounds of assignment then update, or stops earlier
+    (``early_stop``) once no assignment changes in any row (the centres are then already the
+    normalised sums of their clusters). The returned centres are those of the returned clusters,
+    and ``score`` is each slot's similarity to its own centre (``O(N D)``), which is what medoids
+    (eq. 41) need. Rows that converged earlier are at a fixed point, so extra rounds leave them as
     they were: a batched call equals the per-row calls.
+
+    ``final_update=False`` skips the last round's update: the centres returned are the ones that
+    produced the final assignment, and ``score`` comes from that assignment's products (the order
+    tokenprune 0.1 used until the testbed v2 figures, kept to reproduce earlier figures).
 
     Args:
         x: ``(B, N, D)`` unit pool vectors (fp32/fp16/bf16; products run in this dtype).
@@ -210,6 +216,7 @@ def spherical_kmeans(
         iterations: maximum number of assignment steps ``T`` (>= 1).
         early_stop: stop when assignments no longer change.
         trace: also return the objective after each assignment step.
+        final_update: update the centres after the last assignment (eq. 40 before eq. 41).
 
     Returns:
         :class:`KMeansResult`.
@@ -237,14 +244,23 @@ def spherical_kmeans(
         steps += 1
         if trace:
             objectives.append(best.float().masked_fill(~valid, 0).sum(1))  # (B,)
-        if step == T - 1 or (early_stop and prev is not None and torch.equal(assign, prev)):
-            break  # end on an assignment step: `best` is measured against the current centres
+        converged = early_stop and prev is not None and torch.equal(assign, prev)
+        if converged or (step == T - 1 and not final_update):
+            break  # converged: the centres are already those of these clusters
         prev = assign
-        sums = _cluster_sums(x, assign, K)  # (B, K, D)
-        empty = norm_f32(sums) == 0  # (B, K)
-        mu = torch.where(empty.unsqueeze(-1), mu, unit(sums))  # (B, K, D)
+        mu = _update_centres(x, assign, mu)  # (B, K, D)
+    if final_update:  # every row scored the same way, so a batched call equals per-row calls
+        own = gather_rows(mu, assign.clamp_max(K - 1))  # (B, N, D) each slot's own centre
+        best = (x * own).sum(-1)  # (B, N), O(N D)
     obj = torch.stack(objectives, 1) if trace else None  # (B, T)
     return KMeansResult(centres=mu, assign=assign, iterations=steps, objective=obj, score=best)
+
+
+def _update_centres(x: Tensor, assign: Tensor, mu: Tensor) -> Tensor:
+    """Eq. 40: ``mu_k = normalise(sum_{t in S_k} u_t)``; an empty cluster keeps its centre."""
+    sums = _cluster_sums(x, assign, mu.shape[1])  # (B, K, D)
+    empty = norm_f32(sums) == 0  # (B, K)
+    return torch.where(empty.unsqueeze(-1), mu, unit(sums))  # (B, K, D)
 
 
 def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor | None = None) -> Tensor:
