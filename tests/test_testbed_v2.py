@@ -44,6 +44,16 @@ def test_miniature_training_finishes_with_a_curve_and_a_check(trained):
     assert saved["check"]["predictions"] == record["check"]["predictions"]
 
 
+def test_training_curve_plots_from_the_run_and_from_a_checkpoint(trained, tmp_path):
+    from tokenprune.cli import main
+
+    tmp, _ = trained
+    for source in (tmp / "run", tmp / "run" / "checkpoint.pt"):
+        out = tmp_path / f"{source.name}.png"
+        assert main(["testbed", "curve", "--model", str(source), "--out", str(out)]) == 0
+        assert out.stat().st_size > 10_000
+
+
 def test_saved_weights_leave_the_tower_out_and_load_back_exactly(trained):
     tmp, _ = trained
     own = load_file(str(tmp / "run" / "model.safetensors"))

@@ -305,7 +305,13 @@ def cmd_testbed_curve(args: argparse.Namespace) -> int:
     from .testbed.report import plot_training
 
     d = resolve_dir(args.model)
-    record = json.loads((d / "training.json").read_text())
+    if d.suffix == ".pt":  # a run in progress: its checkpoint's curve
+        import torch
+
+        ck = torch.load(d, weights_only=False)
+        record = {"version": 2, "config": ck["config"], "curve": ck["state"]["curve"]}
+    else:
+        record = json.loads((d / "training.json").read_text())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plot_training(record, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
@@ -449,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--threads", type=int, default=0)
     tt.set_defaults(func=cmd_testbed_train)
     tc = tsub.add_parser("curve", help="plot a model's training curve (its training.json)")
-    tc.add_argument("--model", help="model folder (default: the shipped weights)")
+    tc.add_argument("--model", help="model folder, v1 / v2, or a v2 run's checkpoint.pt (default: the shipped weights)")
     tc.add_argument("--out", default="out/training-curve.png")
     tc.set_defaults(func=cmd_testbed_curve)
     return p

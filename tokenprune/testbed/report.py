@@ -176,6 +176,8 @@ def plot_training(record: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if record.get("version") == 2:
+        return _plot_training_v2(record, path)
     curve = record["curve"]
     s1 = [p for p in curve if p["stage"] == 1]
     s2 = [p for p in curve if p["stage"] == 2]
@@ -195,6 +197,44 @@ def plot_training(record: dict[str, Any], path: str | Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    for ax in axes[:2]:
+        ax.set_ylim(0, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _plot_training_v2(record: dict[str, Any], path: str | Path) -> None:
+    """v2: held-out accuracy per class (val scenes, the questions eval asks), the training
+    stream's accuracy per class and per auxiliary kind, and the loss with the learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = record["curve"]
+    val = [p for p in curve if "val" in p]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    for i, k in enumerate((*QA_CLASSES, "overall")):
+        axes[0].plot([p["step"] for p in val], [p["val"].get(k, float("nan")) for p in val], label=k,
+                     **{**style(i), "ls": "-"}, lw=2.5 if k == "overall" else 1.2)
+    axes[0].axhline(0.9, color="grey", ls=":", lw=1)
+    axes[0].set_title("held-out accuracy per class (val scenes)")
+    aux = sorted({k for p in curve for k in p if k.startswith("aux:")})
+    for i, k in enumerate((*QA_CLASSES, *aux)):
+        axes[1].plot([p["step"] for p in curve], [p.get(k, float("nan")) for p in curve], label=k,
+                     color=style(i)["color"], ls="--" if k in aux else "-", lw=1)
+    axes[1].set_title("training stream accuracy (per class, auxiliary dashed)")
+    axes[2].plot([p["step"] for p in curve], [p["loss"] for p in curve], label="loss (answers + 0.5 alignment)")
+    axes[2].set_yscale("log")
+    lr = axes[2].twinx()
+    lr.plot([p["step"] for p in curve], [p["lr"] for p in curve], color="grey", ls=":", label="learning rate")
+    lr.set_ylabel("learning rate")
+    axes[2].set_title("loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(f"step ({record['config']['batch']} scenes)")
+        ax.legend(fontsize=7, ncol=2)
     for ax in axes[:2]:
         ax.set_ylim(0, 1.02)
     fig.tight_layout()
