@@ -24,18 +24,30 @@ class ConditionalDPP(Completion):
     ``theta`` weighs relevance more (the paper's trade-off). Pivots, if any, are conditioned on:
     the DPP continues from them. With no pivots (the published method) the whole budget is
     the DPP's.
+
+    ``released = True`` reproduces the released code's quality (see ``docs/methods.md``): the
+    relevance is negated and enters linearly. The released code normalises over the whole batch;
+    here each image is normalised on its own, which is the same at batch size 1 (how it is run).
     """
 
     theta: float = Field(0.5, ge=0, lt=1, description="relevance/diversity trade-off in [0, 1)")
+    released: bool = Field(
+        False, description="the released code's quality instead of the paper's: relevance negated, "
+        "q = (r - min + 1e-6) / (max - min), linear (its exp(theta ...) line is commented out; theta unused)"
+    )
 
     def complete(self, req: CompletionRequest) -> CompletionResult:
         phi = req.scores.float()
         valid = req.valid
+        if self.released:
+            phi = -phi  # the released code ranks by negated image-text similarity
         lo = phi.masked_fill(~valid, float("inf")).amin(1, keepdim=True)
         hi = phi.masked_fill(~valid, float("-inf")).amax(1, keepdim=True)
-        r = ((phi - lo) / (hi - lo).clamp_min(1e-6)).masked_fill(~valid, 0)  # (B, M) in [0, 1]
-        alpha = self.theta / (2 * (1 - self.theta))
-        q = torch.exp(alpha * r)  # (B, M)
+        if self.released:  # linear quality, strictly positive (the released normalisation)
+            q = ((phi - lo + 1e-6) / (hi - lo).clamp_min(1e-6)).masked_fill(~valid, 1.0)  # (B, M)
+        else:
+            r = ((phi - lo) / (hi - lo).clamp_min(1e-6)).masked_fill(~valid, 0)  # (B, M) in [0, 1]
+            q = torch.exp(self.theta / (2 * (1 - self.theta)) * r)  # (B, M)
         gram = ops.similarity_rows(req.unit)  # once, when the features would not stay in cache
         return CompletionResult(ops.greedy_dpp_map(req.unit, q, req.pool, req.pivots, req.k2, gram=gram))
 

@@ -143,6 +143,32 @@ def test_dpp_greedy_matches_brute_force_map_on_tiny_kernels():
         assert got[0].nonzero().flatten().tolist() == sorted(best), trial
 
 
+@given(seed=st.integers(0, 10_000), M=st.integers(2, 9), k=st.integers(1, 4))
+def test_dpp_as_released_equals_the_released_rule_written_out(seed, M, k):
+    """released = True: quality = min-max of the *negated* relevance plus 1e-6, linear (the
+    released code's exp line is commented out), then greedy MAP, by explicit determinants."""
+    from tokenprune.stages import CompletionRequest
+    from tokenprune_plugins.cdpruner import ConditionalDPP
+
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, M)
+    x = _unit(torch.randn(1, M, 12, generator=g, dtype=torch.float64))
+    phi = torch.rand(1, M, generator=g, dtype=torch.float64)
+    rel = -phi[0]
+    q = (rel - rel.min() + 1e-6) / (rel.max() - rel.min())
+    L = q[:, None] * (x[0] @ x[0].T) * q[None, :]
+    want = _naive_greedy(L, k)
+    tokens = tp.VisualTokens(layers={1: x}, num_layers=1)
+    valid = torch.ones(1, M, dtype=torch.bool)
+    req = CompletionRequest(x, phi, torch.zeros(1, M, dtype=torch.bool), torch.tensor([k]), valid, tokens,
+                            tp.Fused(x, x))
+    assert ConditionalDPP(released=True).complete(req).mask[0].nonzero().flatten().tolist() == want
+    paper = ConditionalDPP().complete(req).mask[0].nonzero().flatten().tolist()
+    r = (phi[0] - phi[0].min()) / (phi[0].max() - phi[0].min())
+    q = torch.exp(0.5 * r)  # theta = 0.5: alpha = 0.5
+    assert paper == _naive_greedy(q[:, None] * (x[0] @ x[0].T) * q[None, :], k)
+
+
 def test_dpp_relevance_trade_off():
     """theta = 0 ignores relevance; with duplicated features, a high theta keeps the relevant copy."""
     x = _unit(torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64))
