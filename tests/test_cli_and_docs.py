@@ -137,3 +137,54 @@ def test_bench_prefill_runs_and_reports_bounds(tmp_path, capsys):
             assert 0 < r["overhead_share"] < 1
             assert r["flops"] < rows[0]["flops"] * r["batch"]
     assert "roofline bound" in capsys.readouterr().out
+
+
+# -- one budget grammar on the command line ---------------------------------------------------------
+@pytest.mark.parametrize("flag", [["eval", "--budgets"], ["ablate", "specs/ablations/fusion.toml", "--budgets"],
+                                  ["calibrate", "--budgets"], ["demo", "--budget"]])
+def test_every_budget_flag_takes_tokens_or_a_ratio_and_names_itself_on_error(flag):
+    from tokenprune.cli import build_parser
+
+    parser = build_parser()
+    value = "64,0.25" if flag[-1] == "--budgets" else "0.25"
+    got = getattr(parser.parse_args([*flag, value]), flag[-1].lstrip("-"))
+    assert got == ([64, 0.25] if flag[-1] == "--budgets" else 0.25)
+    assert type(got[0] if isinstance(got, list) else got) is (int if isinstance(got, list) else float)
+    for bad, why in (("abc", "is not a budget"), ("0", "at least one token"), ("1.5", "ratio in (0, 1]"),
+                     ("-3", "at least one token")):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*flag, bad])
+        assert exc.value.code == 2
+
+
+def test_budget_errors_name_the_flag_and_come_before_any_output(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--budgets", "0.25,abc"])
+    err = capsys.readouterr().err
+    assert "argument --budgets: 'abc' is not a budget" in err
+    assert main(["demo", "--budget", "10000", "--model", "v1", "--out", "unused"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--budget 10000: this model has 576 visual tokens per image" in err
+
+
+def test_every_command_and_flag_has_plain_help_text():
+    import argparse
+
+    from tokenprune.cli import build_parser
+
+    missing, markup = [], []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        text = parser.format_help()
+        if "``" in text or ":func:" in text:
+            markup.append(path)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) and not action.help:
+                missing.append(f"{path} {action.option_strings or action.dest}")
+
+    walk(build_parser(), "tokenprune")
+    assert not markup, f"reST markup in --help of {markup}"
+    assert not missing, f"flags without help: {missing}"

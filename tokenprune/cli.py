@@ -114,8 +114,45 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _csv_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def count_list(text: str) -> list[int]:
+    """A comma list of positive integers (batch sizes; the benchmarks' token counts)."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of whole numbers (e.g. 64,128)") from None
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}': give one or more positive whole numbers (e.g. 64,128)")
+    return out
+
+
+def budget_value(text: str) -> int | float:
+    """One budget from the command line, with the API's grammar: tokens per image (``64``) or a
+    ratio of each image's tokens in (0, 1] (``0.25``; ``1.0`` keeps all). Raises
+    ``argparse.ArgumentTypeError``, so argparse names the flag and stops before anything loads."""
+    t = text.strip()
+    try:
+        tokens = int(t)
+    except ValueError:
+        try:
+            ratio = float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a budget: give tokens per image (64) or a ratio in (0, 1] (0.25)") from None
+        if not 0 < ratio <= 1:
+            raise argparse.ArgumentTypeError(
+                f"{t} is neither a token count nor a ratio in (0, 1]: give an integer for tokens per image") from None
+        return ratio
+    if tokens <= 0:
+        raise argparse.ArgumentTypeError(f"{tokens} tokens per image: a budget must keep at least one token")
+    return tokens
+
+
+def budget_list(text: str) -> list[int | float]:
+    """A comma list of budgets (``64,128,0.25``)."""
+    items = [x for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("no budget given: e.g. 64,128,192 or 0.25")
+    return [budget_value(x) for x in items]
 
 
 def cmd_bench_stages(args: argparse.Namespace) -> int:
@@ -133,7 +170,7 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
     if "cuda" in devices:
         print(f"cuda: {torch.cuda.get_device_name()}", file=sys.stderr)
     rows = bench.run(
-        spec, devices, args.shapes.split(","), _csv_ints(args.batch), _csv_ints(args.budgets),
+        spec, devices, args.shapes.split(","), args.batch, args.budgets,
         repeats=args.repeats, dtype=dtype,
         progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
     )
@@ -142,12 +179,12 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
     if not args.clasp_only:
         specs_dir = _default_spec().parent
         methods = bench.run_methods(
-            specs_dir, devices, args.shapes.split(","), _csv_ints(args.batch), _csv_ints(args.budgets)[0],
+            specs_dir, devices, args.shapes.split(","), args.batch, args.budgets[0],
             repeats=args.repeats, dtype=dtype,
             progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
         )
         print()
-        print(f"every method at {_csv_ints(args.budgets)[0]} tokens (pooling keeps its own count):")
+        print(f"every method at {args.budgets[0]} tokens (pooling keeps its own count):")
         print(bench.format_methods(methods))
     if args.json:
         Path(args.json).write_text(json.dumps({"clasp": [r.as_dict() for r in rows],
@@ -165,7 +202,7 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
         args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     _threads(args)
     result = bench.run(
-        args.model, args.spec or _default_spec(), tuple(_csv_ints(args.batch)), tuple(_csv_ints(args.budgets)),
+        args.model, args.spec or _default_spec(), tuple(args.batch), tuple(args.budgets),
         repeats=args.repeats, new_tokens=args.new_tokens, device=device, dtype=dtype,
         progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
     )
@@ -196,7 +233,7 @@ def _write_report(report: dict, out: Path, stem: str, title: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .testbed.evaluate import Dist, Variant, evaluate, progress_bar
-    from .testbed.model import load
+    from .testbed.model import check_budgets_fit, load
     from .testbed.report import text_table
 
     _threads(args)
@@ -205,7 +242,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     variants = [Variant(s.name, s, budgets=(None,) if s.completion_fixes_budget else None) for s in specs]
     dist = Dist.from_env()
     model, processor = load(args.model, device=args.device)
-    report = evaluate(model, processor, variants, _csv_ints(args.budgets), args.split, scenes=args.scenes,
+    check_budgets_fit(args.budgets, model, "--budgets")
+    report = evaluate(model, processor, variants, args.budgets, args.split, scenes=args.scenes,
                       batch_size=args.batch, dist=dist, progress=None if args.quiet else progress_bar("eval"),
                       device=args.device, reference=args.reference)
     if dist.rank == 0:
@@ -218,15 +256,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .testbed.ablation import load_ablation
     from .testbed.evaluate import Dist, evaluate, progress_bar
-    from .testbed.model import load
+    from .testbed.model import check_budgets_fit, load
     from .testbed.report import markdown_table, paired_table, recall_table
 
     _threads(args)
     abl, variants = load_ablation(args.file)
     split = args.split or abl.split
-    budgets = _csv_ints(args.budgets) if args.budgets else abl.budgets
+    budgets = args.budgets or abl.budgets
     dist = Dist.from_env()
     model, processor = load(args.model, device=args.device)
+    check_budgets_fit(budgets, model, "--budgets" if args.budgets else f"{args.file}: budgets")
     report = evaluate(model, processor, variants, budgets, split, scenes=args.scenes, batch_size=args.batch,
                       dist=dist, progress=None if args.quiet else progress_bar(f"ablate {abl.name}"),
                       device=args.device, reference=args.reference)
@@ -250,13 +289,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .testbed.calibrate import calibrate, table_toml
     from .testbed.evaluate import Dist, progress_bar
-    from .testbed.model import load
+    from .testbed.model import check_budgets_fit, load
 
     _threads(args)
     base = load_spec(args.spec or _default_spec())
     dist = Dist.from_env()
     model, processor = load(args.model, device=args.device)
-    budgets = _csv_ints(args.budgets)
+    budgets = args.budgets
+    check_budgets_fit(budgets, model, "--budgets")
     ratios = [float(x) for x in args.ratios.split(",")]
     source = (f"calibrated by `tokenprune calibrate --split {args.split}` ({args.scenes or 'all'} scenes, "
               f"budgets {budgets}, strategies {args.strategies}, pivot ratios {ratios}) on the testbed model")
@@ -342,7 +382,17 @@ def cmd_testbed_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenprune", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="tokenprune", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Visual-token pruning for multimodal LLMs: inspect stages and specs, benchmark them, and "
+                    "measure accuracy on the testbed.",
+        epilog="examples:\n"
+               "  tokenprune plugins                          every registered stage\n"
+               "  tokenprune spec show specs/clasp.toml       a spec with every default filled in\n"
+               "  tokenprune demo                             the testbed model, unpruned and pruned (about 20 s)\n"
+               "  tokenprune eval --budgets 64,0.25           accuracy with intervals on the test split\n"
+               "  tokenprune results --list                   which figures of docs/results.md are up to date\n"
+               "run 'tokenprune COMMAND --help' for a command's flags")
     p.add_argument("--version", action="version", version=f"tokenprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -353,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("spec", help="work with pipeline specs")
     spsub = sp.add_subparsers(dest="spec_command", required=True)
     show = spsub.add_parser("show", help="print the resolved spec")
-    show.add_argument("file")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("file", help="a spec TOML file, e.g. specs/clasp.toml")
+    show.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     show.set_defaults(func=cmd_spec_show)
 
     bp = sub.add_parser("bench", help="benchmarks")
@@ -364,15 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--devices", help="comma list (default: cpu, plus cuda when available)")
     bs.add_argument("--shapes", default="llava-1.5-7b,llava-next-7b",
                     help="comma list of llava-1.5-7b, llava-next-7b or MxLxDvxD (e.g. 48x4x16x24)")
-    bs.add_argument("--batch", default="1,8", help="batch sizes")
-    bs.add_argument("--budgets", default="64,128,192", help="tokens kept per image")
+    bs.add_argument("--batch", type=count_list, default=[1, 8], help="batch sizes (default 1,8)")
+    bs.add_argument("--budgets", type=count_list, default=[64, 128, 192],
+                    help="tokens kept per image (default 64,128,192; the shapes differ in tokens, so no ratios)")
     bs.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
-    bs.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    bs.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="feature dtype (default fp32)")
     bs.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     bs.add_argument("--json", help="also write the rows as JSON to this file")
     bs.add_argument("--clasp-only", action="store_true",
                     help="skip the table of every method (VisionZip, CDPruner, ... at the first budget)")
-    bs.add_argument("--quiet", action="store_true")
+    bs.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bs.set_defaults(func=cmd_bench_stages)
 
     bf = bsub.add_parser("prefill", help="end-to-end prefill/decode latency and memory, unpruned vs pruned")
@@ -381,20 +432,22 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
     bf.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bf.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
-    bf.add_argument("--batch", default="1,8", help="batch sizes")
-    bf.add_argument("--budgets", default="192,128,64", help="visual tokens kept per image (of 576)")
+    bf.add_argument("--batch", type=count_list, default=[1, 8], help="batch sizes (default 1,8)")
+    bf.add_argument("--budgets", type=count_list, default=[192, 128, 64],
+                    help="visual tokens kept per image, of 576 (default 192,128,64)")
     bf.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     bf.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per token")
     bf.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     bf.add_argument("--json", help="also write the result as JSON to this file")
-    bf.add_argument("--quiet", action="store_true")
+    bf.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bf.set_defaults(func=cmd_bench_prefill)
 
     dp = sub.add_parser("demo", help="the testbed model answers questions, unpruned and pruned, with PNGs")
     dp.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
-    dp.add_argument("--budget", type=int, default=64)
+    dp.add_argument("--budget", type=budget_value, default=64,
+                    help="tokens per image (default 64) or a ratio in (0, 1]")
     dp.add_argument("--out", default="out/demo", help="folder for the PNGs")
-    dp.add_argument("--model", help="testbed model folder (default: the weights shipped in the package)")
+    dp.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
     dp.add_argument("--synthetic", action="store_true", help="CLASP on synthetic tensors instead (no model)")
     dp.set_defaults(func=cmd_demo)
 
@@ -402,15 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--split", default=split, help="train, val, calibration, test or hard")
         q.add_argument("--scenes", type=int, help="use only the first N scenes of the split")
         q.add_argument("--batch", type=int, default=16, help="questions per forward")
-        q.add_argument("--model", help="testbed model folder (default: the shipped weights)")
-        q.add_argument("--device", default="cpu")
+        q.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
+        q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         q.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-        q.add_argument("--out", default=out)
+        q.add_argument("--out", default=out, help=f"output {'file' if out.endswith('.toml') else 'folder'} "
+                                                   f"(default {out})")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ep = sub.add_parser("eval", help="accuracy vs budget on the testbed (JSON + PNG)")
     ep.add_argument("--spec", action="append", help="spec file; repeat to compare (default: specs/clasp.toml)")
-    ep.add_argument("--budgets", default="64,128,192")
+    ep.add_argument("--budgets", type=budget_list, default=[64, 128, 192],
+                    help="comma list of budgets: tokens per image (64) or ratios in (0, 1] (0.25); default 64,128,192")
     ep.add_argument("--reference", help="the variant (spec name) every other is paired against (default: the first --spec)")
     ep.add_argument("--name", help="file stem of the outputs")
     testbed_args(ep, "test", "out/eval")
@@ -418,23 +473,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = sub.add_parser("ablate", help="a grid of swapped stages x budgets (markdown + PNG + JSON)")
     ap.add_argument("file", help="an ablation file, e.g. specs/ablations/fusion.toml")
-    ap.add_argument("--budgets", help="override the file's budgets")
+    ap.add_argument("--budgets", type=budget_list, help="override the file's budgets (tokens per image or ratios)")
     ap.add_argument("--reference", help="the variant every other is paired against (default: the file's first)")
     testbed_args(ap, None, "out/ablate")
     ap.set_defaults(func=cmd_ablate)
 
     cp = sub.add_parser("calibrate", help="fit CLASP's class table on the calibration split")
     cp.add_argument("--spec", help="base spec (default: specs/clasp.toml)")
-    cp.add_argument("--budgets", default="64,128")
-    cp.add_argument("--strategies", default="A,B,C,D,E")
-    cp.add_argument("--ratios", default="0.25,0.5,0.75")
+    cp.add_argument("--budgets", type=budget_list, default=[64, 128],
+                    help="budgets each cell is scored at, tokens per image or ratios (default 64,128)")
+    cp.add_argument("--strategies", default="A,B,C,D,E",
+                    help="layer strategies to try, A (shallow-heavy) .. E (deep-heavy); default all")
+    cp.add_argument("--ratios", default="0.25,0.5,0.75", help="pivot ratios to try (default 0.25,0.5,0.75)")
     cp.add_argument("--guard-z", type=float, default=1.96,
                     help="a class's own cell must beat the pooled row by this many paired SEs (0: no guard)")
     testbed_args(cp, "calibration", "out/class_table.toml")
     cp.set_defaults(func=cmd_calibrate)
 
     rp = sub.add_parser("results", help="re-run the figures of docs/results.md that are not up to date")
-    rp.add_argument("--model", help="testbed model folder (default: the shipped weights)")
+    rp.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
     rp.add_argument("--force", action="store_true", help="re-run steps even where their inputs are unchanged")
     rp.add_argument("--only", help="comma list of step names (see --list)")
     rp.add_argument("--list", action="store_true", help="print the steps and whether each is up to date")
@@ -452,11 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--tower-steps", type=int, help="stage-1 steps (default: TrainConfig.tower_steps)")
     tt.add_argument("--qa-steps", type=int, help="stage-2 steps (default: TrainConfig.qa_steps)")
     tt.add_argument("--max-minutes", type=float, help="pause after a checkpoint past this many minutes")
-    tt.add_argument("--threads", type=int, default=0)
+    tt.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     tt.set_defaults(func=cmd_testbed_train)
     tc = tsub.add_parser("curve", help="plot a model's training curve (its training.json)")
     tc.add_argument("--model", help="model folder, v1 / v2, or a v2 run's checkpoint.pt (default: the shipped weights)")
-    tc.add_argument("--out", default="out/training-curve.png")
+    tc.add_argument("--out", default="out/training-curve.png", help="PNG file (default out/training-curve.png)")
     tc.set_defaults(func=cmd_testbed_curve)
     return p
 

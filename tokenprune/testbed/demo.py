@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 import tokenprune as tp
 from tokenprune.contract import Provenance
 
-from .model import load, prompt
+from .model import check_budgets_fit, load, prompt
 from .questions import ask
 from .scenes import CELL, GRID, SIZE
 from .splits import scene
@@ -52,10 +52,11 @@ def _panel(img: Image.Image, indices: list[int], provenance: list[int], caption:
     return canvas
 
 
-def run_demo(spec_path: str | Path, budget: int = 64, out: str | Path = "out/demo", model_dir: str | None = None) -> int:
+def run_demo(spec_path: str | Path, budget: int | float = 64, out: str | Path = "out/demo", model_dir: str | None = None) -> int:
+    pipe = tp.Pipeline.from_file(spec_path)  # a bad spec fails before the model loads
     model, processor = load(model_dir)
+    check_budgets_fit([budget], model, "--budget")
     tok = processor.tokenizer
-    pipe = tp.Pipeline.from_file(spec_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"testbed model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, 576 visual tokens "

@@ -26,7 +26,7 @@ from .questions import answer_words, aux_words, question_words
 from .scenes import SIZE
 
 __all__ = ["ARCH", "ARCH_V2", "IMAGE_TOKEN", "tower_kind", "normalisation", "arch_with", "build", "build_tokenizer", "build_processor", "load", "save",
-           "shipped_dir", "resolve_dir", "prompt", "CLIP_MEAN", "CLIP_STD"]
+           "shipped_dir", "resolve_dir", "tokens_per_image", "check_budgets_fit", "prompt", "CLIP_MEAN", "CLIP_STD"]
 
 IMAGE_TOKEN = "<image>"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -72,6 +72,23 @@ def resolve_dir(directory: str | Path | None) -> Path:
     if str(directory) in ("v1", "v2"):
         return shipped_dir(int(str(directory)[1]))
     return Path(directory)
+
+
+def tokens_per_image(model) -> int:
+    """Visual tokens the LLM reads per image: ``(image_size / patch_size) ** 2`` (576 at 336 px)."""
+    v = model.config.vision_config
+    return (v.image_size // v.patch_size) ** 2
+
+
+def check_budgets_fit(budgets, model, flag: str) -> None:
+    """Refuse a token count larger than the model's visual tokens per image (it would be clamped
+    to all of them, and a table would label the run with a budget it never had). ``flag`` names
+    where the budget came from, for the message."""
+    n = tokens_per_image(model)
+    over = [b for b in budgets if isinstance(b, int) and b > n]
+    if over:
+        raise ValueError(f"{flag} {over[0]}: this model has {n} visual tokens per image; give at most {n} "
+                         "(or 1.0 to keep them all)")
 
 
 def tower_kind(config) -> str:
