@@ -188,3 +188,13 @@ def test_every_command_and_flag_has_plain_help_text():
     walk(build_parser(), "tokenprune")
     assert not markup, f"reST markup in --help of {markup}"
     assert not missing, f"flags without help: {missing}"
+
+
+def test_a_second_run_says_which_outputs_it_replaces(tmp_path, capsys):
+    args = ["eval", "--model", "v1", "--scenes", "1", "--budgets", "64", "--quiet", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "replacing" not in capsys.readouterr().err
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"replacing {tmp_path / 'clasp-test.json'} (written " in err
+    assert f"replacing {tmp_path / 'clasp-test.png'}" in err

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .outputs import announce_replacing
 from .registry import RegistryError, get_registry
 from .spec import load_spec
 
@@ -187,6 +188,7 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
         print(f"every method at {args.budgets[0]} tokens (pooling keeps its own count):")
         print(bench.format_methods(methods))
     if args.json:
+        announce_replacing(args.json)
         Path(args.json).write_text(json.dumps({"clasp": [r.as_dict() for r in rows],
                                                "methods": [r.as_dict() for r in methods]}, indent=2))
     return 0
@@ -208,6 +210,7 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
     )
     print(bench.format_table(result))
     if args.json:
+        announce_replacing(args.json)
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
@@ -226,6 +229,7 @@ def _write_report(report: dict, out: Path, stem: str, title: str) -> None:
     from .testbed.report import plot
 
     out.mkdir(parents=True, exist_ok=True)
+    announce_replacing(out / f"{stem}.json", out / f"{stem}.png")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     plot(report, out / f"{stem}.png", title)
     print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}", file=sys.stderr)
@@ -275,6 +279,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         print(table)
         out = Path(args.out)
         _write_report(report, out, f"ablation-{abl.name}", f"ablation '{abl.name}': {abl.description}")
+        announce_replacing(out / f"ablation-{abl.name}.md")
         (out / f"ablation-{abl.name}.md").write_text(
             f"### Ablation `{abl.name}`: {abl.description}\n\n"
             f"`tokenprune ablate {args.file}` on the {split} split ({report['examples']} questions); "
@@ -311,6 +316,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                   "Per class: the layer strategy (A shallow-heavy .. E deep-heavy) and pivot ratio with the\n"
                   "best mean accuracy over the budgets on the calibration split, true class routed, kept only\n"
                   f"if it beats the pooled (general) row by more than {args.guard_z:g} paired SEs.")
+        announce_replacing(out, out.with_suffix(".json"))
         out.write_text(table_toml(table, header))
         out.with_suffix(".json").write_text(json.dumps(grid, indent=1))
         for c, e in table.classes.items():
@@ -353,6 +359,7 @@ def cmd_testbed_curve(args: argparse.Namespace) -> int:
     else:
         record = json.loads((d / "training.json").read_text())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    announce_replacing(args.out)
     plot_training(record, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

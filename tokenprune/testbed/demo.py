@@ -2,7 +2,8 @@
 and pruned, and draws what was kept.
 
 For every question it prints the routed class, the tokens kept (pivots + completion), the answers
-unpruned and pruned, and both prefill times; for every image it writes a PNG with one panel per
+unpruned and pruned, and both prefill times (medians of 5 forwards after a warm-up); for every
+image it writes a PNG titled with the scene, spec and budget, with a legend and one panel per
 question: the scene with the kept patches outlined, pivots in red and completion tokens in blue.
 """
 
@@ -16,8 +17,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import tokenprune as tp
 from tokenprune.contract import Provenance
+from tokenprune.outputs import announce_replacing
 
-from .model import check_budgets_fit, load, prompt
+from .model import check_budgets_fit, load, prompt, tokens_per_image
 from .questions import ask
 from .scenes import CELL, GRID, SIZE
 from .splits import scene
@@ -28,6 +30,19 @@ SCENES = (0, 1, 2)
 #: The classes asked about each demo scene (several per scene, all seven over the demo).
 ASKED = (("ocr", "counting", "attribute"), ("spatial", "existence", "reasoning"), ("scene", "counting", "ocr"))
 PIVOT, COMPLETION = (230, 30, 30), (30, 90, 240)
+
+
+REPEATS = 5
+
+
+def _timed(forward):
+    """``(result, median seconds)`` of ``REPEATS`` calls of ``forward``."""
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        result = forward()
+        times.append(time.perf_counter() - t0)
+    return result, sorted(times)[REPEATS // 2]
 
 
 def _panel(img: Image.Image, indices: list[int], provenance: list[int], caption: list[str]) -> Image.Image:
@@ -43,13 +58,49 @@ def _panel(img: Image.Image, indices: list[int], provenance: list[int], caption:
         colour = PIVOT if p == Provenance.PIVOT else COMPLETION
         draw.rectangle([c * CELL, r * CELL, c * CELL + CELL - 1, r * CELL + CELL - 1], outline=colour + (255,), width=2)
     out = Image.alpha_composite(img.convert("RGBA"), shade).convert("RGB")
-    canvas = Image.new("RGB", (SIZE, SIZE + 16 * len(caption) + 6), "white")
-    canvas.paste(out, (0, 0))
     font = ImageFont.load_default(size=12)
+    lines = [w for line in caption for w in _wrap(line, font, SIZE - 8)]
+    canvas = Image.new("RGB", (SIZE, SIZE + 16 * len(lines) + 6), "white")
+    canvas.paste(out, (0, 0))
     d = ImageDraw.Draw(canvas)
-    for k, line in enumerate(caption):
+    for k, line in enumerate(lines):
         d.text((4, SIZE + 3 + 16 * k), line, fill="black", font=font)
     return canvas
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (never mid-word)."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        trial = f"{line} {word}".strip()
+        if line and font.getlength(trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines
+
+
+def _sheet(panels: list[Image.Image], title: str) -> Image.Image:
+    """The panels side by side under a title line and a legend of the outline colours."""
+    font = ImageFont.load_default(size=14)
+    small = ImageFont.load_default(size=12)
+    head = 44
+    width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
+    sheet = Image.new("RGB", (width, head + max(p.height for p in panels)), "white")
+    d = ImageDraw.Draw(sheet)
+    d.text((4, 4), title, fill="black", font=font)
+    x = 4
+    for colour, label in ((PIVOT, "pivot (attention-salient)"), (COMPLETION, "completion (coverage)"),
+                          ((60, 60, 60), "dropped (dimmed)")):
+        d.rectangle([x, 26, x + 12, 38], outline=colour, width=2, fill=(120, 120, 120) if colour[0] == 60 else None)
+        d.text((x + 18, 25), label, fill="black", font=small)
+        x += 28 + int(small.getlength(label))
+    x = 0
+    for p in panels:
+        sheet.paste(p, (x, head))
+        x += p.width + 8
+    return sheet
 
 
 def run_demo(spec_path: str | Path, budget: int | float = 64, out: str | Path = "out/demo", model_dir: str | None = None) -> int:
@@ -75,13 +126,9 @@ def run_demo(spec_path: str | Path, budget: int | float = 64, out: str | Path = 
         for q in questions:
             inputs = processor(images=[sc.image], text=[prompt(q.text)], return_tensors="pt")
             with torch.inference_mode():
-                t0 = time.perf_counter()
-                full = model(**inputs).logits[0, -1].argmax()
-                t_full = time.perf_counter() - t0
+                full, t_full = _timed(lambda: model(**inputs).logits[0, -1].argmax())
                 with tp.apply(model, pipe, budget=budget, tokenizer=tok) as handle:
-                    t0 = time.perf_counter()
-                    pruned = model(**inputs).logits[0, -1].argmax()
-                    t_pruned = time.perf_counter() - t0
+                    pruned, t_pruned = _timed(lambda: model(**inputs).logits[0, -1].argmax())
             rec = handle.last
             sel = rec.selection
             n = int(sel.counts[0])
@@ -98,19 +145,19 @@ def run_demo(spec_path: str | Path, budget: int | float = 64, out: str | Path = 
             print(f"    answer: unpruned '{a_full}' ({mark(a_full)}, prefill {1e3 * t_full:.0f} ms), "
                   f"pruned '{a_pruned}' ({mark(a_pruned)}, prefill {1e3 * t_pruned:.0f} ms); truth '{q.answer}'")
             panels.append(_panel(sc.image, idx, prov, [
-                f"[{rec.classes[0]}] {q.text}"[:56],
+                f"[{rec.classes[0]}] {q.text}",
                 f"kept {n}: {pivots} pivots (red), {n - pivots} completion (blue)",
-                f"pruned: {a_pruned}   unpruned: {a_full}   truth: {q.answer}",
+                f"pruned: {a_pruned} | unpruned: {a_full} | truth: {q.answer}",
             ]))
-        sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), max(p.height for p in panels)), "white")
-        x = 0
-        for p in panels:
-            sheet.paste(p, (x, 0))
-            x += p.width + 8
+        title = f"test scene {si} - spec {pipe.spec.name}, budget {budget} of {tokens_per_image(model)} tokens"
         path = out / f"scene{si}.png"
-        sheet.save(path)
+        announce_replacing(path)
+        _sheet(panels, title).save(path)
         print(f"  -> {path}\n")
     print(f"{asked} questions: unpruned {right['unpruned']}/{asked} right, pruned to {budget} tokens "
           f"{right['pruned']}/{asked} right. Accuracy over the whole test split: tokenprune eval (docs/results.md)")
+    print(f"Prefill times are medians of {REPEATS} forwards after a warm-up and include the vision tower, which "
+          "pruning does not shorten; on a model this small they show little of what pruning saves. "
+          "`tokenprune bench prefill` measures that on a real language model.")
     return 0
 
