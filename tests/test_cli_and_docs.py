@@ -113,6 +113,36 @@ def test_readme_code_runs():
         exec(compile(block, "README.md", "exec"), {})
 
 
+def test_readme_network_blocks_are_complete_scripts():
+    """The ```py blocks need the network (a Hub checkpoint), so they do not run here; each must
+    still be a whole script: it compiles, every name it imports exists, and it uses no name it
+    neither imports nor defines."""
+    import ast
+    import builtins
+    import importlib
+
+    blocks = re.findall(r"```py\n(.*?)```", Path("README.md").read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        tree = ast.parse(block, "README.md")
+        known = set(dir(builtins))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    importlib.import_module(a.name)
+                    known.add((a.asname or a.name).split(".")[0])
+            elif isinstance(node, ast.ImportFrom):
+                module = importlib.import_module(node.module)
+                for a in node.names:
+                    if not hasattr(module, a.name):  # a submodule (from PIL import Image)
+                        importlib.import_module(f"{node.module}.{a.name}")
+                    known.add(a.asname or a.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                known.add(node.id)
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert used <= known, f"README block uses undefined names {sorted(used - known)}"
+
+
 def test_readme_names_both_setup_commands():
     text = Path("README.md").read_text()
     assert "make demo" in text and "make test" in text
