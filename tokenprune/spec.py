@@ -37,7 +37,7 @@ from pydantic import (
 from .classes import ClassTable
 from .registry import Registry, get_registry
 from .stages import BudgetPolicy, Completion, Fusion, LlmPruner, Router, Scorer, Selector, Stage
-from .tomlfile import read_toml
+from .tomlfile import describe_problems, read_toml
 
 __all__ = ["PipelineSpec", "load_spec", "STAGE_FIELDS", "OPTIONAL_STAGES"]
 
@@ -60,11 +60,14 @@ def _registry(info: ValidationInfo) -> Registry:
     return ctx.get("registry") or get_registry()
 
 
-def _format_errors(prefix: str, err: ValidationError) -> str:
+def _format_errors(prefix: str, err: ValidationError, cls: type[BaseModel] | None = None) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
-        parts.append(f"{prefix}.{loc}: {e['msg']}" if loc else f"{prefix}: {e['msg']}")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and cls is not None:
+            msg = f"unknown parameter; its parameters are {', '.join(sorted(cls.model_fields)) or 'none'}"
+        parts.append(f"{prefix}.{loc}: {msg}" if loc else f"{prefix}: {msg}")
     return "; ".join(parts)
 
 
@@ -142,7 +145,7 @@ class PipelineSpec(BaseModel):
             return info_.cls.model_validate(params)
         except ValidationError as exc:
             raise ValueError(
-                f"bad parameters for {kind} '{name}': {_format_errors(info.field_name, exc)}"
+                f"bad parameters for {kind} '{name}': {_format_errors(info.field_name, exc, info_.cls)}"
             ) from None
 
     @model_validator(mode="wrap")
@@ -227,4 +230,7 @@ def load_spec(path: str | Path, registry: Registry | None = None, **overrides: A
     ctx = {"base_dir": str(path.parent)}
     if registry is not None:
         ctx["registry"] = registry
-    return PipelineSpec.model_validate(data, context=ctx)
+    try:
+        return PipelineSpec.model_validate(data, context=ctx)
+    except ValidationError as exc:
+        raise ValueError(describe_problems(exc, PipelineSpec, "spec file", path)) from None

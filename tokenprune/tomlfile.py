@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_toml"]
+__all__ = ["read_toml", "describe_problems"]
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
@@ -19,3 +19,27 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
             return tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{what} '{path}' is not valid TOML: {exc}") from None
+
+
+def describe_problems(exc, model, what: str, path: str | Path) -> str:
+    """A pydantic ``ValidationError`` of a file as a user reads it: the file, then one line per
+    problem naming the table or key, with the valid choices; no input dumps, no pydantic links."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing" and len(e["loc"]) == 1]
+    lines = []
+    if missing:
+        lines.append(f"missing {', '.join(f'[{m}]' for m in missing)}; copy them from specs/clasp.toml "
+                     "or a preset" if what == "spec file" else f"missing {', '.join(missing)}")
+    valid = sorted(model.model_fields)
+    for e in errors:
+        if e["type"] == "missing" and len(e["loc"]) == 1:
+            continue
+        where = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{where}'; valid keys: {', '.join(valid)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"[{where}] {msg}" if where else msg)
+    head = f"{what} '{path}'"
+    return head + ": " + lines[0] if len(lines) == 1 else head + f": {len(lines)} problems\n" + "\n".join(
+        f"  - {line}" for line in lines)

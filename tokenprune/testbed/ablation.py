@@ -105,5 +105,5 @@ def load_ablation(path: str | Path) -> tuple[Ablation, list[Variant]]:
     try:
         abl = Ablation.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"ablation file '{path}': {exc}") from None
+        raise ValueError(describe_problems(exc, Ablation, "ablation file", path)) from None
     return abl, abl.variants(path.parent)
