@@ -228,3 +228,25 @@ def test_a_second_run_says_which_outputs_it_replaces(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"replacing {tmp_path / 'clasp-test.json'} (written " in err
     assert f"replacing {tmp_path / 'clasp-test.png'}" in err
+
+
+def test_bench_stages_keeps_every_finished_row_when_interrupted(tmp_path, capsys, monkeypatch):
+    """Rows stream to stdout and to the JSON file as they finish, so a run stopped in the methods
+    table still leaves the CLASP rows on disk."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_methods", interrupted)
+    out_json = tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "stages", "--shapes", "48x4x16x24", "--batch", "1", "--budgets", "8,16", "--repeats", "1",
+              "--quiet", "--json", str(out_json)])
+    assert [r["budget"] for r in json.loads(out_json.read_text())["clasp"]] == [8, 16]
+    assert capsys.readouterr().out.count("| cpu | 48x4x16x24 |") == 2
+
+
+def test_bench_stages_quick_mode_is_one_small_run():
+    from tokenprune.cli import QUICK, build_parser
+
+    args = build_parser().parse_args(["bench", "stages", "--quick"])
+    assert args.quick and QUICK["batch"] == [1] and len(QUICK["budgets"]) == 1 and "," not in QUICK["shapes"]

@@ -156,9 +156,18 @@ def budget_list(text: str) -> list[int | float]:
     return [budget_value(x) for x in items]
 
 
+#: ``bench stages --quick``: one shape, batch 1, one budget, 3 repeats (about a minute on 2 cores)
+QUICK = {"shapes": "llava-1.5-7b", "batch": [1], "budgets": [64], "repeats": 3}
+
+
 def cmd_bench_stages(args: argparse.Namespace) -> int:
+    import time
+
     from .bench import stages as bench
 
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for d in devices:
         if d.startswith("cuda") and not torch.cuda.is_available():
@@ -166,31 +175,40 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec or _default_spec())
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     _threads(args)
+    shapes = args.shapes.split(",")
+    total = len(devices) * len(shapes) * len(args.batch) * len(args.budgets)
     print(f"tokenprune {__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"dtype {args.dtype}, spec {spec.name}, median of {args.repeats}", file=sys.stderr)
+          f"dtype {args.dtype}, spec {spec.name}, median of {args.repeats}; {total} CLASP rows"
+          + ("" if args.clasp_only else f", then every method at {args.budgets[0]} tokens"), file=sys.stderr)
     if "cuda" in devices:
         print(f"cuda: {torch.cuda.get_device_name()}", file=sys.stderr)
-    rows = bench.run(
-        spec, devices, args.shapes.split(","), args.batch, args.budgets,
-        repeats=args.repeats, dtype=dtype,
-        progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
-    )
-    print(bench.format_table(rows))
-    methods = []
-    if not args.clasp_only:
-        specs_dir = _default_spec().parent
-        methods = bench.run_methods(
-            specs_dir, devices, args.shapes.split(","), args.batch, args.budgets[0],
-            repeats=args.repeats, dtype=dtype,
-            progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
-        )
-        print()
-        print(f"every method at {args.budgets[0]} tokens (pooling keeps its own count):")
-        print(bench.format_methods(methods))
+    say = (lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None
+    done: dict[str, list] = {"clasp": [], "methods": []}
+    t0 = time.perf_counter()
+
+    def keep(kind: str, rows: list) -> None:  # print and save each finished row at once
+        done[kind] += rows
+        for r in rows:
+            print(bench.table_line(r) if kind == "clasp" else bench.methods_line(r), flush=True)
+        if kind == "clasp" and len(done["clasp"]) == 1 and total > 1 and say:
+            left = (time.perf_counter() - t0) * (total - 1)
+            say(f"the first row took {time.perf_counter() - t0:.0f} s: about {left / 60:.0f} min for the other "
+                f"CLASP rows (--quick for a one-minute run)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({k: [r.as_dict() for r in v] for k, v in done.items()}, indent=2))
+
     if args.json:
         announce_replacing(args.json)
-        Path(args.json).write_text(json.dumps({"clasp": [r.as_dict() for r in rows],
-                                               "methods": [r.as_dict() for r in methods]}, indent=2))
+    print("\n".join(bench.table_head()), flush=True)
+    bench.run(spec, devices, shapes, args.batch, args.budgets, repeats=args.repeats, dtype=dtype, progress=say,
+              on_row=lambda r: keep("clasp", [r]))
+    if not args.clasp_only:
+        print(f"\nevery method at {args.budgets[0]} tokens (pooling keeps its own count):")
+        print("\n".join(bench.methods_head()), flush=True)
+        bench.run_methods(_default_spec().parent, devices, shapes, args.batch, args.budgets[0],
+                          repeats=args.repeats, dtype=dtype, progress=say, on_group=lambda g: keep("methods", g))
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
@@ -427,10 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     bs.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="feature dtype (default fp32)")
     bs.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-    bs.add_argument("--json", help="also write the rows as JSON to this file")
+    bs.add_argument("--json", help="also write the rows as JSON to this file (rewritten after every row)")
     bs.add_argument("--clasp-only", action="store_true",
                     help="skip the table of every method (VisionZip, CDPruner, ... at the first budget)")
     bs.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bs.add_argument("--quick", action="store_true",
+                    help="one shape (llava-1.5-7b), batch 1, budget 64, 3 repeats: about a minute on 2 cores")
     bs.set_defaults(func=cmd_bench_stages)
 
     bf = bsub.add_parser("prefill", help="end-to-end prefill/decode latency and memory, unpruned vs pruned")

@@ -170,7 +170,10 @@ def run(
     repeats: int = 5,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[BenchRow], None] | None = None,
 ) -> list[BenchRow]:
+    """CLASP's stages at every (device, shape, batch, budget); ``on_row`` sees each row as soon
+    as it is measured (so an interrupted run keeps what it finished)."""
     pipe = tp.Pipeline(spec)
     rows = []
     for device in devices:
@@ -196,6 +199,8 @@ def run(
                                      max(1, repeats // 2))
                     rows.append(BenchRow(device, shape, M, B, R, k1, k2, iters, stage_ms, clasp_ms,
                                          matmul_ms, naive_ms))
+                    if on_row:
+                        on_row(rows[-1])
                 del tokens
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
@@ -249,17 +254,23 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
     return M, L, Dv, D
 
 
-def format_table(rows: list[BenchRow]) -> str:
+def table_head() -> list[str]:
+    """The markdown header lines of :func:`format_table`."""
     head = ["device", "shape", "B", "R", "K1/K2", "T"] + [f"{s} ms" for s in STAGES[1:]] + [
         "CLASP ms", "matmul ms", "CLASP/matmul", "naive ms", "naive/CLASP"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r.device, r.shape, str(r.B), str(r.budget), f"{r.k1}/{r.k2}", str(r.iterations)]
-        cells += [f"{r.stage_ms.get(s, 0):.2f}" for s in STAGES[1:]]
-        cells += [f"{r.clasp_ms:.2f}", f"{r.matmul_ms:.2f}", f"{r.vs_matmul:.2f}x", f"{r.naive_ms:.1f}",
-                  f"{r.naive_speedup:.1f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
+def table_line(r: BenchRow) -> str:
+    cells = [r.device, r.shape, str(r.B), str(r.budget), f"{r.k1}/{r.k2}", str(r.iterations)]
+    cells += [f"{r.stage_ms.get(s, 0):.2f}" for s in STAGES[1:]]
+    cells += [f"{r.clasp_ms:.2f}", f"{r.matmul_ms:.2f}", f"{r.vs_matmul:.2f}x", f"{r.naive_ms:.1f}",
+              f"{r.naive_speedup:.1f}x"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    return "\n".join(table_head() + [table_line(r) for r in rows])
 
 
 # -- every method, side by side -------------------------------------------------------------------
@@ -319,6 +330,7 @@ def run_methods(
     repeats: int = 5,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
+    on_group: Callable[[list[MethodRow]], None] | None = None,
 ) -> list[MethodRow]:
     """Every method's selection time (scoring to output, the stages a method owns; the fusion of
     the encoder's layers and routing are CLASP's alone and are reported in ``total_ms``), and its
@@ -358,6 +370,8 @@ def run_methods(
                 for row in group:
                     row.select_vs_clasp = row.select_ms / clasp_select if clasp_select else float("nan")
                 rows += group
+                if on_group:  # the ratios need CLASP's time, so a (device, shape, batch) group at a time
+                    on_group(group)
                 del tokens
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
@@ -389,10 +403,15 @@ def _llm_select(spec: PipelineSpec, M: int, D: int, B: int, budget: int, device:
     return run
 
 
-def format_methods(rows: list[MethodRow]) -> str:
+def methods_head() -> list[str]:
     head = ["device", "shape", "B", "method", "kept", "select ms", "select / CLASP", "pipeline ms"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join([r.device, r.shape, str(r.B), r.method, str(r.kept), f"{r.select_ms:.2f}",
-                                         f"{r.select_vs_clasp:.2f}x", f"{r.total_ms:.2f}"]) + " |")
-    return "\n".join(lines)
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
+def methods_line(r: MethodRow) -> str:
+    return "| " + " | ".join([r.device, r.shape, str(r.B), r.method, str(r.kept), f"{r.select_ms:.2f}",
+                              f"{r.select_vs_clasp:.2f}x", f"{r.total_ms:.2f}"]) + " |"
+
+
+def format_methods(rows: list[MethodRow]) -> str:
+    return "\n".join(methods_head() + [methods_line(r) for r in rows])
