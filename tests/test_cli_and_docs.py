@@ -250,3 +250,22 @@ def test_bench_stages_quick_mode_is_one_small_run():
 
     args = build_parser().parse_args(["bench", "stages", "--quick"])
     assert args.quick and QUICK["batch"] == [1] and len(QUICK["budgets"]) == 1 and "," not in QUICK["shapes"]
+
+
+def test_loading_the_shipped_model_is_quiet_and_leaves_logging_as_it_was(capsys):
+    import sys
+
+    from transformers.utils import logging
+
+    from tokenprune.quiet import quiet_transformers
+    from tokenprune.testbed.model import load
+
+    before = (logging.get_verbosity(), logging.is_progress_bar_enabled())
+    load("v1")
+    assert capsys.readouterr().err == ""
+    assert (logging.get_verbosity(), logging.is_progress_bar_enabled()) == before
+    with pytest.raises(RuntimeError):  # what was held back is shown when loading fails
+        with quiet_transformers():
+            print("the reader's notice", file=sys.stderr)
+            raise RuntimeError("corrupt file")
+    assert "the reader's notice" in capsys.readouterr().err

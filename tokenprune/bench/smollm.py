@@ -41,7 +41,7 @@ def load(
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
-        CLIPImageProcessor,
+        CLIPImageProcessorPil,
         CLIPVisionConfig,
         LlamaForCausalLM,
         LlavaConfig,
@@ -49,9 +49,12 @@ def load(
         LlavaProcessor,
     )
 
+    from ..quiet import quiet_transformers
+
     d = weights_dir()
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
+        lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
     conf = lm.config.to_dict()
     conf.pop("quantization_config", None)
     text_config = type(lm.config).from_dict(conf)
@@ -67,7 +70,8 @@ def load(
     model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    model.resize_token_embeddings(len(tok))
+    with quiet_transformers():  # its note on mean resizing of the new <image> row
+        model.resize_token_embeddings(len(tok))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -75,7 +79,8 @@ def load(
     model.generation_config.pad_token_id = tok.pad_token_id
     del lm
     size = {"shortest_edge": image_size}
-    image_processor = CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size})
+    # the PIL backend by name: without torchvision transformers would fall back to it with a warning
+    image_processor = CLIPImageProcessorPil(size=size, crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
                                num_additional_image_tokens=1, chat_template=tok.chat_template)

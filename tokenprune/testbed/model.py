@@ -243,10 +243,13 @@ def load(directory: str | Path | None = None, *, dtype: torch.dtype = torch.floa
     tokenizer.padding_side = "left"
     config = LlavaConfig.from_pretrained(directory)
     kind = tower_kind(config)
-    if kind == "dinov2":
-        model = _load_without_tower(directory, config, attn)
-    else:
-        model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
+    from ..quiet import quiet_transformers
+
+    with quiet_transformers():  # no "Loading weights" bar for the shipped model
+        if kind == "dinov2":
+            model = _load_without_tower(directory, config, attn)
+        else:
+            model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
     _generation_defaults(model, tokenizer)
     return model.to(device=device, dtype=dtype).eval(), build_processor(tokenizer, kind)
 
