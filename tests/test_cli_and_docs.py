@@ -86,6 +86,10 @@ def test_naive_reference_selects_what_clasp_selects():
     assert iters > 1
     naive = bench.naive_clasp(tokens, alpha, k1, R - k1, iters)
     assert [sel.row(b).tolist() for b in range(3)] == naive
+    for T in (1, 2):  # stopped before convergence: the medoids use the updated centres (eq. 40, 41)
+        short = tp.Pipeline(spec.replace(completion={**spec.resolved()["completion"], "iterations": T}))
+        assert [short(tokens, budget=R).row(b).tolist() for b in range(3)] == bench.naive_clasp(
+            tokens, alpha, k1, R - k1, T)
 
 
 def test_demo_runs(capsys):

@@ -144,9 +144,7 @@ def naive_clasp(tokens: tp.VisualTokens, alpha: Tensor, k1: int, k2: int, T: int
             if assign is not None and torch.equal(new, assign):
                 break
             assign = new
-            if step == T - 1:
-                break
-            for k in range(k2):
+            for k in range(k2):  # eq. 40 after every assignment, the last one included
                 members = U[assign == k]
                 if len(members):
                     s = members.sum(0)
