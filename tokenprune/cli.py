@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -348,6 +349,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     from .testbed.model import resolve_dir
     from .testbed.results import fingerprint, plan, run_plan
 
+    if not Path("specs/ablations").is_dir() or not Path("docs").is_dir():
+        raise ValueError("tokenprune results rewrites docs/results/ of a checkout: run it from the repository root")
     steps = plan()
     model_dir = resolve_dir(args.model)
     if args.list:
@@ -360,7 +363,12 @@ def cmd_results(args: argparse.Namespace) -> int:
             print(f"{s.name:<13} {state:<11} tokenprune {' '.join(s.argv)}")
         return 0
     only = [x for x in (args.only or "").split(",") if x]
-    run_plan(steps, model_dir, model_arg=("--model", args.model) if args.model else (), force=args.force, only=only)
+    try:
+        run_plan(steps, model_dir, model_arg=("--model", args.model) if args.model else (), force=args.force,
+                 only=only)
+    except RuntimeError as exc:  # a step failed: its own error is printed above
+        print(f"tokenprune: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -553,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"tokenprune: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`tokenprune plugins | head`): not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- so the interpreter's final flush is silent
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
