@@ -77,10 +77,14 @@ class Routing:
     Attributes:
         classes: length-``B`` tuple of class names (one of the class table's classes).
         confidence: ``(B,)`` float32 in ``[0, 1]``, on the CPU.
+        questions: what the router read for each prompt (the question taken out of its chat
+            template and harness instructions, :func:`tokenprune.prompts.extract_question`);
+            filled in by :meth:`tokenprune.Pipeline.route`, ``None`` from a router called alone.
     """
 
     classes: tuple[str, ...]
     confidence: Tensor
+    questions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.confidence.shape != (len(self.classes),):

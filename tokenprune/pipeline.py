@@ -7,6 +7,7 @@ faulty third-party stage fails loudly instead of producing silently wrong select
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from . import ops
 from .contract import Fused, Provenance, Requirements, Routing, Selection, VisualTokens
+from .prompts import extract_question
 from .spec import PipelineSpec, load_spec
 from .stages import CompletionRequest
 
@@ -87,8 +89,14 @@ class Pipeline:
         return self.spec.class_table
 
     def route(self, prompts: Sequence[str]) -> Routing:
-        """Run the router on ``B`` prompts and check its answer."""
-        routing = self.spec.router.route(list(prompts))
+        """Run the router on the questions of ``B`` prompts and check its answer.
+
+        Each prompt is first reduced to its question (:func:`tokenprune.prompts.extract_question`:
+        no chat template, system prompt, harness instruction or option list), unless the router
+        sets ``reads_whole_prompt``; what it read is ``routing.questions``."""
+        router = self.spec.router
+        questions = [str(p) if router.reads_whole_prompt else extract_question(str(p)).text for p in prompts]
+        routing = dataclasses.replace(router.route(questions), questions=tuple(questions))
         if len(routing.classes) != len(prompts):
             raise RuntimeError(
                 f"router returned {len(routing.classes)} classes for {len(prompts)} prompts"

@@ -58,13 +58,19 @@ class Router(Stage):
     #: whether :meth:`route` reads the prompt text. Adapters need a tokenizer (or explicit
     #: prompts) to recover the text only when this is true.
     reads_text: ClassVar[bool] = True
+    #: ``False`` (the default): :meth:`tokenprune.Pipeline.route` hands :meth:`route` each
+    #: prompt's question only (:func:`tokenprune.prompts.extract_question`: no chat template,
+    #: system prompt, harness instruction or option list). ``True``: the whole prompt text.
+    reads_whole_prompt: ClassVar[bool] = False
 
     @abstractmethod
     def route(self, prompts: Sequence[str]) -> Routing:
         """Classify ``B`` prompts.
 
         Args:
-            prompts: the question texts, without image tokens and never with the answer.
+            prompts: the question texts, without image tokens and never with the answer (through
+                a pipeline: the questions taken out of their chat templates, see
+                ``reads_whole_prompt``).
 
         Returns:
             :class:`~tokenprune.contract.Routing`: one class from
