@@ -120,6 +120,19 @@ class KeywordRouter(Router):
         return Routing(tuple(classes), torch.tensor(conf, dtype=torch.float32))
 
 
+    def explain(self, prompt: str) -> list[str]:
+        compiled = _compile(tuple((c, tuple(p)) for c, p in self.keywords.items()))
+        low = prompt.lower().strip()
+        lines = []
+        for c, regs in compiled:
+            hits = [r.pattern for r in regs if r.search(low)]
+            if hits:
+                lines.append(f"{c}: {len(hits)} rule(s) match: {', '.join(hits)}")
+        if not lines:
+            return ["no rule matches: general"]
+        return lines + [f"ties go to the class listed first in priority: {', '.join(self.priority)}"]
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(rules: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[tuple[str, tuple[re.Pattern, ...]], ...]:
     return tuple((c, tuple(re.compile(p) for p in pats)) for c, pats in rules)
@@ -158,8 +171,11 @@ def minilm_dir() -> Path:
 def _encoder(path: str):
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    from tokenprune.quiet import quiet_transformers
+
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     return tok, model
 
 
@@ -229,6 +245,23 @@ class EmbeddingRouter(Router):
             for i, m in zip(top2.indices[:, 0].tolist(), margin.tolist())
         )
         return Routing(classes, conf.float())
+
+    def explain(self, prompt: str) -> list[str]:
+        path = self.model_path or str(minilm_dir())
+        ex = self.exemplars or default_exemplars()
+        names, protos = _prototypes(path, tuple((c, tuple(v)) for c, v in sorted(ex.items())))
+        e = embed([prompt], path)  # (1, 384)
+        sims = (e @ protos.T)[0]  # (C,)
+        order = sims.argsort(descending=True).tolist()
+        lines = [f"{names[i]}: cosine {float(sims[i]):.3f} to the class prototype" for i in order[:3]]
+        margin = float(sims[order[0]] - sims[order[1]]) if len(order) > 1 else float("inf")
+        lines.append(f"margin {margin:.3f} {'>=' if margin >= self.min_margin else '<'} min_margin "
+                     f"{self.min_margin}" + ("" if margin >= self.min_margin else ": general"))
+        for c in (names[order[0]],):  # the winning class's nearest exemplars
+            exs = list(ex[c])
+            near = (embed(exs, path) @ e[0]).topk(min(3, len(exs)))
+            lines += [f"  nearest {c} exemplar ({float(v):.3f}): {exs[i]}" for v, i in zip(near.values, near.indices)]
+        return lines
 
 
 @hookimpl

@@ -129,3 +129,17 @@ def test_the_adapter_routes_the_question_of_a_harness_prompt_on_a_real_model():
         kept[suffix] = (handle.last.classes, handle.last.selection.indices.tolist())
     assert kept[""] == kept[" Answer the question using a single word or phrase."]
     assert kept[""][0] == tp.Pipeline.from_file("specs/clasp.toml").route([q.text for q in qs]).classes
+
+
+def test_route_command_prints_class_question_and_why(capsys):
+    from tokenprune.cli import main
+
+    prompt = "USER: <image>\nWhat word is on the sign? Answer the question using a single word or phrase. ASSISTANT:"
+    assert main(["route", "--explain", prompt]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[0] == "ocr" and out[0].endswith("What word is on the sign?")
+    assert "set aside: ['Answer the question using a single word or phrase.']" in out[1]
+    assert any("ocr: 2 rule(s) match" in line for line in out)
+    assert main(["route", "--router", "embedding", "--explain", "Is there a dog in the picture?"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("existence") and "nearest existence exemplar" in out.out and out.err == ""

@@ -345,6 +345,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+    from .prompts import extract_question
+
+    spec = load_spec(args.spec or _default_spec())
+    if args.router:
+        spec = spec.replace(router={"stage": args.router})
+    pipe = Pipeline(spec)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    routing = pipe.route(prompts)
+    for p, q, c, conf in zip(prompts, routing.questions, routing.classes, routing.confidence.tolist()):
+        print(f"{c:<10} {conf:.2f}  {q}")
+        if args.explain:
+            parts = extract_question(p)
+            if q != p.strip():
+                print(f"           question taken from the prompt; set aside: "
+                      f"{list(parts.dropped) + list(parts.options) + list(parts.context) or 'template only'}")
+            for line in pipe.spec.router.explain(q):
+                print(f"           {line}")
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from .testbed.model import resolve_dir
     from .testbed.results import fingerprint, plan, run_plan
@@ -524,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a class's own cell must beat the pooled row by this many paired SEs (0: no guard)")
     testbed_args(cp, "calibration", "out/class_table.toml")
     cp.set_defaults(func=cmd_calibrate)
+
+    ro = sub.add_parser("route", help="the class a router gives each question (from a prompt as the model sees it)")
+    ro.add_argument("prompt", nargs="*", help="prompts to route (default: one per line on stdin)")
+    ro.add_argument("--router", help="router stage name, e.g. keyword or embedding (default: the spec's)")
+    ro.add_argument("--spec", help="spec whose router is used (default: specs/clasp.toml)")
+    ro.add_argument("--explain", action="store_true", help="why: the rules that match, or the nearest exemplars")
+    ro.set_defaults(func=cmd_route)
 
     rp = sub.add_parser("results", help="re-run the figures of docs/results.md that are not up to date")
     rp.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")

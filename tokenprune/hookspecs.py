@@ -81,6 +81,12 @@ def register_routers(register: Callable[[str, type[Router]], None]) -> None:
     Routers run before the vision encoder, on the CPU, and must be cheap: the class decides
     which encoder layers are computed at all. Built-ins: ``keyword``, ``embedding`` (MiniLM),
     ``fixed``.
+
+    Through a pipeline a router sees each prompt's *question*: the chat template, system
+    prompt, harness instructions ("Answer the question using a single word or phrase."), hints
+    and option lists are removed first (:func:`tokenprune.prompts.extract_question`; the router
+    class sets ``reads_whole_prompt = True`` to get the whole text). ``explain(prompt)``, optional,
+    returns the lines ``tokenprune route --explain`` prints.
     """
 
 

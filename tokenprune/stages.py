@@ -78,6 +78,11 @@ class Router(Stage):
             ``[0, 1]``.
         """
 
+    def explain(self, prompt: str) -> list[str]:
+        """Why :meth:`route` gives ``prompt`` its class, as lines for ``tokenprune route
+        --explain`` (the rules that matched, the nearest exemplars, ...). Optional."""
+        return [f"router '{type(self).__name__}' gives no explanation"]
+
 
 class Fusion(Stage):
     """Fuses the encoder's per-layer features. Registered through ``register_fusions``."""
