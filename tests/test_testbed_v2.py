@@ -122,3 +122,19 @@ def test_auxiliary_questions_are_answerable_from_the_scene():
                 assert q.answer == str(o.row if kind == "row" else o.col)
         tok = tb_model.build_tokenizer()
         assert all(tok.unk_token_id not in tok(q.text)["input_ids"] for q in qs)
+
+
+def test_a_bf16_tail_trains_resumes_exactly_and_saves_fp32(tmp_path, trained):
+    tmp, _ = trained
+    cfg = _cfg(tmp, bf16_from=2)
+    straight = train_v2(cfg, tmp_path / "straight", log=lambda *_: None)
+    train_v2(cfg, tmp_path / "paused", log=lambda *_: None, max_minutes=0.0)
+    train_v2(cfg, tmp_path / "paused", log=lambda *_: None)
+    a = torch.load(tmp_path / "paused" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert straight["config"]["bf16_from"] == 2
+    fp32 = torch.load(tmp / "run" / "checkpoint.pt", weights_only=False)["model"]
+    assert any(not torch.equal(b[k], fp32[k]) for k in b)  # the autocast did change steps 2-3
+    own = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in own.values())

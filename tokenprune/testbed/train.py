@@ -207,12 +207,12 @@ def qa_loss(model, packer: Packer, scenes, questions, align_weight: float, feats
     embeds = embeds.masked_scatter(is_image[..., None], image.to(embeds.dtype))
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
     h = hidden[slots[:, 0], slots[:, 1]]  # (N, D)
-    logits = model.lm_head(h)  # (N, V)
+    logits = model.lm_head(h).float()  # (N, V); fp32 also under a bf16 autocast
     loss = F.cross_entropy(logits, slots[:, 2])
     correct = (logits.argmax(-1) == slots[:, 2]).tolist()
     if align_weight > 0:
         targets = _align_targets(scenes, packer.answer)
-        word_logits = model.lm_head(image)  # (B, M, V)
+        word_logits = model.lm_head(image).float()  # (B, M, V)
         a = sum(F.cross_entropy(word_logits.flatten(0, 1), t.flatten(), ignore_index=-100) for t in targets.values())
         loss = loss + align_weight * a
     return loss, klasses, correct

@@ -21,6 +21,11 @@ steps (a per-class curriculum restart).
 The learning rate warms up, stays at its peak until ``decay_from`` of the run and then follows a
 cosine to ``floor`` times the peak (it never reaches zero). Attention is never supervised.
 
+``bf16_from``: from that step on, the projector and decoder run under a bf16 autocast (weights,
+AdamW state, the loss and its softmax stay fp32); on a CPU with AVX512-BF16 a step costs about
+0.6 of the fp32 one. ``None`` (the default) trains in fp32 throughout. The held-out curve and the
+saved weights are fp32 either way.
+
 Everything is a function of the seed and the step: the scenes and questions of step ``k`` are
 drawn from ``default_rng([seed, k])`` and the adaptive state lives in the checkpoint, so a resumed
 run ends with the same weights as an uninterrupted one.
@@ -74,6 +79,7 @@ class TrainConfigV2:
     val_every: int = 250
     features: str | None = None      # the pool's folder (default: <out>/features)
     chunk: int = CHUNK               # scenes per cache file
+    bf16_from: int | None = None     # steps from this one on: projector and decoder under bf16 autocast
 
 
 def _lr(step: int, cfg: TrainConfigV2) -> float:
@@ -192,7 +198,9 @@ def train_v2(cfg: TrainConfigV2, out: str | Path, *, log: Callable[[str], None] 
         epoch = step * cfg.batch // cfg.pool
         questions = _questions(scenes, set(range(n_easy)), state["restart"], draws, cfg.aux_draws,
                                first_draw=epoch * cfg.max_draws)
-        loss, klasses, correct = qa_loss(model, packer, scenes, questions, cfg.align_weight, pool.features(indices))
+        feats = pool.features(indices)  # (B, M, Dv) float32, read outside the autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_from is not None and step >= cfg.bf16_from):
+            loss, klasses, correct = qa_loss(model, packer, scenes, questions, cfg.align_weight, feats)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
