@@ -369,19 +369,16 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from .testbed.model import resolve_dir
-    from .testbed.results import fingerprint, plan, run_plan
+    from .testbed.results import is_current, plan, read_manifest, run_plan
 
     if not Path("specs/ablations").is_dir() or not Path("docs").is_dir():
         raise ValueError("tokenprune results rewrites docs/results/ of a checkout: run it from the repository root")
     steps = plan()
     model_dir = resolve_dir(args.model)
     if args.list:
-        import json as _json
-
-        done = _json.loads(Path("docs/results/manifest.json").read_text()) if Path(
-            "docs/results/manifest.json").exists() else {}
+        done = read_manifest()
         for s in steps:
-            state = "up to date" if done.get(s.name, {}).get("fingerprint") == fingerprint(s, model_dir) else "to run"
+            state = "up to date" if is_current(s, model_dir, done) else "to run"
             print(f"{s.name:<13} {state:<11} tokenprune {' '.join(s.argv)}")
         return 0
     only = [x for x in (args.only or "").split(",") if x]

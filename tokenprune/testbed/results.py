@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["Step", "plan", "fingerprint", "run_plan"]
+__all__ = ["Step", "plan", "fingerprint", "read_manifest", "is_current", "run_plan"]
 
 RESULTS = Path("docs/results")
 TABLE = Path("tokenprune/data/class_table.toml")
@@ -96,6 +96,17 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def read_manifest(manifest: Path = RESULTS / "manifest.json") -> dict:
+    """The finished steps recorded in ``manifest`` (empty if there is none yet)."""
+    return json.loads(manifest.read_text()) if manifest.exists() else {}
+
+
+def is_current(step: Step, model_dir: Path, done: dict) -> bool:
+    """Whether ``step`` finished with its present inputs and its outputs are all there."""
+    return (done.get(step.name, {}).get("fingerprint") == fingerprint(step, model_dir)
+            and all(o.exists() for o in step.outputs))
+
+
 def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str] = (), force: bool = False,
              only: Sequence[str] = (), manifest: Path = RESULTS / "manifest.json",
              run: Callable[[list[str]], int] | None = None, log: Callable[[str], None] = print) -> dict:
@@ -105,13 +116,11 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
         raise ValueError(f"unknown results step(s) {unknown}; the plan has {[s.name for s in steps]}")
     if run is None:
         from ..cli import main as run
-    done = json.loads(manifest.read_text()) if manifest.exists() else {}
+    done = read_manifest(manifest)
     for step in steps:
         if only and step.name not in only:
             continue
-        fp = fingerprint(step, model_dir)
-        current = done.get(step.name, {}).get("fingerprint") == fp and all(o.exists() for o in step.outputs)
-        if current and not force:
+        if is_current(step, model_dir, done) and not force:
             log(f"results: {step.name} is up to date ({done[step.name]['finished']}); --force re-runs it")
             continue
         log(f"results: {step.name}: tokenprune {' '.join(step.argv)}")
