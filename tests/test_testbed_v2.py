@@ -138,3 +138,28 @@ def test_a_bf16_tail_trains_resumes_exactly_and_saves_fp32(tmp_path, trained):
     assert any(not torch.equal(b[k], fp32[k]) for k in b)  # the autocast did change steps 2-3
     own = load_file(str(tmp_path / "straight" / "model.safetensors"))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in own.values())
+
+
+def test_the_saved_projector_reads_raw_features_as_training_read_gained_ones(trained):
+    """Training feeds the projector ``feature_gain`` x the tower features; the saved model has the
+    gain folded into its first layer, so a plain LLaVA forward on the tower's own features gives
+    what the trained (checkpoint) projector gave on the gained ones."""
+    tmp, record = trained
+    gain = record["config"]["feature_gain"]
+    assert gain != 1.0  # the default recipe uses a gain, so this test can fail
+    saved, _ = tb_model.load(tmp / "run")
+    trained_form, _ = tb_model.build(0, arch=tb_model.arch_with(MINI, base=tb_model.ARCH_V2))
+    trained_form.load_state_dict(torch.load(tmp / "run" / "checkpoint.pt", weights_only=False)["model"], strict=False)
+    feats = FeaturePool(tmp / "features", saved, None, 8, chunk=4).features([0, 3])  # (B, M, Dv)
+    with torch.no_grad():
+        got = saved.model.multi_modal_projector(feats)
+        ref = trained_form.model.multi_modal_projector(gain * feats)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, trained_form.model.multi_modal_projector(feats), atol=1e-2)
+
+
+def test_resuming_under_another_feature_gain_is_refused(tmp_path, trained):
+    tmp, _ = trained
+    train_v2(_cfg(tmp), tmp_path / "run", log=lambda *_: None, max_minutes=0.0)
+    with pytest.raises(ValueError, match="feature_gain = 20.0, this run asks for 1.0"):
+        train_v2(_cfg(tmp, feature_gain=1.0), tmp_path / "run", log=lambda *_: None)

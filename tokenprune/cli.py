@@ -415,15 +415,16 @@ def cmd_testbed_train(args: argparse.Namespace) -> int:
     if args.version == 2:
         from .testbed.train_v2 import TrainConfigV2, train_v2
 
-        given = {"seed": args.seed, "steps": args.steps, "features": args.features, "bf16_from": args.bf16_from}
+        given = {"seed": args.seed, "steps": args.steps, "features": args.features, "bf16_from": args.bf16_from,
+                 "feature_gain": args.feature_gain}
         cfg = TrainConfigV2(**{k: v for k, v in given.items() if v is not None})  # the rest: the defaults
         record = train_v2(cfg, args.out, max_minutes=args.max_minutes)
         where = f"step {record['step']}"
     else:
         from .testbed.train import TrainConfig, train
 
-        if args.steps is not None or args.features is not None or args.bf16_from is not None:
-            raise ValueError("--steps, --features and --bf16-from belong to --version 2; v1 takes --tower-steps and "
+        if any(x is not None for x in (args.steps, args.features, args.bf16_from, args.feature_gain)):
+            raise ValueError("--steps, --features, --bf16-from and --feature-gain belong to --version 2; v1 takes --tower-steps and "
                              "--qa-steps")
         given = {"seed": args.seed, "tower_steps": args.tower_steps, "qa_steps": args.qa_steps}
         cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # the rest: TrainConfig's defaults
@@ -569,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--features", help="v2: the cached pool features' folder (default: <out>/features)")
     tt.add_argument("--bf16-from", type=int, help="v2: from this step on, train under a bf16 autocast "
                                                   "(faster on CPUs with AVX512-BF16; default: fp32 throughout)")
+    tt.add_argument("--feature-gain", type=float, help="v2: tower features x this into the projector while training, "
+                                                       "folded into its weights at save (default: TrainConfigV2.feature_gain)")
     tt.add_argument("--seed", type=int, help="model init seed (default: TrainConfig.seed)")
     tt.add_argument("--tower-steps", type=int, help="stage-1 steps (default: TrainConfig.tower_steps)")
     tt.add_argument("--qa-steps", type=int, help="stage-2 steps (default: TrainConfig.qa_steps)")
