@@ -152,8 +152,12 @@ def naive_clasp(tokens: tp.VisualTokens, alpha: Tensor, k1: int, k2: int, T: int
         keep = set(piv.tolist())
         for k in range(k2):
             idx = (assign == k).nonzero().flatten()
-            if len(idx):
-                keep.add(int(rest[idx[(U[idx] @ mu[k]).argmax()]]))
+            if len(idx):  # the medoid; scores within rounding of the best tie, to the lower rho, then index
+                score = U[idx] @ mu[k]
+                top = float(score.max())
+                tol = tp.ops.TIE_ULPS * torch.finfo(score.dtype).eps * max(abs(top), 1.0)
+                near = idx[score >= top - tol].tolist()
+                keep.add(int(rest[min(near, key=lambda i: (float(rho[i]), i))]))
         out.append(sorted(keep))
     return out
 
