@@ -27,7 +27,7 @@ so the shipped model is a plain LLaVA that reads the tower's own features. DINOv
 features are small (about 0.57 per dimension) and a fresh ``nn.Linear`` leaves the projector's
 GELU nearly linear on them; with a gain of 1, a fresh decoder stayed at chance on attribute
 questions about 1-2 object scenes for 500 steps, with 20 it reached 0.62 (``docs/testbed.md``,
-"What held the v2 run on its plateau"). It is a reparameterisation of the projector's first layer
+"What held the first v2 run on its plateau"). It is a reparameterisation of the projector's first layer
 (its initial scale and its effective rate), not new information.
 
 ``bf16_from``: from that step on, the projector and decoder run under a bf16 autocast (weights,
@@ -260,14 +260,16 @@ def fold_feature_gain(model, gain: float) -> None:
 
 
 #: Settings a checkpoint can only be resumed under unchanged (they change what the weights mean).
-_RECIPE_KEYS = {"seed": 0, "batch": 8, "pool": 3200, "arch": None, "feature_gain": 1.0}
+_RECIPE_KEYS = ("seed", "batch", "pool", "arch", "feature_gain")
+#: Settings added after checkpoints existed: the behaviour a checkpoint without them was trained with.
+_BEFORE_THEY_EXISTED = {"feature_gain": 1.0}
 
 
 def _check_same_recipe(saved: dict, cfg: TrainConfigV2, ckpt: Path) -> None:
     """Refuse to resume a checkpoint under another recipe (a checkpoint written before a setting
-    existed has that setting's old behaviour, the value in ``_RECIPE_KEYS``)."""
-    for key, old_default in _RECIPE_KEYS.items():
-        was, now = saved.get(key, old_default), getattr(cfg, key)
+    existed has that setting's old behaviour, :data:`_BEFORE_THEY_EXISTED`)."""
+    for key in _RECIPE_KEYS:
+        was, now = saved.get(key, _BEFORE_THEY_EXISTED.get(key)), getattr(cfg, key)
         if was != now:
             raise ValueError(f"{ckpt} was trained with {key} = {was!r}, this run asks for {now!r}: resuming would mix "
                              f"two recipes; train into another --out, or resume with {key} = {was!r}")
