@@ -22,6 +22,7 @@ import torch
 
 from . import __version__
 from .outputs import announce_replacing
+from .cli_router import add_router_parser
 from .registry import RegistryError, get_registry
 from .spec import load_spec
 
@@ -552,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--spec", help="spec whose router is used (default: specs/clasp.toml)")
     ro.add_argument("--explain", action="store_true", help="why: the rules that match, or the nearest exemplars")
     ro.set_defaults(func=cmd_route)
+
+    add_router_parser(sub)
 
     rp = sub.add_parser("results", help="re-run the figures of docs/results.md that are not up to date")
     rp.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
