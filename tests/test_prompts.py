@@ -68,7 +68,7 @@ def test_the_question_comes_out_of_every_template_and_harness_wrapper(q, templat
     assert got.text == q
 
 
-@pytest.mark.parametrize("router", ["keyword", "embedding"])
+@pytest.mark.parametrize("router", ["keyword", "embedding", "classifier"])
 def test_templates_and_harness_suffixes_do_not_change_the_routed_class(router):
     pipe = tp.Pipeline(tp.load_spec("specs/clasp.toml").replace(router={"stage": router}))
     qs = _questions()
@@ -135,11 +135,15 @@ def test_route_command_prints_class_question_and_why(capsys):
     from tokenprune.cli import main
 
     prompt = "USER: <image>\nWhat word is on the sign? Answer the question using a single word or phrase. ASSISTANT:"
-    assert main(["route", "--explain", prompt]) == 0
+    assert main(["route", "--router", "keyword", "--explain", prompt]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[0] == "ocr" and out[0].endswith("What word is on the sign?")
     assert "set aside: ['Answer the question using a single word or phrase.']" in out[1]
     assert any("ocr: 2 rule(s) match" in line for line in out)
+    assert main(["route", "--explain", prompt]) == 0  # the default router: the classifier
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[0] == "ocr" and any(line.strip().startswith("cues that match") and "text" in line for line in out)
+    assert any("nearest ocr question of the development set" in line for line in out)
     assert main(["route", "--router", "embedding", "--explain", "Is there a dog in the picture?"]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("existence") and "nearest existence exemplar" in out.out and out.err == ""

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .outputs import announce_replacing
 from .cli_router import add_router_parser
+from .outputs import announce_replacing
 from .registry import RegistryError, get_registry
 from .spec import load_spec
 
@@ -211,6 +211,21 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
                           repeats=args.repeats, dtype=dtype, progress=say, on_group=lambda g: keep("methods", g))
     if args.json:
         print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_router(args: argparse.Namespace) -> int:
+    from tokenprune_plugins.router_fit import load_dev_set
+
+    from .bench import router as bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    questions = [r.question for r in load_dev_set() if r.held_out]
+    rows = bench.run(args.routers.split(","), questions, repeats=args.repeats)
+    print(bench.format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
@@ -482,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--quick", action="store_true",
                     help="one shape (llava-1.5-7b), batch 1, budget 64, 3 repeats: about a minute on 2 cores")
     bs.set_defaults(func=cmd_bench_stages)
+
+    br = bsub.add_parser("router", help="routing cost per question, one call each and one call for all")
+    br.add_argument("--routers", default="keyword,embedding,classifier", help="comma list of router stages")
+    br.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    br.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    br.add_argument("--json", help="also write the rows as JSON to this file")
+    br.set_defaults(func=cmd_bench_router)
 
     bf = bsub.add_parser("prefill", help="end-to-end prefill/decode latency and memory, unpruned vs pruned")
     bf.add_argument("--model", default="smollm2", choices=["smollm2", "llava-1.5-7b", "tiny"],
