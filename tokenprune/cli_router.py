@@ -60,7 +60,8 @@ def markdown_report(reports: dict, part: str) -> str:
     for name, j in reports.items():
         general = sum(row[-1] for row in j.confusion)
         lines.append(f"| {name} | {cell(j.correct, j.n)} | "
-                     + " | ".join(f"{j.per_class[c][0] / j.per_class[c][1]:.0%}" if c in j.per_class else "-"
+                     + " | ".join(f"{j.per_class[c][0] / j.per_class[c][1]:.0%} ({j.per_class[c][0]}/{j.per_class[c][1]})"
+                                  if c in j.per_class else "-"
                                   for c in ROUTED) + f" | {general / j.n:.1%} |")
     for name, j in reports.items():
         lines += ["", f"`{name}`: confusion (rows: the labelled class, columns: the routed class); per style: "
