@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedInput, UnsupportedModel
 from tokenprune.adapters.base import cache_keyword
-from tiny_models import FAMILIES, IMG, ONE_CROP_LLAVA, Sample, batch, build, default_sizes, samples
+from tiny_models import FAMILIES, IMG, ONE_CROP_LLAVA, VEND, VID, VSTART, Sample, batch, build, default_sizes, samples
 
 from conftest import DEVICES
 
@@ -415,6 +415,24 @@ def test_video_and_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="tokenizer"):
         with tp.apply(model("llava"), SPEC, budget=2):  # keyword router, no tokenizer, no prompts
             model("llava")(**inputs(model("llava"), "llava", samples("llava", 1), "cpu"))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen")])
+def test_a_video_without_images_is_refused_never_passed_through_unpruned(family):
+    m = model(family)
+    p = 16 if family == "qwen3-vl" else 14
+    ids = torch.tensor([[11, 12, VSTART] + [VID] * 4 + [VEND, 13, 14]])
+    video = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=torch.randn(16, 3 * 2 * p * p),
+                 video_grid_thw=torch.tensor([[1, 4, 4]]), mm_token_type_ids=(ids == VID).int() * 2)
+    with torch.no_grad():
+        m(**video)  # the model itself takes it
+        with tp.apply(m, clasp(family), budget=2) as h:
+            with pytest.raises(UnsupportedInput, match="does not prune video"):
+                m(**video)
+            with pytest.raises(UnsupportedInput, match="does not prune video"):
+                m.generate(**video, max_new_tokens=2, do_sample=False)
+            assert h.last is None
+            m(input_ids=ids.masked_fill(ids == VID, 11))  # a text-only call still passes
 
 
 def test_router_reads_explicit_prompts_per_sample():

@@ -253,6 +253,7 @@ def _wrap(model: nn.Module, original: Any, entry: str):
         if "inputs" in kwargs:  # generate(tensor) names its first argument `inputs`
             kwargs["input_ids"] = kwargs.pop("inputs")
         if kwargs.get("pixel_values") is None:  # text-only call, or a decode step: nothing to prune
+            handle.adapter.refuse_unpruned_visuals(kwargs)  # ... unless it carries visuals we cannot prune
             return handle._passthrough(original, kwargs, entry)
         new = handle._prepare(kwargs, prompts, budget, entry)
         out = handle._call(original, new, entry)

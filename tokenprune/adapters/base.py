@@ -238,10 +238,16 @@ class Adapter(ABC):
                     "attention produced it; use a layer in 1..L or -1..-L"
                 )
 
-    def check_inputs(self, inputs: dict[str, Any]) -> None:
+    def refuse_unpruned_visuals(self, inputs: dict[str, Any]) -> None:
+        """Raise :class:`UnsupportedInput` if ``inputs`` carry a visual input this family cannot
+        prune (:attr:`unsupported_inputs`, e.g. a video): called on every call under a handle,
+        images or not, so such an input is never passed to the model unpruned and unreported."""
         for name, why in self.unsupported_inputs.items():
             if inputs.get(name) is not None:
                 raise UnsupportedInput(why)
+
+    def check_inputs(self, inputs: dict[str, Any]) -> None:
+        self.refuse_unpruned_visuals(inputs)
         if inputs.get("input_ids") is None:
             raise UnsupportedInput(
                 "tokenprune needs input_ids to find the image placeholders; pass input_ids (not "
