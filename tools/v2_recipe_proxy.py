@@ -20,6 +20,8 @@ every 50 steps (about 0.45 s a step on one core). Variants are one JSON object:
                                on the background
   oracle: "objects"            clean codes on object cells only (at the real features' norm),
                                the real DINOv2 features on the background
+  yes_init: 1                  start "yes" at the mean embedding of the colour and shape words, "no"
+                               at the mean of the background words (tied embeddings)
   layer: L                     read tower layer L (0 = embeddings, 12 = last) instead of the
                                cached layer -2 (its features for 384 scenes are cached first)
 
@@ -104,11 +106,27 @@ def _oracle(kind, scenes, feats: torch.Tensor) -> torch.Tensor:
     return torch.where((colour > 0)[..., None], objects, background.expand_as(feats)) + 0.5 * torch.randn(feats.shape)
 
 
+def _answer_init(model, tok) -> None:
+    """Start "yes" at the mean embedding of the colour and shape words and "no" at the mean of the
+    background words (tied embeddings: the read-out of "an object was attended" exists from step 0)."""
+    from tokenprune.testbed.scenes import BACKGROUNDS, COLORS, SHAPES
+
+    emb = model.get_input_embeddings().weight
+    ids = lambda words: [tok.convert_tokens_to_ids(w) for w in words]  # noqa: E731
+    with torch.no_grad():
+        norm = emb.norm(dim=1).mean()
+        for word, group in (("yes", [*COLORS, *SHAPES]), ("no", list(BACKGROUNDS))):
+            mean = emb[ids(group)].mean(0)
+            emb[tok.convert_tokens_to_ids(word)] = mean / mean.norm() * norm
+
+
 def main(v: dict) -> None:
     torch.manual_seed(0)
     model, tok = build(0, arch=arch_with(v.get("arch"), base=ARCH_V2))
     if v.get("mimetic", True):
         recipe.mimetic_init(model, qk_std=v.get("qk_std"))
+    if v.get("yes_init"):
+        _answer_init(model, tok)
     processor = build_processor(tok, "dinov2")
     pool, pools = FeaturePool(POOL, model, processor, POOL_SIZE), _Pools(POOL_SIZE)
     packer = recipe.Packer(tok, 576)
