@@ -274,7 +274,7 @@ def test_ablate_cli(mini, tmp_path, capsys):
     assert main(["ablate", str(REPO / "specs/ablations/router.toml"), "--model", str(mini), "--scenes", "1",
                  "--budgets", "32", "--quiet", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "ablation-router.md").read_text()
-    for name in ("oracle (true class)", "keyword (CLASP default)", "embedding (MiniLM)", "none (general)"):
+    for name in ("oracle (true class)", "classifier (CLASP default)", "keyword", "embedding (MiniLM)", "none (general)"):
         assert f"| {name} | 32 |" in md
     report = json.loads((tmp_path / "ablation-router.json").read_text())
     oracle = next(r for r in report["runs"] if r["oracle_router"])
