@@ -435,6 +435,19 @@ def test_a_video_without_images_is_refused_never_passed_through_unpruned(family)
             m(input_ids=ids.masked_fill(ids == VID, 11))  # a text-only call still passes
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_non_finite_pixels_are_refused_naming_the_row_not_passed_to_the_llm(family):
+    m = model(family)
+    inp = inputs(m, family, samples(family, 2), "cpu")
+    pix = inp["pixel_values"].clone()
+    if family == "llava":
+        pix[1] = float("nan")  # the second image
+    else:
+        pix[-1] = float("inf")  # the last patch row of the second image
+    with tp.apply(m, clasp(family), budget=2), pytest.raises(ValueError, match=r"not finite \(NaN or inf\) at row 1"):
+        m(**dict(inp, pixel_values=pix))
+
+
 def test_router_reads_explicit_prompts_per_sample():
     m = model("llava")
     inp = inputs(m, "llava", samples("llava", 2), "cpu")

@@ -199,10 +199,24 @@ def test_contract_rejects_bad_inputs():
                       scoring={"stage": "feature-norm"})
     with pytest.raises(ValueError, match="needs token positions"):
         tp.Pipeline(spec)(tokens, budget=2)
-    nan = tp.VisualTokens(layers={1: x.clone().fill_(float("nan"))}, num_layers=2, prompts=["a", "b"])
     spec = clasp_spec(L=2, scoring={"stage": "feature-norm"}, fusion={"stage": "single-layer", "layer": 1})
-    with pytest.raises(ValueError, match="NaN"):
-        tp.Pipeline(spec)(nan, budget=2)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 3, 0] = bad  # one value of one real token of row 1
+        with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) at row 1, token 3 \(1 real tokens.*"
+                                             r"hidden states \[1\] already hold them"):
+            tp.Pipeline(spec)(tp.VisualTokens(layers={1: y}, num_layers=2, prompts=["a", "b"]), budget=2)
+    y = x.clone()
+    y[1, 3, 0] = float("nan")  # on a padding token: never kept, so not an error
+    mask = torch.ones(x.shape[:2], dtype=torch.bool)
+    mask[1, 3] = False
+    tp.Pipeline(spec)(tp.VisualTokens(layers={1: y}, num_layers=2, prompts=["a", "b"], mask=mask), budget=2)
+    attn = torch.rand(2, 5)
+    attn[0, 2] = float("nan")
+    spec = clasp_spec(L=2, scoring={"stage": "cls-attention", "layer": 1}, fusion={"stage": "single-layer", "layer": 1})
+    with pytest.raises(ValueError, match=r"scoring 'cls-attention' gave a non-finite score .* at row 0, token 2"):
+        tp.Pipeline(spec)(tp.VisualTokens(layers={1: x}, num_layers=2, prompts=["a", "b"], cls_attention={1: attn}),
+                          budget=2)
 
 
 def test_spec_file_errors_name_the_file_and_tables_without_library_internals(tmp_path):

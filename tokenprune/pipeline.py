@@ -170,14 +170,14 @@ class Pipeline:
         with tick("fusion"):
             fused = spec.fusion.fuse(tokens, routing, self.table)
             _check_fused(fused, tokens)
+            _check_finite(fused, tokens, valid, spec)
         with tick("scoring"):
             phi = spec.scoring.score(tokens, fused)
             if phi.shape != (B, M) or phi.dtype != torch.float32:
                 raise RuntimeError(
                     f"scorer returned {tuple(phi.shape)} {phi.dtype}; expected ({B}, {M}) float32"
                 )
-            if bool(torch.isnan(phi).any()):
-                raise ValueError("saliency scores contain NaN: check the inputs for NaN/inf values")
+            _check_finite_scores(phi, valid, spec)
         with tick("budget"):
             a = spec.budget_policy.pivot_ratio(routing, self.table).to(torch.float64)
             if a.shape != (B,) or bool(((a < 0) | (a > 1)).any()):
@@ -232,6 +232,40 @@ def _check_fused(fused: Fused, tokens: VisualTokens) -> None:
             raise RuntimeError(f"fusion returned {name} of shape {tuple(t.shape)}; expected ({B}, {M}, ·)")
     if fused.alpha is not None and not math.isclose(float(fused.alpha.sum(-1).mean()), 1.0, abs_tol=1e-4):
         raise RuntimeError("fusion returned layer weights alpha whose rows do not sum to 1")
+
+
+def _first_bad(bad: Tensor) -> tuple[int, int]:
+    """(row, token) of the first true entry of a ``(B, M)`` bool map."""
+    b, m = bad.nonzero()[0].tolist()
+    return b, m
+
+
+def _check_finite(fused: Fused, tokens: VisualTokens, valid: Tensor, spec) -> None:
+    """Refuse NaN/inf features on real tokens (they would decide the selection and reach the LLM),
+    naming the row, the token and the encoder layers that carry them. One reduction per fused
+    tensor; the layers are read only on the error path."""
+    bad = torch.zeros_like(valid)
+    for t in (fused.encoder, fused.decoder):
+        bad |= ~torch.isfinite(t.sum(-1, dtype=torch.float32)) & valid  # (B, M); inf/NaN survive the sum
+    if not bool(bad.any()):
+        return
+    b, m = _first_bad(bad)
+    layers = sorted(k for k, h in tokens.layers.items() if not bool(torch.isfinite(h[b, m]).all()))
+    where = (f"the encoder's hidden states {layers} already hold them" if layers else
+             f"the encoder's layers are finite there, so fusion '{spec.stage_name('fusion')}' or the projector made them")
+    raise ValueError(
+        f"visual features are not finite (NaN or inf) at row {b}, token {m} ({int(bad.sum())} real tokens in the "
+        f"batch): {where}. Check the pixel values, and run the vision tower in fp32 or bf16 if fp16 overflows; "
+        "tokenprune does not select from non-finite features")
+
+
+def _check_finite_scores(phi: Tensor, valid: Tensor, spec) -> None:
+    bad = ~torch.isfinite(phi) & valid  # (B, M)
+    if bool(bad.any()):
+        b, m = _first_bad(bad)
+        raise ValueError(
+            f"scoring '{spec.stage_name('scoring')}' gave a non-finite score (NaN or inf) at row {b}, token {m} ({int(bad.sum())} real "
+            "tokens in the batch): check what it reads (attention maps, keys, text embedding) for NaN/inf")
 
 
 def _check_mask(stage: str, mask: Tensor, k: Tensor, allowed: Tensor) -> None:
