@@ -448,6 +448,22 @@ def test_non_finite_pixels_are_refused_naming_the_row_not_passed_to_the_llm(fami
         m(**dict(inp, pixel_values=pix))
 
 
+def test_a_per_image_budget_list_given_to_apply_holds_for_each_call():
+    m = model("llava")
+    inp = inputs(m, "llava", samples("llava", 2), "cpu")
+    with torch.no_grad():
+        with tp.apply(m, IDENTITY, budget=[3, 5]) as h:
+            m(**inp)
+            assert h.last.kept.tolist() == [3, 5]
+        with tp.apply(m, IDENTITY, budget=2) as h:
+            m(**inp, tokenprune_budget=[3, 5])
+            assert h.last.kept.tolist() == [3, 5]
+        with tp.apply(m, IDENTITY, budget=[3, 5, 7]), pytest.raises(ValueError, match=r"needs 2 entries \(one per image\)"):
+            m(**inp)
+    with pytest.raises(ValueError, match=r"every per-sample budget must be > 0, got \[3, 0\]"):
+        tp.apply(m, IDENTITY, budget=[3, 0])
+
+
 def test_router_reads_explicit_prompts_per_sample():
     m = model("llava")
     inp = inputs(m, "llava", samples("llava", 2), "cpu")

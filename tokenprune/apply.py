@@ -55,8 +55,9 @@ def _check_budget(budget: Budget | None, pipeline: Pipeline) -> None:
     spec = pipeline.spec
     if spec.budget_or_default(budget) is None and not spec.completion_fixes_budget:  # pooling needs none
         raise ValueError("no budget: pass apply(..., budget=64) (tokens per image) or a ratio such as 0.25")
-    if budget is not None:
-        resolve_budget(budget, torch.tensor([1_000_000]))  # raises on a malformed budget
+    if budget is not None:  # the form only; a per-image list meets its images' count at each call
+        per_image = isinstance(budget, (list, tuple)) or (isinstance(budget, torch.Tensor) and budget.dim() == 1)
+        resolve_budget(budget, torch.full((len(budget) if per_image else 1,), 1_000_000))
 
 
 class PruningHandle:
