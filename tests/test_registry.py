@@ -155,3 +155,47 @@ def test_broken_entry_point_names_its_distribution(site):
 
 def test_every_hook_registers_a_kind():
     assert set(HOOK_KINDS.values()) == set(tp.stages.STAGE_KINDS)
+
+
+FAULTY = """
+import torch
+import tokenprune
+from tokenprune.stages import Completion, CompletionResult
+
+
+class OneTooMany(Completion):
+    def complete(self, req):
+        keep = req.pool.clone()  # every pool token: more than the budget asks
+        return CompletionResult(keep, None)
+
+
+class Raises(Completion):
+    def complete(self, req):
+        raise ZeroDivisionError("bad arithmetic in a third-party stage")
+
+
+@tokenprune.hookimpl
+def register_completions(register):
+    register("one-too-many", OneTooMany)
+    register("raises", Raises)
+"""
+
+
+def test_a_faulty_third_party_stage_is_named_with_its_distribution(site, monkeypatch):
+    _make_dist(site, "tp-thirdparty-faulty", "tp_thirdparty_faulty", FAULTY)
+    reg = build_registry()
+    monkeypatch.setattr("tokenprune.registry.get_registry", lambda: reg)  # as after get_registry.cache_clear()
+    tokens = make_tokens(2, 9, grid=(3, 3))
+
+    def run(name):
+        spec = tp.PipelineSpec.model_validate({**clasp_spec().resolved(), "completion": {"stage": name}},
+                                              context={"registry": reg})
+        return tp.Pipeline(spec)(tokens, budget=4)
+
+    with pytest.raises(RuntimeError, match=r"the completion stage 'one-too-many' \(tp_thirdparty_faulty\.OneTooMany, "
+                                           r"distribution tp-thirdparty-faulty 1\.2\.3\) chose \[\d, \d\] tokens per row"):
+        run("one-too-many")
+    with pytest.raises(ZeroDivisionError, match="bad arithmetic") as err:
+        run("raises")
+    assert err.value.__notes__ == ["raised inside the completion stage 'raises' (tp_thirdparty_faulty.Raises, "
+                                   "distribution tp-thirdparty-faulty 1.2.3)"]

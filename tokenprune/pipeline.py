@@ -96,7 +96,9 @@ class Pipeline:
         sets ``reads_whole_prompt``; what it read is ``routing.questions``."""
         router = self.spec.router
         questions = [str(p) if router.reads_whole_prompt else extract_question(str(p)).text for p in prompts]
-        routing = dataclasses.replace(router.route(questions), questions=tuple(questions))
+        with _inside(self.spec, "router"):
+            routed = router.route(questions)
+        routing = dataclasses.replace(routed, questions=tuple(questions))
         if len(routing.classes) != len(prompts):
             raise RuntimeError(
                 f"router returned {len(routing.classes)} classes for {len(prompts)} prompts"
@@ -168,18 +170,21 @@ class Pipeline:
             elif len(routing.classes) != B:
                 raise ValueError(f"routing has {len(routing.classes)} entries for a batch of {B}")
         with tick("fusion"):
-            fused = spec.fusion.fuse(tokens, routing, self.table)
+            with _inside(spec, "fusion"):
+                fused = spec.fusion.fuse(tokens, routing, self.table)
             _check_fused(fused, tokens)
             _check_finite(fused, tokens, valid, spec)
         with tick("scoring"):
-            phi = spec.scoring.score(tokens, fused)
+            with _inside(spec, "scoring"):
+                phi = spec.scoring.score(tokens, fused)
             if phi.shape != (B, M) or phi.dtype != torch.float32:
                 raise RuntimeError(
                     f"scorer returned {tuple(phi.shape)} {phi.dtype}; expected ({B}, {M}) float32"
                 )
             _check_finite_scores(phi, valid, spec)
         with tick("budget"):
-            a = spec.budget_policy.pivot_ratio(routing, self.table).to(torch.float64)
+            with _inside(spec, "budget_policy"):
+                a = spec.budget_policy.pivot_ratio(routing, self.table).to(torch.float64)
             if a.shape != (B,) or bool(((a < 0) | (a > 1)).any()):
                 raise RuntimeError(f"budget policy returned {a.tolist()}; expected {B} ratios in [0, 1]")
             k1 = torch.floor(a.to(R.device) * R + 1e-6).long()  # (B,) eq. 34
@@ -190,8 +195,9 @@ class Pipeline:
                 )
             k2 = R - k1
         with tick("selection"):
-            pivots = spec.selection.select(phi, k1, valid, fused)
-            _check_mask("selector", pivots, k1, valid)
+            with _inside(spec, "selection"):
+                pivots = spec.selection.select(phi, k1, valid, fused)
+            _check_mask(spec, "selection", pivots, k1, valid)
         with tick("completion"):
             pool = valid & ~pivots
             if bool(torch.equal(k2, pool.sum(1))):  # every row keeps its whole pool
@@ -201,9 +207,10 @@ class Pipeline:
             else:
                 unit = ops.unit(fused.decoder)  # (B, M, D)
                 req = CompletionRequest(unit, phi, pivots, k2, valid, tokens, fused)
-                res = spec.completion.complete(req)
+                with _inside(spec, "completion"):
+                    res = spec.completion.complete(req)
                 extra, merged = res.mask, res.features
-                _check_mask("completion", extra, k2, pool)
+                _check_mask(spec, "completion", extra, k2, pool)
         with tick("output"):
             keep = pivots | extra  # (B, M)
             indices, counts = ops.mask_to_indices(keep)  # (B, K)
@@ -268,11 +275,40 @@ def _check_finite_scores(phi: Tensor, valid: Tensor, spec) -> None:
             "tokens in the batch): check what it reads (attention maps, keys, text embedding) for NaN/inf")
 
 
-def _check_mask(stage: str, mask: Tensor, k: Tensor, allowed: Tensor) -> None:
+def stage_label(spec: PipelineSpec, field: str) -> str:
+    """``"completion stage 'divprune' (tokenprune_plugins.completion.DivPrune, distribution ...)"``:
+    the spec table, the registered name, the class and, when it can be found, the installed
+    distribution that provides it (for error messages; not on any hot path)."""
+    import importlib.metadata as md
+
+    from . import registry
+
+    cls = type(spec.stage(field))
+    found = [(i.distribution, i.version) for i in registry.get_registry() if i.cls is cls]
+    if not found:  # a stage class used without registering it: ask the installed packages
+        found = [(d, md.version(d)) for d in md.packages_distributions().get(cls.__module__.split(".")[0], [])]
+    dist = f", distribution {found[0][0]} {found[0][1]}" if found else ""
+    return f"{field} stage '{spec.stage_name(field)}' ({cls.__module__}.{cls.__qualname__}{dist})"
+
+
+@contextlib.contextmanager
+def _inside(spec: PipelineSpec, field: str):
+    """An exception raised inside a stage leaves with a note that names the stage."""
+    try:
+        yield
+    except Exception as exc:
+        exc.add_note(f"raised inside the {stage_label(spec, field)}")
+        raise
+
+
+def _check_mask(spec: PipelineSpec, field: str, mask: Tensor, k: Tensor, allowed: Tensor) -> None:
+    """The contract of a selection or completion mask; a violation names the stage."""
     if mask.shape != allowed.shape or mask.dtype != torch.bool:
-        raise RuntimeError(f"{stage} returned {tuple(mask.shape)} {mask.dtype}; expected {tuple(allowed.shape)} bool")
-    if bool((mask & ~allowed).any()):
-        raise RuntimeError(f"{stage} chose tokens outside its candidates (padding, or already-kept tokens)")
-    got = mask.sum(1)
-    if not torch.equal(got, k.to(got.device)):
-        raise RuntimeError(f"{stage} chose {got.tolist()} tokens per row; the budget asks for {k.tolist()}")
+        problem = f"returned {tuple(mask.shape)} {mask.dtype}; expected {tuple(allowed.shape)} bool"
+    elif bool((mask & ~allowed).any()):
+        problem = "chose tokens outside its candidates (padding, or already-kept tokens)"
+    elif not torch.equal(got := mask.sum(1), k.to(mask.device)):
+        problem = f"chose {got.tolist()} tokens per row; the budget asks for {k.tolist()}"
+    else:
+        return
+    raise RuntimeError(f"the {stage_label(spec, field)} {problem}")
