@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import pytest
 import torch
 from helpers import DTYPES, make_tokens
 from hypothesis import given
@@ -140,7 +139,9 @@ def test_medoids_use_the_updated_centres_unless_asked_otherwise():
     pivots = torch.tensor([[False, False, False, False, True]])
     tokens = tp.VisualTokens(layers={1: u}, num_layers=1)
     req = CompletionRequest(u, torch.zeros(1, 5), pivots, torch.tensor([1]), valid, tokens, tp.Fused(u, u))
-    chosen = lambda m: ClaspCompletion(iterations=1, medoid_centres=m).complete(req).mask[0].nonzero().flatten()
+    def chosen(medoid_centres):
+        return ClaspCompletion(iterations=1, medoid_centres=medoid_centres).complete(req).mask[0].nonzero().flatten()
+
     assert chosen("updated").tolist() == [1]  # the cluster's mean direction is at 30.2 deg
     assert chosen("assigning").tolist() == [0]  # the seed (lowest rho, lowest index) matches itself best
 

@@ -170,6 +170,7 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
     last_img = int(is_img.nonzero().max())
     cols = list(range(len(all_ids)))
     kept = []
+    h_prev, cols_prev = h, list(cols)  # the input of the previous layer (a pruning layer reads it)
     for l, layer in enumerate(lm.layers):
         if l in schedule:
             step = schedule.index(l)

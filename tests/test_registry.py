@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from helpers import clasp_spec, make_tokens
 
 import tokenprune as tp

@@ -21,7 +21,7 @@ from tokenprune.classes import ClassTable
 from tokenprune.cli import main
 from tokenprune.testbed import model as tb_model
 from tokenprune.testbed.questions import QA_CLASSES, answer_words, ask, ask_all
-from tokenprune.testbed.scenes import CELL, COLORS, GRID, SHAPES, make_scene
+from tokenprune.testbed.scenes import CELL, COLORS, SHAPES, make_scene
 from tokenprune.testbed.splits import SPLITS, examples, scene
 from tokenprune.testbed.train import Packer, TrainConfig, pixels, train
 
@@ -301,6 +301,9 @@ def test_ablation_errors_name_the_variant(tmp_path):
         load_ablation(f)
     f.write_text(f'name = "x"\nbase = "{REPO / "specs/clasp.toml"}"\n[[variant]]\nname = "v"\nbudget_typo = 3\n')
     with pytest.raises(ValueError, match="unknown keys"):
+        load_ablation(f)
+    f.write_text('name = "x"\nbudgets = "many"\n')  # the file's own fields: a clear error, not a NameError
+    with pytest.raises(ValueError, match=r"ablation file '.*bad.toml': 2 problems\n  - missing base, variant\n  - \[budgets\]"):
         load_ablation(f)
 
 

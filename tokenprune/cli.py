@@ -319,7 +319,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             f"### Ablation `{abl.name}`: {abl.description}\n\n"
             f"`tokenprune ablate {args.file}` on the {split} split ({report['examples']} questions); "
             "accuracy ± the 95 % Wilson interval's half-width (difference to unpruned)\n\n" + table + "\n\n"
-            f"Evidence recall (share of each question's evidence cells that reached the LLM)\n\n"
+            "Evidence recall (share of each question's evidence cells that reached the LLM)\n\n"
             + recall_table(report) + "\n\n"
             f"Paired difference from '{report['reference']}' at the same budget (exact McNemar p; ** p < 0.05)\n\n"
             + paired_table(report) + "\n")

@@ -43,7 +43,6 @@ def load(
         AutoTokenizer,
         CLIPImageProcessorPil,
         CLIPVisionConfig,
-        LlamaForCausalLM,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,

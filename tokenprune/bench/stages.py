@@ -203,7 +203,7 @@ def run(
                                          matmul_ms, naive_ms))
                     if on_row:
                         on_row(rows[-1])
-                del tokens
+                tokens = None  # free this batch's inputs before the next one
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
     return rows
@@ -374,7 +374,7 @@ def run_methods(
                 rows += group
                 if on_group:  # the ratios need CLASP's time, so a (device, shape, batch) group at a time
                     on_group(group)
-                del tokens
+                tokens = None  # free this batch's inputs before the next one
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
     return rows

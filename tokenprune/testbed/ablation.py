@@ -39,8 +39,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..spec import STAGE_FIELDS, PipelineSpec, load_spec
-from ..tomlfile import read_toml
+from ..spec import STAGE_FIELDS, load_spec
+from ..tomlfile import describe_problems, read_toml
 from .evaluate import Variant
 
 __all__ = ["Ablation", "load_ablation"]

@@ -109,7 +109,7 @@ def recall_table(report: dict[str, Any]) -> str:
 def paired_table(report: dict[str, Any], alpha: float = 0.05) -> str:
     """Per class, each run's accuracy minus the reference's at the same budget, with the exact
     McNemar p-value; ``**`` marks p < ``alpha`` (markdown)."""
-    lines = [f"| variant | R | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    lines = ["| variant | R | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for name, r, row in _rows(report)[1:]:
         tests = row.get("vs_reference")
         if tests is None:
