@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedInput, UnsupportedModel
 from tokenprune.adapters.base import cache_keyword
-from tiny_models import FAMILIES, IMG, ONE_CROP_LLAVA, VEND, VID, VSTART, Sample, batch, build, default_sizes, samples
+from tiny_models import FAMILIES, IMG, ONE_CROP_LLAVA, VEND, VID, VSTART, Sample, _qwen_patch, batch, build, default_sizes, samples
 
 from conftest import DEVICES
 
@@ -420,7 +420,7 @@ def test_video_and_bad_inputs_give_clear_errors():
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen")])
 def test_a_video_without_images_is_refused_never_passed_through_unpruned(family):
     m = model(family)
-    p = 16 if family == "qwen3-vl" else 14
+    p = _qwen_patch(family)
     ids = torch.tensor([[11, 12, VSTART] + [VID] * 4 + [VEND, 13, 14]])
     video = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=torch.randn(16, 3 * 2 * p * p),
                  video_grid_thw=torch.tensor([[1, 4, 4]]), mm_token_type_ids=(ids == VID).int() * 2)
