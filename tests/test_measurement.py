@@ -156,8 +156,9 @@ def test_tower_memo_gives_the_same_report_and_restores_the_tower():
     model, processor = load()
     variants = [Variant("clasp", load_spec("specs/clasp.toml")),
                 Variant("vz", load_spec("specs/methods/visionzip.toml"))]
-    a = evaluate(model, processor, variants, [48], "test", scenes=2, memo=True)
-    b = evaluate(model, processor, variants, [48], "test", scenes=2, memo=False)
+    few = ["ocr", "attribute", "existence"]  # the default (v2) tower is slow without the memo
+    a = evaluate(model, processor, variants, [48], "test", scenes=2, classes=few, memo=True)
+    b = evaluate(model, processor, variants, [48], "test", scenes=2, classes=few, memo=False)
     for x, y in zip([a["unpruned"], *a["runs"]], [b["unpruned"], *b["runs"]]):
         assert x["predictions"] == y["predictions"] and x.get("evidence_recall") == y.get("evidence_recall")
         assert x["mean_logp"] == pytest.approx(y["mean_logp"], abs=1e-4)
@@ -167,6 +168,31 @@ def test_tower_memo_gives_the_same_report_and_restores_the_tower():
         model.model.vision_tower(px, output_hidden_states=True)
         model.model.vision_tower(px[:1], output_hidden_states=True)
     assert stats == {"misses": 1, "hits": 3}  # one image, computed once
+
+
+def test_tower_memo_serves_any_choice_of_hidden_states_from_one_pass():
+    """A row holds every hidden state, so fusions over different layers and the unpruned forward
+    share one tower pass; each call gets back exactly what the tower itself returns for its
+    arguments (the states it asked for, ``None`` for the others)."""
+    from tokenprune.testbed.memo import memoized_tower
+    from tokenprune.testbed.model import load
+
+    model, processor = load("v1")
+    tower = model.model.vision_tower
+    px = processor.image_processor([scene("test", i).image for i in range(2)], return_tensors="pt")["pixel_values"]
+    asks = [[2, -1], True, None, [0]]
+    with torch.no_grad():
+        plain = [tower(px, output_hidden_states=a) if a is not None else tower(px) for a in asks]
+        with memoized_tower(model) as stats:
+            memo = [tower(px, output_hidden_states=a) if a is not None else tower(px) for a in asks]
+    assert stats == {"misses": 2, "hits": 6}
+    for p, m in zip(plain, memo):
+        torch.testing.assert_close(m.last_hidden_state, p.last_hidden_state)
+        assert (m.hidden_states is None) == (p.hidden_states is None)
+        for hp, hm in zip(p.hidden_states or (), m.hidden_states or ()):
+            assert (hm is None) == (hp is None)
+            if hp is not None:
+                torch.testing.assert_close(hm, hp)
 
 
 # -- make results: a plan that resumes ------------------------------------------------------------

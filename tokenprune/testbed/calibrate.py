@@ -27,10 +27,16 @@ from typing import Any
 from ..classes import CLASSES, STRATEGIES, ClassEntry, ClassTable
 from ..spec import PipelineSpec
 from .evaluate import Dist, Variant, evaluate
+from .memo import memoized_tower
 from .questions import QA_CLASSES
 from .stats import mcnemar
 
 __all__ = ["calibrate", "table_toml"]
+
+
+#: Images whose tower outputs calibration keeps for all classes (the calibration split has 200;
+#: a v2 row, every hidden state of DINOv2 ViT-S/14 at 336 px in fp32, is about 12 MB).
+MEMO_IMAGES = 256
 
 
 def _cell_name(strategy: str, ratio: float) -> str:
@@ -64,24 +70,13 @@ def calibrate(
     correct: dict[str, dict[str, list[bool]]] = {}  # class -> cell -> correctness over (budget, question)
     cells_of = {_cell_name(s, a): (s, a) for s, a in itertools.product(strategies, ratios)}
     current = base.class_table.model_dump(exclude_none=True)
-    for c in QA_CLASSES:
-        variants = []
-        for name, (s, a) in cells_of.items():
-            rows = {k: dict(v) for k, v in current["classes"].items()}
-            rows[c] = {"strategy": s, "temperature": temperature, "pivot_ratio": a}
-            table = ClassTable.model_validate({**current, "classes": rows})
-            variants.append(Variant(name, base.replace(class_table=table), oracle_router=True))
-        report = evaluate(model, processor, variants, budgets, split, scenes=scenes, classes=[c],
-                          batch_size=batch_size, dist=dist, progress=progress(c) if progress else None)
-        cells: dict[str, dict[str, float]] = {}
-        for run in report["runs"]:
-            cell = cells.setdefault(run["variant"], {"accuracy": 0.0, "mean_logp": 0.0})
-            cell["accuracy"] += run["accuracy"]["overall"] / len(budgets)
-            cell["mean_logp"] += run["mean_logp"] / len(budgets)
-            correct.setdefault(c, {}).setdefault(run["variant"], []).extend(run["correct"])
-        grid[c] = {k: {m: round(v, 5) for m, v in x.items()} for k, x in cells.items()}
-        grid[c]["unpruned"] = {"accuracy": report["unpruned"]["accuracy"]["overall"],
-                               "mean_logp": report["unpruned"]["mean_logp"]}
+    with memoized_tower(model, capacity=MEMO_IMAGES):  # each image's tower pass once for all classes
+        for c in QA_CLASSES:
+            variants = [Variant(name, base.replace(class_table=_with_row(current, c, s, a, temperature)), oracle_router=True)
+                        for name, (s, a) in cells_of.items()]
+            report = evaluate(model, processor, variants, budgets, split, scenes=scenes, classes=[c], memo=False,
+                              batch_size=batch_size, dist=dist, progress=progress(c) if progress else None)
+            _score(report, budgets, grid.setdefault(c, {}), correct.setdefault(c, {}))
 
     def best(scores: dict[str, dict[str, float]]) -> str:
         return max(cells_of, key=lambda k: (scores[k]["accuracy"], scores[k]["mean_logp"]))
@@ -99,6 +94,27 @@ def calibrate(
     table = ClassTable(source=source, classes=rows)
     return table, {"budgets": list(budgets), "split": split, "scenes": scenes, "grid": grid, "pooled": pooled,
                    "guard_z": guard_z, "guard": guard}
+
+
+def _with_row(current: dict, c: str, strategy: str, ratio: float, temperature: float) -> ClassTable:
+    """The table ``current`` with class ``c``'s row set to one cell of the grid."""
+    rows = {k: dict(v) for k, v in current["classes"].items()}
+    rows[c] = {"strategy": strategy, "temperature": temperature, "pivot_ratio": ratio}
+    return ClassTable.model_validate({**current, "classes": rows})
+
+
+def _score(report: dict, budgets: Sequence[int], grid: dict, correct: dict) -> None:
+    """One class's grid row (accuracy and mean log-probability averaged over the budgets, and the
+    unpruned model's) and its per-question correctness per cell, from its evaluation report."""
+    cells: dict[str, dict[str, float]] = {}
+    for run in report["runs"]:
+        cell = cells.setdefault(run["variant"], {"accuracy": 0.0, "mean_logp": 0.0})
+        cell["accuracy"] += run["accuracy"]["overall"] / len(budgets)
+        cell["mean_logp"] += run["mean_logp"] / len(budgets)
+        correct.setdefault(run["variant"], []).extend(run["correct"])
+    grid.update({k: {m: round(v, 5) for m, v in x.items()} for k, x in cells.items()})
+    grid["unpruned"] = {"accuracy": report["unpruned"]["accuracy"]["overall"],
+                        "mean_logp": report["unpruned"]["mean_logp"]}
 
 
 def _guarded(best: str, pooled: str, correct: dict[str, list[bool]], z: float) -> dict[str, Any]:

@@ -6,12 +6,15 @@ costs about 0.3 s per image on two CPU cores, so an evaluation of 40 runs would 
 recomputing identical features. :func:`memoized_tower` patches *this instance's* tower so that an
 image it has seen with the same arguments is answered from memory:
 
-- the key of an image row is its pixels' digest, the call's keyword arguments, and what the
-  active capture recorder wants (:mod:`tokenprune.adapters.capture`), so a run that captures
-  [CLS] attention at layer 11 never reuses a row computed without it;
-- a call computes only its new rows, in one sub-batch, and stores per row the outputs *and* the
-  attention records the capture kernel appended, then replays both, so adapters see exactly what
-  the tower returns and records;
+- the key of an image row is its pixels' digest and the call's keyword arguments, except which
+  hidden states are asked for: a row is computed with *every* hidden state, so one row serves a
+  fusion over layers 9-12, another over layers 2-5 and the unpruned forward, and each call gets
+  back the states it asked for (the others ``None``, as the tower itself answers);
+- a row keeps the attention records the capture kernel appended (:mod:`tokenprune.adapters.capture`)
+  per set of records the active recorder wanted, so a run that captures [CLS] attention at layer
+  11 never replays a row computed without it; a call without a recorder reuses any row;
+- a call computes only its missing rows, in one sub-batch, then replays outputs and records, so
+  adapters see exactly what the tower returns and records;
 - the memory holds at most ``capacity`` rows (least recently used go first).
 
 Rows are computed in smaller batches than the caller's, so values can differ from an unmemoized
@@ -41,11 +44,19 @@ def _key(row: Tensor) -> bytes:
 
 
 def _call_key(kwargs: dict[str, Any]) -> tuple:
+    """The keyword arguments that change what the tower computes (every hidden state is always
+    computed, so which ones are returned is not part of the key)."""
+    return tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k != "output_hidden_states"))
+
+
+def _wanted() -> frozenset | None:
+    """What the active capture recorder wants, ``None`` without one, or ``"uncacheable"``."""
     rec = capture._RECORDER.get()
-    wanted = frozenset(rec.wanted.values()) if rec is not None else frozenset()
-    if rec is not None and rec.query_weights is not None:
-        return ("uncacheable",)  # text-weighted records depend on the prompt, not the image
-    return tuple(sorted((k, repr(v)) for k, v in kwargs.items())), wanted
+    if rec is None:
+        return None
+    if rec.query_weights is not None:
+        return "uncacheable"  # text-weighted records depend on the prompt, not the image
+    return frozenset(rec.wanted.values())
 
 
 @contextlib.contextmanager
@@ -59,17 +70,18 @@ def memoized_tower(model, capacity: int = 128) -> Iterator[dict[str, int]]:
     stats = {"hits": 0, "misses": 0}
 
     def forward(pixel_values: Tensor, *args, **kwargs):
-        call = _call_key(kwargs)
-        if args or call == ("uncacheable",):
+        wanted = _wanted()
+        if args or wanted == "uncacheable":
             return original(pixel_values, *args, **kwargs)
+        call = _call_key(kwargs)
         keys = [(_key(pixel_values[i]), call) for i in range(pixel_values.shape[0])]
         todo, seen = [], set()
-        for i, k in enumerate(keys):  # each new image once, even if it repeats in the batch
-            if k not in store and k not in seen:
+        for i, k in enumerate(keys):  # each missing image once, even if it repeats in the batch
+            if not _serves(store.get(k), wanted) and k not in seen:
                 seen.add(k)
                 todo.append(i)
         if todo:
-            _compute(original, pixel_values, kwargs, todo, keys, store)
+            _compute(original, pixel_values, kwargs, todo, keys, store, wanted)
         stats["misses"] += len(todo)
         stats["hits"] += len(keys) - len(todo)
         rows = [store[k] for k in keys]
@@ -77,7 +89,8 @@ def memoized_tower(model, capacity: int = 128) -> Iterator[dict[str, int]]:
             store.move_to_end(k)
         while len(store) > capacity:
             store.popitem(last=False)
-        return _assemble(rows)
+        asked = kwargs.get("output_hidden_states", getattr(tower.config, "output_hidden_states", False))
+        return _assemble(rows, asked, wanted)
 
     tower.forward = forward
     try:
@@ -89,40 +102,54 @@ def memoized_tower(model, capacity: int = 128) -> Iterator[dict[str, int]]:
             del tower.forward
 
 
-def _compute(original, pixel_values: Tensor, kwargs: dict, todo: list[int], keys: list, store: OrderedDict) -> None:
+def _serves(row: dict[str, Any] | None, wanted: frozenset | None) -> bool:
+    return row is not None and (wanted is None or wanted in row["records"])
+
+
+def _compute(original, pixel_values: Tensor, kwargs: dict, todo: list[int], keys: list, store: OrderedDict,
+             wanted: frozenset | None) -> None:
     rec = capture._RECORDER.get()
     before = {k: len(v) for k, v in rec.records.items()} if rec is not None else {}
-    out = original(pixel_values[todo], **kwargs)
+    out = original(pixel_values[todo], **{**kwargs, "output_hidden_states": True})
     added: dict[tuple, list[Tensor]] = {}
     if rec is not None:
         for k, v in rec.records.items():
             added[k] = v[before.get(k, 0):]
             del v[before.get(k, 0):]  # replayed from the rows below, in the caller's order
     for j, i in enumerate(todo):
-        store[keys[i]] = {
-            "last_hidden_state": out.last_hidden_state[j],
-            "pooler_output": None if out.pooler_output is None else out.pooler_output[j],
-            "hidden_states": None if out.hidden_states is None else
-            tuple(None if h is None else h[j] for h in out.hidden_states),
-            "records": {k: [t[j] for t in v] for k, v in added.items()},
-            "type": type(out),
-        }
+        row = store.get(keys[i]) or {"records": {}}
+        row.update(
+            last_hidden_state=out.last_hidden_state[j],
+            pooler_output=None if out.pooler_output is None else out.pooler_output[j],
+            hidden_states=tuple(h[j] for h in out.hidden_states),
+            type=type(out),
+        )
+        if wanted is not None:
+            row["records"][wanted] = {k: [t[j] for t in v] for k, v in added.items()}
+        store[keys[i]] = row
 
 
-def _assemble(rows: list[dict[str, Any]]):
+def _selected(asked: Any, count: int) -> set[int]:
+    """Which of ``count`` hidden states a call's ``output_hidden_states`` asks for."""
+    if isinstance(asked, (list, tuple)):
+        return {i % count for i in asked}
+    return set(range(count)) if asked else set()
+
+
+def _assemble(rows: list[dict[str, Any]], asked: Any, wanted: frozenset | None):
     first = rows[0]
     stack = lambda xs: torch.stack(xs)  # noqa: E731
-    hidden = None
-    if first["hidden_states"] is not None:
-        hidden = tuple(None if h is None else stack([r["hidden_states"][n] for r in rows])
-                       for n, h in enumerate(first["hidden_states"]))
+    keep = _selected(asked, len(first["hidden_states"]))
+    hidden = tuple(stack([r["hidden_states"][n] for r in rows]) if n in keep else None
+                   for n in range(len(first["hidden_states"]))) if keep else None
     out = first["type"](last_hidden_state=stack([r["last_hidden_state"] for r in rows]),
                         pooler_output=None if first["pooler_output"] is None else
                         stack([r["pooler_output"] for r in rows]),
                         hidden_states=hidden)
     rec = capture._RECORDER.get()
     if rec is not None:
-        for k, calls in first["records"].items():
+        records = first["records"][wanted]
+        for k, calls in records.items():
             for n in range(len(calls)):
-                rec.records.setdefault(k, []).append(stack([r["records"][k][n] for r in rows]))
+                rec.records.setdefault(k, []).append(stack([r["records"][wanted][k][n] for r in rows]))
     return out
