@@ -57,8 +57,11 @@ ARCH_V2 = {
 _TOWER_PREFIX = "model.vision_tower."
 
 
-def shipped_dir(version: int = 1) -> Path:
-    """The folder of the shipped weights of testbed ``version`` (1 or 2)."""
+DEFAULT_VERSION = 2
+
+
+def shipped_dir(version: int = DEFAULT_VERSION) -> Path:
+    """The folder of the shipped weights of testbed ``version`` (1 or 2; default v2, the DINOv2 model)."""
     if version not in (1, 2):
         raise ValueError(f"testbed version {version} does not exist; choose 1 or 2")
     return Path(str(resources.files("tokenprune").joinpath("data/testbed" if version == 1 else "data/testbed_v2")))
