@@ -259,3 +259,54 @@ def test_results_plan_covers_every_shipped_ablation():
     names = {s.name for s in plan()}
     assert {p.stem for p in (ROOT / "specs/ablations").glob("*.toml")} <= names
     assert [s.name for s in plan()][0] == "calibrate"
+
+
+# -- checkpoints: an interrupted evaluation resumes ------------------------------------------------
+def test_an_interrupted_evaluation_resumes_from_its_checkpoint_and_reports_the_same(tmp_path):
+    """Stopped inside a batch, an evaluation with the same model and arguments answers only the
+    batches that were not saved, gives the uninterrupted report (predictions, accuracies,
+    evidence recall) and deletes its checkpoint; other arguments ignore the file."""
+    import json
+
+    from tokenprune.spec import load_spec
+    from tokenprune.testbed import resume
+    from tokenprune.testbed.model import load
+
+    model, processor = load("v1")
+    variants = [Variant("top-r", load_spec("specs/variants/top-r.toml"))]
+    ck = tmp_path / ".eval.partial.json"
+    # 4 batches of one question, each answered by 2 runs (unpruned, top-r at 32)
+    args = dict(budgets=[32], split="test", scenes=1, classes=["ocr", "counting"], batch_size=1)
+    whole = evaluate(model, processor, variants, **args)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(n):
+        def progress(done, total):
+            if done == n:
+                raise Stop
+        return progress
+
+    with pytest.raises(Stop):  # the 5th answer is the first run of the 3rd batch
+        evaluate(model, processor, variants, **args, checkpoint=ck, progress=stop_at(5))
+    assert not ck.exists()  # saved at most once a minute: nothing yet
+    with pytest.MonkeyPatch.context() as monkey:
+        monkey.setattr(resume.Checkpoint, "maybe_save", resume.Checkpoint.save)  # save after every batch
+        with pytest.raises(Stop):
+            evaluate(model, processor, variants, **args, checkpoint=ck, progress=stop_at(5))
+    saved = json.loads(ck.read_text())["results"]
+    assert {len(v) for v in saved.values()} == {2}  # two whole batches kept, the third lost
+
+    seen = []
+    resumed = evaluate(model, processor, variants, **args, checkpoint=ck,
+                       progress=lambda done, total: seen.append(done))
+    assert seen == [5, 6, 7, 8]  # started after the 4 saved answers
+    assert not ck.exists()
+    for x, y in zip([whole["unpruned"], *whole["runs"]], [resumed["unpruned"], *resumed["runs"]]):
+        assert x["predictions"] == y["predictions"] and x["accuracy"] == y["accuracy"]
+        assert x.get("evidence_recall") == y.get("evidence_recall")
+
+    ck.write_text(json.dumps({"key": "another evaluation", "results": {"0": {"0": {}}, "1": {"0": {}}}}))
+    other = evaluate(model, processor, variants, **args, checkpoint=ck)
+    assert other["unpruned"]["predictions"] == whole["unpruned"]["predictions"]

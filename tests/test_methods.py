@@ -320,13 +320,15 @@ def test_pool_counts_on_llava_grid_and_clear_errors():
 
 
 # -- image down-sampling ------------------------------------------------------------------------------
-def test_downsample_feeds_the_resized_images_tokens_in_the_first_slots():
+@pytest.mark.parametrize("family", ["llava", "llava-dinov2"])
+def test_downsample_feeds_the_resized_images_tokens_in_the_first_slots(family):
+    """Also on a tower whose ``image_size`` (98) is not the input's (56), like testbed v2's DINOv2."""
     import torch.nn.functional as F
     from tiny_models import IMG, batch, build, samples
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    m = build("llava")
-    inp = batch(m, "llava", samples("llava", 2, seed=5))
+    m = build(family)
+    inp = batch(m, family, samples(family, 2, seed=5))
     spec = tp.load_spec(f"{METHODS}/downsample.toml")
     with torch.no_grad():
         with tp.apply(m, spec, budget=10) as h:  # floor(sqrt(10)) = 3: a 3x3-patch image

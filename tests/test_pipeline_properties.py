@@ -171,13 +171,19 @@ def test_ratio_zero_is_pure_completion(completion, device, case, dtype):
     assert torch.equal(sel.token_mask(case["M"]), expected)
 
 
-def test_merged_and_fused_features_reach_the_selection():
+def test_fused_features_reach_the_llm_only_when_the_fusion_feeds_it():
+    """``feed = "llm"`` (the paper): the kept tokens carry the fused features; ``feed =
+    "selection"`` (specs/clasp.toml): they carry none, so the LLM reads its own layer."""
     spec = clasp_spec()
     tokens = make_tokens(2, 10, seed=1)
-    sel = _run(spec, tokens, 4)
-    routing = tp.Pipeline(spec).route(tokens.prompts)
-    fused = spec.fusion.fuse(tokens, routing, spec.class_table)
+    fusion = spec.resolved()["fusion"]
+    paper = spec.replace(fusion={**fusion, "feed": "llm"})
+    sel = _run(paper, tokens, 4)
+    routing = tp.Pipeline(paper).route(tokens.prompts)
+    fused = paper.fusion.fuse(tokens, routing, paper.class_table)
     assert torch.allclose(sel.features, sel.gather(fused.decoder))
+    own = _run(spec.replace(fusion={**fusion, "feed": "selection"}), tokens, 4)
+    assert own.features is None and torch.equal(own.indices, sel.indices)
 
 
 # -- stages that fix their own count, and the in-LLM pruners ----------------------------------

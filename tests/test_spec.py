@@ -189,7 +189,7 @@ def test_contract_rejects_bad_inputs():
         tp.VisualTokens(layers={1: x}, num_layers=2, prompts=["a", "b", "c"])
     tokens = tp.VisualTokens(layers={1: x}, num_layers=2, prompts=["a", "b"])
     with pytest.raises(KeyError, match=r"encoder layer 2 \(asked as 2\) was not supplied; the inputs carry layers \[1\]"):
-        tp.Pipeline(clasp_spec(L=2))(tokens, budget=2)
+        tp.Pipeline(clasp_spec(L=2, fusion={"stage": "single-layer", "layer": 2}))(tokens, budget=2)
     with pytest.raises(KeyError, match="cls_attention at encoder layer 1"):
         tp.Pipeline(clasp_spec(L=2, fusion={"stage": "single-layer", "layer": 1}))(tokens, budget=2)
     spec = clasp_spec(L=2, scoring={"stage": "text-similarity"}, fusion={"stage": "single-layer", "layer": 1})

@@ -48,7 +48,9 @@ def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", s
 
     torch.manual_seed(seed)
     if family in ONE_CROP_LLAVA:
-        tower = _clip(56) if family == "llava" else _dinov2(56)
+        # the DINOv2 tower says it was pretrained at 98 px and is fed 56 px, as testbed v2's (518, fed
+        # 336): its position embeddings are interpolated and the tower's image_size is not the input's
+        tower = _clip(56) if family == "llava" else _dinov2(98)
         cfg = tf.LlavaConfig(vision_config=tower, text_config=tf.LlamaConfig(**_text(text_layers)),
                              image_token_id=IMG, vision_feature_layer=-2)
         cls = tf.LlavaForConditionalGeneration

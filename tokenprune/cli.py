@@ -270,6 +270,11 @@ def _write_report(report: dict, out: Path, stem: str, title: str) -> None:
     print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}", file=sys.stderr)
 
 
+def _partial(out: str | Path, stem: str) -> Path:
+    """Where an evaluation keeps its finished batches until it completes (it resumes from them)."""
+    return Path(out) / f".{stem}.partial.json"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .testbed.evaluate import Dist, Variant, evaluate, progress_bar
     from .testbed.model import check_budgets_fit, load
@@ -282,12 +287,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dist = Dist.from_env()
     model, processor = load(args.model, device=args.device)
     check_budgets_fit(args.budgets, model, "--budgets")
+    stem = args.name or "-".join(s.name for s in specs) + f"-{args.split}"
     report = evaluate(model, processor, variants, args.budgets, args.split, scenes=args.scenes,
                       batch_size=args.batch, dist=dist, progress=None if args.quiet else progress_bar("eval"),
-                      device=args.device, reference=args.reference)
+                      device=args.device, reference=args.reference, checkpoint=_partial(args.out, stem))
     if dist.rank == 0:
         print(text_table(report))
-        stem = args.name or "-".join(s.name for s in specs) + f"-{args.split}"
         _write_report(report, Path(args.out), stem, f"{', '.join(s.name for s in specs)} on the {args.split} split")
     return 0
 
@@ -307,7 +312,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     check_budgets_fit(budgets, model, "--budgets" if args.budgets else f"{args.file}: budgets")
     report = evaluate(model, processor, variants, budgets, split, scenes=args.scenes, batch_size=args.batch,
                       dist=dist, progress=None if args.quiet else progress_bar(f"ablate {abl.name}"),
-                      device=args.device, reference=args.reference)
+                      device=args.device, reference=args.reference,
+                      checkpoint=_partial(args.out, f"ablation-{abl.name}"))
     report["ablation"] = abl.name
     if dist.rank == 0:
         table = markdown_table(report, delta=True)
@@ -343,7 +349,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     table, grid = calibrate(model, processor, base, split=args.split, scenes=args.scenes, budgets=budgets,
                             strategies=args.strategies.split(","), ratios=ratios, batch_size=args.batch,
                             dist=dist, source=source, guard_z=args.guard_z,
-                            progress=None if args.quiet else (lambda c: progress_bar(f"calibrate {c}")))
+                            progress=None if args.quiet else (lambda c: progress_bar(f"calibrate {c}")),
+                            checkpoint=lambda c: _partial(Path(args.out).parent, f"{Path(args.out).stem}-{c}"))
     if dist.rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

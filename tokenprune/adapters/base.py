@@ -406,14 +406,15 @@ class Adapter(ABC):
     def _downsample_target(self, budget: Budget | None, inputs: dict[str, Any]) -> int:
         """One token count for the whole batch (images are resized to one size)."""
         ids = inputs["input_ids"]
-        per_image = self.placeholders_per_image()
+        per_image = self.placeholders_per_image(inputs)
         R = resolve_budget(budget, torch.tensor([per_image] * ids.shape[0]))
         if bool((R != R[0]).any()):
             raise ValueError(f"image down-sampling resizes every image of a batch to one size; got per-sample "
                              f"budgets {R.tolist()}: give one budget")
         return int(R[0])
 
-    def placeholders_per_image(self) -> int:
+    def placeholders_per_image(self, inputs: dict[str, Any]) -> int:
+        """Image placeholder tokens per image of ``inputs`` (one count for every image)."""
         raise UnsupportedInput(f"{self.family} has no fixed placeholder count per image")
 
     def pad_id(self) -> int:

@@ -119,9 +119,15 @@ class LlavaAdapter(Adapter):
         )
 
 
-    def placeholders_per_image(self) -> int:
-        v = self.model.config.vision_config
-        return (v.image_size // v.patch_size) ** 2
+    def placeholders_per_image(self, inputs: dict[str, Any]) -> int:
+        """Patches per image at the size the processor gave (a tower's ``image_size`` is the size
+        it was pretrained at: DINOv2 says 518 and interpolates its positions to 336 px inputs)."""
+        return math.prod(self._patch_grid(inputs))
+
+    def _patch_grid(self, inputs: dict[str, Any]) -> tuple[int, int]:
+        p = self.model.config.vision_config.patch_size
+        H, W = inputs["pixel_values"].shape[-2:]
+        return H // p, W // p
 
     def encode_downsampled(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder,
                            tokens: int) -> Encoded:
@@ -132,8 +138,8 @@ class LlavaAdapter(Adapter):
         import torch.nn.functional as F
 
         v = self.model.config.vision_config
-        P = self.placeholders_per_image()
-        side = max(1, min(math.isqrt(tokens), v.image_size // v.patch_size))
+        P = self.placeholders_per_image(inputs)
+        side = max(1, min(math.isqrt(tokens), *self._patch_grid(inputs)))
         pix = inputs["pixel_values"]
         small = F.interpolate(pix.float(), size=(side * v.patch_size,) * 2, mode="bicubic", antialias=True,
                               align_corners=False).to(pix.dtype)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..classes import CLASSES, STRATEGIES, ClassEntry, ClassTable
@@ -59,8 +60,12 @@ def calibrate(
     progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
     source: str = "",
     guard_z: float = 1.96,
+    checkpoint: Callable[[str], str | Path | None] | None = None,
 ) -> tuple[ClassTable, dict[str, Any]]:
-    """Returns the fitted table and the grid of scores ``{class: {cell: {accuracy, mean_logp}}}``."""
+    """Returns the fitted table and the grid of scores ``{class: {cell: {accuracy, mean_logp}}}``.
+    ``checkpoint``: per class, the file its evaluation resumes from (see
+    :func:`~tokenprune.testbed.evaluate.evaluate`), so an interrupted calibration loses at most a
+    minute of work."""
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"unknown strategies {bad}; valid: {list(STRATEGIES)}")
@@ -75,7 +80,8 @@ def calibrate(
             variants = [Variant(name, base.replace(class_table=_with_row(current, c, s, a, temperature)), oracle_router=True)
                         for name, (s, a) in cells_of.items()]
             report = evaluate(model, processor, variants, budgets, split, scenes=scenes, classes=[c], memo=False,
-                              batch_size=batch_size, dist=dist, progress=progress(c) if progress else None)
+                              batch_size=batch_size, dist=dist, progress=progress(c) if progress else None,
+                              checkpoint=checkpoint(c) if checkpoint else None)
             _score(report, budgets, grid.setdefault(c, {}), correct.setdefault(c, {}))
 
     def best(scores: dict[str, dict[str, float]]) -> str:

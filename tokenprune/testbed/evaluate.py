@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from ..spec import PipelineSpec
 from .memo import memoized_tower
 from .model import prompt
 from .questions import QA_CLASSES
+from .resume import Checkpoint, run_key
 from .splits import Example, examples, scene
 from .stats import mcnemar, wilson
 
@@ -184,12 +186,15 @@ def evaluate(
     device: str | torch.device = "cpu",
     reference: str | None = None,
     memo: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Accuracy (with 95 % intervals), evidence recall, paired tests against the ``reference``
     variant (default: the first) and against the unpruned model, share retained, routing accuracy
     and prefill time of each variant at each budget, plus the unpruned model. Returns plain data
     (the JSON that ``tokenprune eval`` writes). ``memo``: compute each image's tower pass once per
-    evaluation (:func:`~tokenprune.testbed.memo.memoized_tower`)."""
+    evaluation (:func:`~tokenprune.testbed.memo.memoized_tower`). ``checkpoint``: a file that keeps
+    the finished batches, so an interrupted evaluation with the same model and arguments resumes
+    (:mod:`~tokenprune.testbed.resume`; one file per process rank, deleted at the end)."""
     dist = dist or Dist()
     exs = examples(split, scenes)
     if classes is not None:
@@ -217,11 +222,15 @@ def evaluate(
             oracle_pipes[key] = Pipeline(variant.spec.replace(router={"stage": "fixed", "class_name": klass}))
         return oracle_pipes[key]
 
-    total, done = len(runs) * len(mine), 0
-    results: dict[int, dict[int, dict]] = {}  # run -> batch -> record
+    saved = _checkpoint(checkpoint, model, dist, split=split, scenes=scenes, classes=classes, batch_size=batch_size,
+                        runs=[(v.name, v.spec.model_dump(mode="json") if v.spec else None, v.oracle_router, b)
+                              for v, b in runs])
+    results = saved.results  # run -> batch -> record
+    todo = [bi for bi in mine if not saved.done(bi, len(runs))]
+    total, done = len(runs) * len(mine), len(runs) * (len(mine) - len(todo))
     model.eval()
     with memoized_tower(model) if memo else nullcontext():
-        for bi in mine:  # each batch is drawn and preprocessed once, then answered by every run
+        for bi in todo:  # each batch is drawn and preprocessed once, then answered by every run
             idx = batches[bi]
             inputs = processor(images=[scene(split, exs[i].index).image for i in idx],
                                text=[prompt(exs[i].question.text) for i in idx],
@@ -234,10 +243,11 @@ def evaluate(
                 if "kept_cells" in rec:  # (B, M) -> evidence recall per question
                     kept = rec.pop("kept_cells")
                     rec["recall"] = [_evidence_recall(kept[j], exs[i].question.evidence) for j, i in enumerate(idx)]
-                results.setdefault(r, {})[bi] = rec
+                saved.add(r, bi, rec)
                 done += 1
                 if progress is not None:
                     progress(done, total)
+            saved.maybe_save()
     gathered: dict[int, dict[int, dict]] = {}
     for part in dist.gather(results):
         for r, recs in part.items():
@@ -276,6 +286,7 @@ def evaluate(
         return out
 
     unpruned = run_summary(0)
+    saved.finish()
     summaries = [run_summary(r) for r in range(1, len(runs))]
     ref_name = reference if reference is not None else (variants[0].name if variants else None)
     if ref_name is not None and variants and ref_name not in {v.name for v in variants}:
@@ -302,6 +313,16 @@ def evaluate(
         report["runs"].append({"variant": variant.name, "spec": variant.spec.name, "budget": budget,
                                "oracle_router": variant.oracle_router, **summaries[r - 1]})
     return report
+
+
+def _checkpoint(path: str | Path | None, model, dist: Dist, **what: Any) -> Checkpoint:
+    """The evaluation's checkpoint (in memory only without ``path``; per rank with several)."""
+    if path is None:
+        return Checkpoint(None)
+    path = Path(path)
+    if dist.world > 1:
+        path = path.with_name(f"{path.stem}.rank{dist.rank}{path.suffix}")
+    return Checkpoint(path, run_key(model, world=dist.world, rank=dist.rank, **what))
 
 
 def _answer(model, inputs: dict, truth: torch.Tensor, use: Pipeline | None, variant: Variant, budget,

@@ -78,9 +78,11 @@ def resolve_dir(directory: str | Path | None) -> Path:
 
 
 def tokens_per_image(model) -> int:
-    """Visual tokens the LLM reads per image: ``(image_size / patch_size) ** 2`` (576 at 336 px)."""
-    v = model.config.vision_config
-    return (v.image_size // v.patch_size) ** 2
+    """Visual tokens the LLM reads per testbed image: ``(336 / patch_size) ** 2`` = 576. (Not the
+    tower's ``image_size``: v2's DINOv2 says 518, the size it was pretrained at.)"""
+    from .scenes import SIZE
+
+    return (SIZE // model.config.vision_config.patch_size) ** 2
 
 
 def check_budgets_fit(budgets, model, flag: str) -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, arch_with, build, save
+from .model import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, arch_with, build, save, tokens_per_image
 from .questions import ask_all
 from .scenes import BACKGROUNDS, COLORS, GRID, SHAPES, make_scene
 from .splits import SPLITS
@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, out: str | Path, *, log=print, max_minutes: float | 
         mimetic_init(model)
     tower = model.model.vision_tower
     heads = DenseHeads(tower.config.hidden_size)
-    packer = Packer(tok, (tower.config.image_size // tower.config.patch_size) ** 2)
+    packer = Packer(tok, tokens_per_image(model))
     tower_params = list(tower.parameters()) + list(heads.parameters())
     qa_params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     opt1 = torch.optim.AdamW(tower_params, lr=cfg.tower_lr, weight_decay=0.01)
