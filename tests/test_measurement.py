@@ -167,7 +167,7 @@ def test_tower_memo_gives_the_same_report_and_restores_the_tower():
         px = processor.image_processor([scene("test", 0).image] * 3, return_tensors="pt")["pixel_values"]
         model.model.vision_tower(px, output_hidden_states=True)
         model.model.vision_tower(px[:1], output_hidden_states=True)
-    assert stats == {"misses": 1, "hits": 3}  # one image, computed once
+    assert (stats["misses"], stats["hits"]) == (1, 3)  # one image, computed once
 
 
 def test_tower_memo_serves_any_choice_of_hidden_states_from_one_pass():
@@ -185,7 +185,7 @@ def test_tower_memo_serves_any_choice_of_hidden_states_from_one_pass():
         plain = [tower(px, output_hidden_states=a) if a is not None else tower(px) for a in asks]
         with memoized_tower(model) as stats:
             memo = [tower(px, output_hidden_states=a) if a is not None else tower(px) for a in asks]
-    assert stats == {"misses": 2, "hits": 6}
+    assert (stats["misses"], stats["hits"]) == (2, 6)
     for p, m in zip(plain, memo):
         torch.testing.assert_close(m.last_hidden_state, p.last_hidden_state)
         assert (m.hidden_states is None) == (p.hidden_states is None)
@@ -193,6 +193,39 @@ def test_tower_memo_serves_any_choice_of_hidden_states_from_one_pass():
             assert (hm is None) == (hp is None)
             if hp is not None:
                 torch.testing.assert_close(hm, hp)
+
+
+def test_a_memoized_tower_is_timed_as_if_it_had_run(monkeypatch):
+    """Each row's compute time is charged to every call it serves, so a forward timed with
+    ``tower_cost`` reports the same tower cost whether its rows were computed or replayed (on a
+    fake clock: the tower costs 1 s per image row, replaying costs nothing)."""
+    from tokenprune.testbed import memo
+    from tokenprune.testbed.model import load
+
+    model, processor = load("v1")
+    tower = model.model.vision_tower
+    now = [0.0]
+    monkeypatch.setattr(memo, "clock", lambda: now[0])
+    real = tower.forward
+
+    def slow(pixel_values, *args, **kwargs):
+        now[0] += pixel_values.shape[0]
+        return real(pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(tower, "forward", slow)
+    px = processor.image_processor([scene("test", i).image for i in range(2)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad(), memo.memoized_tower(model) as stats:
+        with memo.tower_cost(stats) as first:
+            tower(px)
+        with memo.tower_cost(stats) as again:
+            tower(px)
+        with memo.tower_cost(stats) as one:
+            tower(px[:1])
+    assert (first["seconds"], again["seconds"], one["seconds"]) == (2.0, 2.0, 1.0)
+    assert (stats["tower_seconds"], stats["charged_seconds"]) == (2.0, 5.0)
+    with memo.tower_cost(None) as plain:  # no memo: the wall time
+        now[0] += 3
+    assert plain["seconds"] == 3.0
 
 
 # -- make results: a plan that resumes ------------------------------------------------------------

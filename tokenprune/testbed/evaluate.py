@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -42,7 +41,7 @@ import torch
 
 from ..pipeline import Pipeline
 from ..spec import PipelineSpec
-from .memo import memoized_tower
+from .memo import memoized_tower, tower_cost
 from .model import prompt
 from .questions import QA_CLASSES
 from .resume import Checkpoint, run_key
@@ -229,7 +228,7 @@ def evaluate(
     todo = [bi for bi in mine if not saved.done(bi, len(runs))]
     total, done = len(runs) * len(mine), len(runs) * (len(mine) - len(todo))
     model.eval()
-    with memoized_tower(model) if memo else nullcontext():
+    with memoized_tower(model) if memo else nullcontext() as tower_stats:
         for bi in todo:  # each batch is drawn and preprocessed once, then answered by every run
             idx = batches[bi]
             inputs = processor(images=[scene(split, exs[i].index).image for i in idx],
@@ -239,7 +238,7 @@ def evaluate(
             klass = exs[idx[0]].klass
             for r, (variant, budget) in enumerate(runs):
                 use = pipeline_for(variant, klass)
-                rec = _answer(model, inputs, truth, use, variant, budget, tok, cuda)
+                rec = _answer(model, inputs, truth, use, variant, budget, tok, cuda, tower_stats)
                 if "kept_cells" in rec:  # (B, M) -> evidence recall per question
                     kept = rec.pop("kept_cells")
                     rec["recall"] = [_evidence_recall(kept[j], exs[i].question.evidence) for j, i in enumerate(idx)]
@@ -326,20 +325,21 @@ def _checkpoint(path: str | Path | None, model, dist: Dist, **what: Any) -> Chec
 
 
 def _answer(model, inputs: dict, truth: torch.Tensor, use: Pipeline | None, variant: Variant, budget,
-            tok, cuda: bool) -> dict[str, Any]:
-    """One run on one batch: correctness, predictions, log p of the truth, time, and for a pruned
-    run the tokens kept and the (B, M) cells that reached the LLM."""
+            tok, cuda: bool, tower_stats: dict | None = None) -> dict[str, Any]:
+    """One run on one batch: correctness, predictions, log p of the truth, time (the tower counted
+    as if it had run, when it is memoized: :func:`~tokenprune.testbed.memo.tower_cost`), and for a
+    pruned run the tokens kept and the (B, M) cells that reached the LLM."""
     import tokenprune as tp
 
     ctx = tp.apply(model, use, budget=budget, tokenizer=tok) if use is not None else nullcontext()
     with ctx as handle, torch.inference_mode():
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        logits = model(**inputs).logits[:, -1]  # (B, V)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        with tower_cost(tower_stats) as timed:
+            logits = model(**inputs).logits[:, -1]  # (B, V)
+            if cuda:
+                torch.cuda.synchronize()
+        seconds = timed["seconds"]
     pred = logits.argmax(-1)
     logp = torch.log_softmax(logits.float(), -1).gather(1, truth[:, None])[:, 0]
     rec = {"correct": (pred == truth).tolist(), "pred": pred.tolist(), "logp": logp.tolist(), "seconds": seconds}

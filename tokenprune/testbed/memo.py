@@ -17,6 +17,14 @@ image it has seen with the same arguments is answered from memory:
   adapters see exactly what the tower returns and records;
 - the memory holds at most ``capacity`` rows (least recently used go first).
 
+**Timing.** A replayed row costs almost nothing, so a run that finds its images in memory would
+look faster than one that computed them, and a run whose capture records are new (CLASP's [CLS]
+attention) would pay the tower that the others skip. The yielded ``stats`` therefore keep two
+clocks: ``tower_seconds``, the wall time actually spent in the tower's ``forward`` (computing and
+replaying), and ``charged_seconds``, what the rows served would have cost: each row remembers its
+share of the sub-batch that computed it. A timed forward reports ``elapsed - tower_seconds +
+charged_seconds`` (:func:`tower_cost`), i.e. as if it had run the tower itself.
+
 Rows are computed in smaller batches than the caller's, so values can differ from an unmemoized
 call in the last float bits (matmul blocking); ``tests/test_testbed.py`` checks that an evaluation
 with and without the memo gives the same predictions. Leaving the ``with`` block restores the
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +45,10 @@ from torch import Tensor
 
 from ..adapters import capture
 
-__all__ = ["memoized_tower"]
+__all__ = ["memoized_tower", "tower_cost"]
+
+#: the clock of the timing statistics (a test may replace it)
+clock = time.perf_counter
 
 
 def _key(row: Tensor) -> bytes:
@@ -62,17 +74,28 @@ def _wanted() -> frozenset | None:
 @contextlib.contextmanager
 def memoized_tower(model, capacity: int = 128) -> Iterator[dict[str, int]]:
     """Within the block, ``model.model.vision_tower`` answers seen images from memory. Yields a
-    dict counting ``hits`` and ``misses`` (image rows)."""
+    dict counting ``hits`` and ``misses`` (image rows), and the ``tower_seconds`` and
+    ``charged_seconds`` clocks (see the module's "Timing")."""
     tower = model.model.vision_tower
     had_own = "forward" in tower.__dict__
     original = tower.forward
     store: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
-    stats = {"hits": 0, "misses": 0}
+    stats = {"hits": 0, "misses": 0, "tower_seconds": 0.0, "charged_seconds": 0.0}
 
     def forward(pixel_values: Tensor, *args, **kwargs):
+        t0 = clock()
+        try:
+            return served(pixel_values, *args, **kwargs)
+        finally:
+            stats["tower_seconds"] += clock() - t0
+
+    def served(pixel_values: Tensor, *args, **kwargs):
         wanted = _wanted()
         if args or wanted == "uncacheable":
-            return original(pixel_values, *args, **kwargs)
+            t0 = clock()
+            out = original(pixel_values, *args, **kwargs)
+            stats["charged_seconds"] += clock() - t0
+            return out
         call = _call_key(kwargs)
         keys = [(_key(pixel_values[i]), call) for i in range(pixel_values.shape[0])]
         todo, seen = [], set()
@@ -85,6 +108,7 @@ def memoized_tower(model, capacity: int = 128) -> Iterator[dict[str, int]]:
         stats["misses"] += len(todo)
         stats["hits"] += len(keys) - len(todo)
         rows = [store[k] for k in keys]
+        stats["charged_seconds"] += sum(r["seconds"] for r in rows)
         for k in keys:
             store.move_to_end(k)
         while len(store) > capacity:
@@ -110,7 +134,11 @@ def _compute(original, pixel_values: Tensor, kwargs: dict, todo: list[int], keys
              wanted: frozenset | None) -> None:
     rec = capture._RECORDER.get()
     before = {k: len(v) for k, v in rec.records.items()} if rec is not None else {}
+    t0 = clock()
     out = original(pixel_values[todo], **{**kwargs, "output_hidden_states": True})
+    if pixel_values.is_cuda:
+        torch.cuda.synchronize(pixel_values.device)  # the row's cost, not its launch
+    share = (clock() - t0) / len(todo)  # (s) each row's part of the sub-batch
     added: dict[tuple, list[Tensor]] = {}
     if rec is not None:
         for k, v in rec.records.items():
@@ -123,10 +151,28 @@ def _compute(original, pixel_values: Tensor, kwargs: dict, todo: list[int], keys
             pooler_output=None if out.pooler_output is None else out.pooler_output[j],
             hidden_states=tuple(h[j] for h in out.hidden_states),
             type=type(out),
+            seconds=share,
         )
         if wanted is not None:
             row["records"][wanted] = {k: [t[j] for t in v] for k, v in added.items()}
         store[keys[i]] = row
+
+
+@contextlib.contextmanager
+def tower_cost(stats: dict[str, float] | None) -> Iterator[dict[str, float]]:
+    """Time a block under :func:`memoized_tower`'s ``stats`` (``None``: no memo). Yields a dict
+    whose ``seconds``, set on exit, is the block's wall time with the tower counted as if it had
+    run: ``elapsed - tower_seconds + charged_seconds`` over the block."""
+    out = {"seconds": 0.0}
+    before = dict(stats) if stats is not None else None
+    t0 = clock()
+    try:
+        yield out
+    finally:
+        out["seconds"] = clock() - t0
+        if stats is not None:
+            out["seconds"] += (stats["charged_seconds"] - before["charged_seconds"]
+                               - (stats["tower_seconds"] - before["tower_seconds"]))
 
 
 def _selected(asked: Any, count: int) -> set[int]:
