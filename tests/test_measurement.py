@@ -343,3 +343,42 @@ def test_an_interrupted_evaluation_resumes_from_its_checkpoint_and_reports_the_s
     ck.write_text(json.dumps({"key": "another evaluation", "results": {"0": {"0": {}}, "1": {"0": {}}}}))
     other = evaluate(model, processor, variants, **args, checkpoint=ck)
     assert other["unpruned"]["predictions"] == whole["unpruned"]["predictions"]
+
+
+# -- docs/results.md: its tables are rendered from the committed results ----------------------------
+def test_fill_report_renders_each_marked_block_from_its_json(tmp_path):
+    from tokenprune.testbed.results import fill_report, render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "ablation-x.json").write_text((ROOT / "docs/results/ablation-alternatives.json").read_text())
+    doc = tmp_path / "results.md"
+    doc.write_text("prose\n<!-- results: ablation-x table -->\nstale\n<!-- end -->\nmore prose\n"
+                   "<!-- results: ablation-x paired -->\n<!-- end -->\n")
+    assert fill_report(doc, results) == 2
+    table, paired = render("ablation-x", "table", results), render("ablation-x", "paired", results)
+    assert doc.read_text() == (f"prose\n<!-- results: ablation-x table -->\n{table}\n<!-- end -->\nmore prose\n"
+                               f"<!-- results: ablation-x paired -->\n{paired}\n<!-- end -->\n")
+    assert "| CLASP | 64 |" in table and fill_report(doc, results) == 0
+    doc.write_text("<!-- results: ablation-y table -->\n<!-- end -->\n")
+    with pytest.raises(FileNotFoundError, match="ablation-y.json, which does not exist"):
+        fill_report(doc, results)
+    with pytest.raises(ValueError, match="the kind must be one of"):
+        render("ablation-x", "plot", results)
+    doc.write_text("<!-- results: ablation-x recall only=DivPrune; random -->\n<!-- end -->\n")
+    fill_report(doc, results)
+    rows = [line.split(" | ")[0] for line in doc.read_text().splitlines() if line.startswith("| ")][1:]
+    assert set(rows) == {"| DivPrune", "| random"} and len(rows) == 6  # 2 variants x 3 budgets
+    with pytest.raises(ValueError, match=r"asks for variants \['CDPruner'\]"):
+        render("ablation-x", "table", results, ["CDPruner"])
+
+
+def test_the_tables_of_results_md_are_the_committed_results():
+    """docs/results.md shows what docs/results/*.json hold (`tokenprune results` re-renders them)."""
+    from tokenprune.testbed.results import _BLOCK, _only, render
+
+    blocks = list(_BLOCK.finditer((ROOT / "docs/results.md").read_text()))
+    assert len(blocks) >= 3
+    for m in blocks:
+        assert m["body"] == render(m["name"], m["kind"], ROOT / "docs/results", _only(m)) + "\n", (
+            f"the '{m['name']} {m['kind']}' table of docs/results.md is stale: run `tokenprune results`")

@@ -10,6 +10,13 @@ committed beside the figures, so a fresh clone knows which figures match its inp
 
 What the fingerprint does not see is the code: after a change to a stage's implementation, run
 ``tokenprune results --force`` (or ``--only NAME`` for one step).
+
+The tables of ``docs/results.md`` are not copied by hand: the page marks each one with
+``<!-- results: NAME KIND -->`` ... ``<!-- end -->`` (``NAME`` a JSON of ``docs/results/``, such as
+``ablation-methods`` or ``hard``; ``KIND`` one of ``table``, ``recall``, ``paired``; an optional
+`` only=A;B`` keeps the variants named A and B), and
+:func:`fill_report` renders them from the JSON after every ``tokenprune results``. The prose
+around them is written by a person, from the tables.
 """
 
 from __future__ import annotations
@@ -17,16 +24,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["Step", "plan", "fingerprint", "read_manifest", "is_current", "run_plan"]
+__all__ = ["Step", "plan", "fingerprint", "read_manifest", "is_current", "run_plan", "fill_report", "render"]
 
 RESULTS = Path("docs/results")
 TABLE = Path("tokenprune/data/class_table.toml")
+REPORT = Path("docs/results.md")
+_BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+) (?P<kind>\w+)(?: only=(?P<only>[^>]*?))? -->\n)"
+                    r"(?P<body>.*?)(<!-- end -->)", re.S)
 #: the per-class ablations of CLASP, run on the first ``ABLATION_SCENES`` test scenes
 ABLATIONS = ("fusion", "scoring", "completion", "pivot-ratio", "router")
 ABLATION_SCENES = 150
@@ -136,4 +147,50 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps(done, indent=1) + "\n")
         sys.stdout.flush()
+    if REPORT.exists() and manifest == RESULTS / "manifest.json":
+        log(f"results: {fill_report()} table(s) of {REPORT} re-rendered from {RESULTS}")
     return done
+
+
+def render(name: str, kind: str, results: Path = RESULTS, only: Sequence[str] | None = None) -> str:
+    """The markdown ``kind`` (``table``: accuracy with intervals and the difference to unpruned;
+    ``recall``: evidence recall; ``paired``: the paired tests) of ``results/<name>.json``, with the
+    variants named in ``only`` (all by default)."""
+    from .report import markdown_table, paired_table, recall_table
+
+    kinds = {"table": lambda r: markdown_table(r, delta=True), "recall": recall_table, "paired": paired_table}
+    if kind not in kinds:
+        raise ValueError(f"results block '{name} {kind}': the kind must be one of {sorted(kinds)}")
+    source = results / f"{name}.json"
+    if not source.exists():
+        raise FileNotFoundError(f"results block '{name} {kind}' reads {source}, which does not exist; "
+                                "run `tokenprune results` (or fix the block's name)")
+    report = json.loads(source.read_text())
+    if only:
+        missing = sorted(set(only) - {r["variant"] for r in report["runs"]})
+        if missing:
+            raise ValueError(f"results block '{name} {kind}' asks for variants {missing}, which {source} does not "
+                             f"have; it has {sorted({r['variant'] for r in report['runs']})}")
+        report = {**report, "runs": [r for r in report["runs"] if r["variant"] in only]}
+    return kinds[kind](report)
+
+
+def fill_report(doc: Path = REPORT, results: Path = RESULTS) -> int:
+    """Re-render every marked block of ``doc`` from ``results``; returns how many changed."""
+    text = doc.read_text()
+    changed = 0
+
+    def fill(m: re.Match) -> str:
+        nonlocal changed
+        body = render(m["name"], m["kind"], results, _only(m)) + "\n"
+        changed += body != m["body"]
+        return m[1] + body + m[6]
+
+    new = _BLOCK.sub(fill, text)
+    if new != text:
+        doc.write_text(new)
+    return changed
+
+
+def _only(m: re.Match) -> list[str] | None:
+    return [v.strip() for v in m["only"].split(";")] if m["only"] else None
