@@ -374,11 +374,13 @@ def test_fill_report_renders_each_marked_block_from_its_json(tmp_path):
 
 
 def test_the_tables_of_results_md_are_the_committed_results():
-    """docs/results.md shows what docs/results/*.json hold (`tokenprune results` re-renders them)."""
-    from tokenprune.testbed.results import _BLOCK, _only, render
+    """docs/results.md and docs/routing.md show what docs/results/*.json hold (`tokenprune
+    results` re-renders them)."""
+    from tokenprune.testbed.results import _BLOCK, REPORTS, _only, render
 
-    blocks = list(_BLOCK.finditer((ROOT / "docs/results.md").read_text()))
-    assert len(blocks) >= 3
-    for m in blocks:
-        assert m["body"] == render(m["name"], m["kind"], ROOT / "docs/results", _only(m)) + "\n", (
-            f"the '{m['name']} {m['kind']}' table of docs/results.md is stale: run `tokenprune results`")
+    for doc in REPORTS:
+        blocks = list(_BLOCK.finditer((ROOT / doc).read_text()))
+        assert len(blocks) >= (3 if doc.name == "results.md" else 1), f"{doc} has no rendered table"
+        for m in blocks:
+            assert m["body"] == render(m["name"], m["kind"], ROOT / "docs/results", _only(m)) + "\n", (
+                f"the '{m['name']} {m['kind']}' table of {doc} is stale: run `tokenprune results`")

@@ -11,7 +11,8 @@ committed beside the figures, so a fresh clone knows which figures match its inp
 What the fingerprint does not see is the code: after a change to a stage's implementation, run
 ``tokenprune results --force`` (or ``--only NAME`` for one step).
 
-The tables of ``docs/results.md`` are not copied by hand: the page marks each one with
+The tables of ``docs/results.md`` (and the testbed table of ``docs/routing.md``: :data:`REPORTS`)
+are not copied by hand: the page marks each one with
 ``<!-- results: NAME KIND -->`` ... ``<!-- end -->`` (``NAME`` a JSON of ``docs/results/``, such as
 ``ablation-methods`` or ``hard``; ``KIND`` one of ``table``, ``recall``, ``paired``; an optional
 `` only=A;B`` keeps the variants named A and B), and
@@ -36,6 +37,8 @@ __all__ = ["Step", "plan", "fingerprint", "read_manifest", "is_current", "run_pl
 RESULTS = Path("docs/results")
 TABLE = Path("tokenprune/data/class_table.toml")
 REPORT = Path("docs/results.md")
+#: the pages whose marked tables ``tokenprune results`` re-renders
+REPORTS = (REPORT, Path("docs/routing.md"))
 _BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+) (?P<kind>\w+)(?: only=(?P<only>[^>]*?))? -->\n)"
                     r"(?P<body>.*?)(<!-- end -->)", re.S)
 #: the per-class ablations of CLASP, run on the first ``ABLATION_SCENES`` test scenes
@@ -147,8 +150,9 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps(done, indent=1) + "\n")
         sys.stdout.flush()
-    if REPORT.exists() and manifest == RESULTS / "manifest.json":
-        log(f"results: {fill_report()} table(s) of {REPORT} re-rendered from {RESULTS}")
+    if manifest == RESULTS / "manifest.json":
+        for doc in (d for d in REPORTS if d.exists()):
+            log(f"results: {fill_report(doc)} table(s) of {doc} re-rendered from {RESULTS}")
     return done
 
 
