@@ -39,7 +39,19 @@ PRUNERS = {
     "fastv-text": {"stage": "fastv", "layer": 1, "query": "text"},
     "pyramid-drop": {"stage": "pyramid-drop", "layers": [1, 2, 3]},
     "dart": {"stage": "dart", "layer": 2, "image_pivots": 2, "text_pivots": 2},
+    "dart-released": {"stage": "dart", "layer": 2, "image_pivots": 2, "text_pivots": 2, "released": True},
 }
+
+
+def kept_counts(name: str, M: int, budget: int) -> list[int]:
+    """Visual tokens left after each step of the schedule, by hand: geometric steps ending at the
+    budget; DART as released keeps its image pivots plus ``floor(R / A)`` tokens per pivot."""
+    cfg = PRUNERS[name]
+    if cfg.get("released"):
+        A = cfg["image_pivots"] + cfg["text_pivots"]
+        return [M if budget >= M else min(M, cfg["image_pivots"] + A * (budget // A))]
+    n = len(cfg.get("layers") or [cfg["layer"]])
+    return [budget if s == n - 1 else max(budget, min(M, round(M * (budget / M) ** ((s + 1) / n)))) for s in range(n)]
 
 
 def spec(pruner: str) -> tp.PipelineSpec:
@@ -117,13 +129,17 @@ def _hand_select(name: str, layer, h, out, pe, img, text, keep, final_norm) -> l
         return sorted(img[i] for i in _top([float(row[j]) for j in img], keep))
     # DART: key-norm pivots, then each pivot in turn takes its share of the least similar
     _, k, _ = _qk(layer, h, pe)
-    kn = k[0].square().sum((0, 2)).sqrt()  # (S,) L2 over heads and channels
+    released = cfg.get("released", False)
+    kn = k[0].abs().sum((0, 2)) if released else k[0].square().sum((0, 2)).sqrt()  # (S,) L1 of rotated keys / L2
     n_img = min(cfg["image_pivots"], keep)
-    piv_img = sorted(img[i] for i in _top([float(kn[j]) for j in img], n_img))
+    top_img = [img[i] for i in _top([float(kn[j]) for j in img], n_img)]  # by descending norm
     n_txt = min(cfg["text_pivots"], len(text))
-    piv_txt = sorted(text[i] for i in _top([float(kn[j]) for j in text], n_txt))
+    top_txt = [text[i] for i in _top([float(kn[j]) for j in text], n_txt)]
+    piv_img, piv_txt = sorted(top_img), sorted(top_txt)
     x = torch.nn.functional.normalize(final_norm(out)[0].float(), dim=-1)  # (S, D)
     anchors = piv_img + piv_txt
+    if released:  # the released loop: `for item in list(set(image_indices + query_indices))`
+        anchors = list(set(top_img + top_txt))  # positions = prompt indices (one unpadded prompt)
     left = [j for j in img if j not in piv_img]
     need = keep - n_img
     base, extra = divmod(need, max(len(anchors), 1))
@@ -165,8 +181,7 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
     cfg = PRUNERS[name]
     schedule = cfg.get("layers") or [cfg["layer"]]
     M = int(is_img.sum())
-    n = len(schedule)
-    counts = [budget if s == n - 1 else max(budget, min(M, round(M * (budget / M) ** ((s + 1) / n)))) for s in range(n)]
+    counts = kept_counts(name, M, budget)
     last_img = int(is_img.nonzero().max())
     cols = list(range(len(all_ids)))
     kept = []
@@ -217,11 +232,11 @@ def test_pruned_logits_equal_hand_built_reference(family, pruner, device):
     m = model(family, device)
     smp = samples(family, 3, seed=1)
     inp = inputs(m, family, smp, device)
-    budget = 3
+    budget = 9 if PRUNERS[pruner].get("released") else 3  # released DART: 2 pivots + 2 per pivot
     with torch.no_grad(), tp.apply(m, spec(pruner), budget=budget) as h:
         got = m(**inp).logits  # (B, S'', V)
         rec = h.last
-        assert all(int(k) == budget for k in rec.llm_kept[-1])
+        assert rec.llm_kept[-1].tolist() == [kept_counts(pruner, int(M), budget)[-1] for M in rec.total]
         for b in range(len(smp)):
             one = solo(inp, b, family)
             ref, kept = hand_forward(m, family, pruner, one, budget)

@@ -430,3 +430,22 @@ def test_dpp_reading_gram_rows_equals_per_pick_products(seed, n_fixed):
     rows = ops.greedy_dpp_map(x, q, ~sel, sel, torch.full((B,), k))
     gram = ops.greedy_dpp_map(x, q, ~sel, sel, torch.full((B,), k), gram=ops.similarity_rows(x, force=True))
     assert torch.equal(rows, gram)
+
+
+@given(st.lists(st.tuples(st.lists(st.integers(0, 5000), max_size=24, unique=True),
+                          st.lists(st.booleans(), min_size=24, max_size=24)), min_size=1, max_size=4))
+def test_python_set_order_is_cpython_set_iteration(rows):
+    """DART as released visits its pivots as `list(set(indices))`: the batched replay of CPython's
+    set table gives that order for any keys (collisions, resizes, large keys) and any skipped ones."""
+    from tokenprune_plugins.dart import python_set_order
+
+    A = max(len(keys) for keys, _ in rows)
+    keys = torch.tensor([keys + list(range(6000, 6000 + A - len(keys))) for keys, _ in rows], dtype=torch.long).view(len(rows), A)
+    ok = torch.tensor([mask[:A] for _, mask in rows], dtype=torch.bool).view(len(rows), A) & (torch.arange(A) < torch.tensor(
+        [len(k) for k, _ in rows]).unsqueeze(1))
+    order = python_set_order(keys, ok)
+    for b in range(len(rows)):
+        inserted = [int(keys[b, a]) for a in range(A) if ok[b, a]]
+        n = len(inserted)
+        assert [int(keys[b, j]) for j in order[b, :n]] == list(set(inserted))
+        assert not ok[b, order[b, n:]].any()

@@ -146,6 +146,15 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(B * M, *x.shape[2:]).index_select(0, flat).view(B, index.shape[1], *x.shape[2:])
 
 
+def row_at(x: Tensor, j: Tensor) -> Tensor:
+    """Row ``j[b]`` of each sample: ``x`` ``(B, M, ...)``, ``j`` ``(B,)`` int64 -> ``(B, ...)``.
+
+    The greedy solvers read one row per pick; advanced indexing ``x[arange(B), j]`` costs about
+    a thousand times more than this ``index_select`` on a busy 2-core CPU.
+    """
+    return gather_rows(x, j.view(-1, 1)).squeeze(1)
+
+
 @dataclass(frozen=True)
 class KMeansResult:
     """Output of :func:`spherical_kmeans`.
@@ -200,9 +209,11 @@ def spherical_kmeans(
     centre. Runs ``iterations`` rounds of assignment then update, or stops earlier
     (``early_stop``) once no assignment changes in any row (the centres are then already the
     normalised sums of their clusters). The returned centres are those of the returned clusters,
-    and ``score`` is each slot's similarity to its own centre (``O(N D)``), which is what medoids
-    (eq. 41) need. Rows that converged earlier are at a fixed point, so extra rounds leave them as
-    they were: a batched call equals the per-row calls.
+    and ``score`` is each slot's similarity to its own centre, which is what medoids (eq. 41) need:
+    on convergence the last assignment step's products are those similarities already; when
+    ``T`` runs out, one more product against the updated centres gives them (a product is
+    cheaper than gathering an ``(N, D)`` centre per slot). Rows that converged earlier are at a
+    fixed point, so extra rounds leave them as they were: a batched call equals the per-row calls.
 
     ``final_update=False`` skips the last round's update: the centres returned are the ones that
     produced the final assignment, and ``score`` comes from that assignment's products (the order
@@ -234,6 +245,7 @@ def spherical_kmeans(
     prev: Tensor | None = None
     objectives: list[Tensor] = []
     steps = 0
+    converged = False
     T = max(1, iterations)
     for step in range(T):
         sims = torch.bmm(x, mu.transpose(1, 2))  # (B, N, D) @ (B, D, K) -> (B, N, K)
@@ -249,9 +261,9 @@ def spherical_kmeans(
             break  # converged: the centres are already those of these clusters
         prev = assign
         mu = _update_centres(x, assign, mu)  # (B, K, D)
-    if final_update:  # every row scored the same way, so a batched call equals per-row calls
-        own = gather_rows(mu, assign.clamp_max(K - 1))  # (B, N, D) each slot's own centre
-        best = (x * own).sum(-1)  # (B, N), O(N D)
+    if final_update and not converged:  # T ran out: score against the centres just updated
+        sims = torch.bmm(x, mu.transpose(1, 2))  # (B, N, K), one product, as an assignment step
+        best = sims.gather(2, assign.clamp_max(K - 1).unsqueeze(-1)).squeeze(-1)  # (B, N)
     obj = torch.stack(objectives, 1) if trace else None  # (B, T)
     return KMeansResult(centres=mu, assign=assign, iterations=steps, objective=obj, score=best)
 
@@ -364,7 +376,9 @@ def greedy_max_min(
     picked = torch.zeros(B, M, dtype=torch.bool, device=x.device)
     k = k.to(x.device)
     steps = int(k.max()) if B else 0
-    rows = torch.arange(B, device=x.device)
+    if full is None:  # the matrix once, if that costs less than re-reading x once per pick
+        gram = similarity_rows(x, steps)
+        full = None if gram is None else gram.float()
     for step in range(steps):
         open_ = candidates & ~picked  # (B, M)
         gain = torch.where(open_, -max_sim, neg_inf)  # larger = farther from the selected set
@@ -376,24 +390,31 @@ def greedy_max_min(
         hit = torch.nn.functional.one_hot(choice, M).bool() & active.view(B, 1)  # (B, M)
         picked = picked | hit
         if full is not None:  # the similarity matrix is already paid for: read its row
-            new = full[rows, choice]  # (B, M)
+            new = row_at(full, choice)  # (B, M)
         else:
-            new = torch.bmm(x, x[rows, choice].unsqueeze(-1)).squeeze(-1).float()  # (B, M)
+            new = torch.bmm(x, row_at(x, choice).unsqueeze(-1)).squeeze(-1).float()  # (B, M)
         max_sim = torch.where(active.view(B, 1), torch.maximum(max_sim, new), max_sim)
     return picked
 
 
 #: feature tensors larger than this (bytes) are not re-read once per pick: the greedy solvers
 #: compute the similarity matrix once instead (one GEMM; each pick then reads one of its rows).
-#: Below it, a per-pick matrix-vector product that stays in cache is cheaper.
 GRAM_BYTES = 64 * 2**20
+#: below :data:`GRAM_BYTES`, the similarity matrix still pays once a row takes at least
+#: ``M / GRAM_PICKS_PER_TOKEN`` picks: the GEMM costs ``2 M^2 D`` flops, the per-pick products
+#: re-read ``M D`` values per pick, so the matrix wins once ``picks > 2 M / (bytes * balance)``,
+#: with the CPU's balance of about 8-12 flops per byte of memory traffic (measured on 2 cores:
+#: the crossover is 32 picks at M = 576 and about 200 at M = 2880, D = 4096, fp32).
+GRAM_PICKS_PER_TOKEN = 1 / 16
 
 
-def similarity_rows(x: Tensor, force: bool | None = None) -> Tensor | None:
+def similarity_rows(x: Tensor, picks: int | None = None, force: bool | None = None) -> Tensor | None:
     """``(B, M, M)`` similarity matrix of ``x`` when re-reading ``x`` once per pick would cost
-    more (see :data:`GRAM_BYTES`; ``force`` overrides), else ``None``."""
+    more, else ``None``: when ``x`` would not stay in cache (:data:`GRAM_BYTES`), or on the CPU
+    when a row takes ``picks >= M / 16`` (:data:`GRAM_PICKS_PER_TOKEN`). ``force`` overrides."""
     big = x.numel() * x.element_size() > GRAM_BYTES
-    if force is False or (force is None and not big):
+    many = picks is not None and not x.is_cuda and picks >= GRAM_PICKS_PER_TOKEN * x.shape[1]
+    if force is False or (force is None and not (big or many)):
         return None
     return torch.bmm(x, x.transpose(1, 2))
 
@@ -435,17 +456,18 @@ def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Ten
     k = k.to(x.device)
     steps = int(k.max()) if B else 0
     C = torch.zeros(B, P + steps, M, dtype=acc, device=x.device)  # Cholesky rows
-    rows = torch.arange(B, device=x.device)
     picked = torch.zeros(B, M, dtype=torch.bool, device=x.device)
 
     def add(j: Tensor, on: Tensor, t: int) -> None:  # j (B,) token, on (B,) rows that take it
-        dj = d2[rows, j].clamp_min(eps).sqrt()  # (B,)
-        sim = G[rows, j] if G is not None else torch.bmm(xf, xf[rows, j].unsqueeze(-1)).squeeze(-1)  # (B, M)
-        Lj = q[rows, j].unsqueeze(1) * q * sim
+        d2j = d2.gather(1, j.view(B, 1)).squeeze(1)  # (B,)
+        dj = d2j.clamp_min(eps).sqrt()  # (B,)
+        sim = row_at(G, j) if G is not None else torch.bmm(xf, row_at(xf, j).unsqueeze(-1)).squeeze(-1)  # (B, M)
+        Lj = q.gather(1, j.view(B, 1)) * q * sim  # (B, M)
         if t:
-            Lj = Lj - torch.bmm(C[rows, :t, j].unsqueeze(1), C[:, :t]).squeeze(1)  # (B, M)
+            cj = C[:, :t].gather(2, j.view(B, 1, 1).expand(B, t, 1))  # (B, t, 1) Cholesky column j
+            Lj = Lj - torch.bmm(cj.transpose(1, 2), C[:, :t]).squeeze(1)  # (B, M)
         e = Lj / dj.unsqueeze(1)
-        live = on & (d2[rows, j] > eps)  # an exhausted kernel adds no information
+        live = on & (d2j > eps)  # an exhausted kernel adds no information
         C[:, t] = torch.where(live.unsqueeze(1), e, 0.0)
         d2.sub_(torch.where(live.unsqueeze(1), e * e, 0.0))
 

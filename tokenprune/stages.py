@@ -228,11 +228,15 @@ class LlmRequest:
         keep: ``(N,)`` int64 tokens to keep per image (``<= valid.sum(1)``).
         attention: ``(N, M)`` float32 attention the text paid to each visual token at layer
             ``K - 1`` (heads averaged; rows as the stage's ``query`` asks), or ``None``.
-        key_norms: ``(N, M)`` float32 L2 norm of each visual token's keys (all heads) at layer ``K - 1``,
-            or ``None``.
+        key_norms: ``(N, M)`` float32 norm of each visual token's keys (all heads) at layer
+            ``K - 1`` (L2, or the L1 norm of the rotated keys for a stage whose ``key_norm`` field
+            is ``"l1-rotated"``), or ``None``.
         text_hidden: ``(N, T, D)`` hidden states of the question's text tokens (what follows the
             image), ``text_valid`` ``(N, T)`` bool, ``text_key_norms`` ``(N, T)`` or ``None``.
         norm: the LLM's final norm (DART compares normalised states), a callable on ``(..., D)``.
+        index / text_index: ``(N, M)`` / ``(N, T)`` int64 each token's index in its prompt as the
+            model received it (0 = the prompt's first non-padding token), for rules that depend on
+            sequence order (DART as released processes its pivots in that order's hash order).
     """
 
     layer: int
@@ -246,6 +250,8 @@ class LlmRequest:
     text_valid: Tensor
     text_key_norms: Tensor | None
     norm: Callable[[Tensor], Tensor]
+    index: Tensor | None = None
+    text_index: Tensor | None = None
 
 
 class LlmPruner(Stage):
@@ -258,7 +264,8 @@ class LlmPruner(Stage):
     kind: ClassVar[str] = "llm_pruner"
     #: what :meth:`select` reads: ``"attention"`` and/or ``"key_norms"``. Stages that read
     #: attention also have a ``query`` field: ``"last"`` (the last token's attention row) or
-    #: ``"text"`` (the mean over the question's tokens).
+    #: ``"text"`` (the mean over the question's tokens). Stages that read key norms may have a
+    #: ``key_norm`` field: ``"l2"`` (the default; rotation-invariant) or ``"l1-rotated"``.
     reads: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod

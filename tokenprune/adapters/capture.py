@@ -20,7 +20,9 @@ What is recorded per call (one call per image chunk / window in Qwen towers):
   ``(B, S)`` (weights summing to 1 per row), ``(B, H, S)`` float32;
 - ``"key_norm"``: the L2 norm of each token's keys over all heads, ``(B, S)`` float32 (DART's
   pivot rule). Rotary embeddings rotate pairs of channels, so this is also the norm before
-  them: it does not depend on absolute positions, hence not on a row's padding.
+  them: it does not depend on absolute positions, hence not on a row's padding;
+- ``"key_norm_l1"``: the L1 norm of each token's rotated keys over all key/value heads, ``(B, S)``
+  float32 (DART's released pivot rule; it does depend on absolute positions).
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ def capture_kernel(module, query, key, value, attention_mask, scaling=None, drop
                 rec.records.setdefault((layer, "keys"), []).append(key.float().mean(1))  # (B, S, Dh)
             if "key_norm" in signals:
                 rec.records.setdefault((layer, "key_norm"), []).append(key.float().square().sum((1, 3)).sqrt())  # (B, S)
+            if "key_norm_l1" in signals:
+                rec.records.setdefault((layer, "key_norm_l1"), []).append(key.float().abs().sum((1, 3)))  # (B, S)
             if "last" in signals:
                 p = _probabilities(query, key, attention_mask, scaling, causal, slice(-1, None))  # (B, H, 1, S)
                 rec.records.setdefault((layer, "last"), []).append(p[:, :, 0])

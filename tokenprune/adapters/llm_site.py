@@ -72,6 +72,7 @@ class Session:
     valid: Tensor  # (B, S) current slots' validity
     is_image: Tensor  # (B, S) current slots that are visual tokens
     source: Tensor  # (B, S) current slots' columns in the LLM input
+    prompt_index: Tensor  # (B, S) each input column's index in its prompt (padding skipped)
     prefill_length: int
     steps: list[Step] = field(default_factory=list)
     prefilling: bool = True
@@ -110,8 +111,11 @@ class LlmSite:
         #: the attention signal recorded for ``req.attention`` ("last" / "text"), if the pruner reads one
         self.attention_signal = getattr(pruner, "query", "last") if "attention" in pruner.reads else None
         self.signals = {self.attention_signal} - {None}
+        #: the key-norm signal recorded for ``req.key_norms``, if the pruner reads one
+        self.key_signal = None
         if "key_norms" in pruner.reads:
-            self.signals.add("key_norm")
+            self.key_signal = {"l2": "key_norm", "l1-rotated": "key_norm_l1"}[getattr(pruner, "key_norm", "l2")]
+            self.signals.add(self.key_signal)
         self._hooks: list[Any] = []
 
     # -- install / remove --------------------------------------------------------------------------
@@ -155,7 +159,8 @@ class LlmSite:
         return Session(
             layers=self.schedule, keep=keep, rows=rows, image_slots=slots % S, image_ok=ok,
             text_slots=t_slots, text_ok=t_ok, valid=valid, is_image=is_img,
-            source=torch.arange(S, device=ids.device).expand(B, S), prefill_length=S,
+            source=torch.arange(S, device=ids.device).expand(B, S),
+            prompt_index=(valid.long().cumsum(1) - 1).clamp_min(0), prefill_length=S,
         )
 
     @contextlib.contextmanager
@@ -211,15 +216,17 @@ class LlmSite:
             if self.attention_signal is not None:
                 a = call.recorder.take(layer - 1, self.attention_signal)[-1].mean(1)  # (B, H, S) -> (B, S)
                 att = a[rows, s.image_slots].masked_fill(~s.image_ok, 0)
-            if "key_norm" in self.signals:
-                kn = call.recorder.take(layer - 1, "key_norm")[-1]  # (B, S)
+            if self.key_signal is not None:
+                kn = call.recorder.take(layer - 1, self.key_signal)[-1]  # (B, S)
                 keyn = kn[rows, s.image_slots]
                 txt_keyn = kn[rows, s.text_slots]
             keep_n = s.keep[step]
+            order = s.prompt_index.gather(1, s.source)  # (B, S) prompt index of each current slot
             req = LlmRequest(
                 layer=layer, step=step, hidden=hid, valid=s.image_ok, keep=keep_n, attention=att,
                 key_norms=keyn, text_hidden=hidden[rows, s.text_slots], text_valid=s.text_ok,
                 text_key_norms=txt_keyn, norm=self.norm,
+                index=order[rows, s.image_slots], text_index=order[rows, s.text_slots],
             )
             chosen = self.pruner.select(req)
             if chosen.shape != (N, M) or chosen.dtype != torch.bool or bool((chosen & ~s.image_ok).any()) \
