@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import Tensor
 
 from tokenprune import hookimpl, ops
 from tokenprune.contract import Requirements, normalize_layer
@@ -33,20 +34,62 @@ class VisionZipContextual(Completion):
 
     **Position rule:** a contextual token sits at its target's position, so the LLM sees it in
     the target's slot (its 1-D position, or M-RoPE row/column for Qwen).
+
+    ``released = True`` keeps what the authors' released code keeps: the [CLS] token is one of
+    the ``floor(dominant_ratio R)`` dominant tokens, so the stage (with no pipeline pivots)
+    takes one dominant patch fewer, ``R - floor(dominant_ratio R)`` contextual tokens as above,
+    and the tower's [CLS] hidden state at ``cls_layer`` (projected) in the slot of the first
+    pool token it does not keep: the earliest free slot of the image, where the released code
+    puts the [CLS] (first in the image's tokens). LLaVA-1.5 only (one [CLS] per image).
     """
 
     metric: Literal["keys", "features"] = Field("keys", description="what similarity is measured on")
     key_layer: int = Field(-2, description="encoder layer whose attention keys are the metric")
     space: Space = Field("encoder", description="merge encoder features then project, or merge decoder features")
+    released: bool = Field(False, description="the released selection: the [CLS] takes one dominant place "
+                                              "(needs no pipeline pivots; the stage picks the dominant tokens)")
+    dominant_ratio: float = Field(0.84375, gt=0, le=1, description="released = true: dominant tokens, [CLS] "
+                                                                 "included, are floor(dominant_ratio R)")
+    cls_layer: int = Field(-2, description="released = true: the hidden state whose [CLS] the LLM receives")
     permutation_invariant = False  # targets are spaced by token order
 
     def requirements(self, num_layers: int) -> Requirements:
-        if self.metric == "features":
-            return Requirements()
-        return Requirements(attention_keys=frozenset({normalize_layer(self.key_layer, num_layers)}))
+        keys = frozenset() if self.metric == "features" else frozenset({normalize_layer(self.key_layer, num_layers)})
+        cls = frozenset({normalize_layer(self.cls_layer, num_layers)}) if self.released else frozenset()
+        return Requirements(attention_keys=keys, cls_token=cls)
 
     def complete(self, req: CompletionRequest) -> CompletionResult:
-        pool, k2 = req.pool, req.k2.to(req.pool.device)
+        if not self.released:
+            is_target, merged = self._contextual(req, req.pool, req.k2.to(req.pool.device))
+            return CompletionResult(is_target, merged_features(req, merged, is_target, self.space))
+        return self._as_released(req)
+
+    def _as_released(self, req: CompletionRequest) -> CompletionResult:
+        if bool(req.pivots.any()):
+            raise ValueError(
+                "completion 'visionzip' with released = true picks the dominant tokens itself (the [CLS] is one "
+                "of them, as in the released code): set [budget_policy] stage = \"fixed\", ratio = 0.0 "
+                "(as specs/methods/visionzip-released.toml does)"
+            )
+        pool, R = req.pool, req.k2.to(req.pool.device)  # (B, M), (B,) the whole budget
+        dominant = torch.floor(self.dominant_ratio * R.double() + 1e-6).long()  # (B,) [CLS] included
+        has_cls = dominant > 0
+        patches = ops.topk_mask(req.scores, dominant - has_cls.long(), pool)  # (B, M) dominant patches
+        rest = pool & ~patches
+        is_target, merged = self._contextual(req, rest, R - dominant)
+        free = rest & ~is_target  # (B, M) pool tokens neither dominant nor contextual
+        first = free.long().argmax(1)  # (B,) the earliest free slot
+        slot = torch.nn.functional.one_hot(first, pool.shape[1]).bool() & (has_cls & free.any(1)).unsqueeze(1)
+        cls = req.tokens.cls_feature(self.cls_layer)  # (B, Dv) encoder space
+        if self.space == "decoder":
+            cls = cls if req.tokens.project is None else req.tokens.project(cls.unsqueeze(1)).squeeze(1)
+        merged = torch.where(slot.unsqueeze(-1), cls.unsqueeze(1).to(merged.dtype), merged)  # (B, M, F)
+        at = is_target | slot
+        return CompletionResult(patches | at, merged_features(req, merged, at, self.space))
+
+    def _contextual(self, req: CompletionRequest, pool: Tensor, k2: Tensor) -> tuple[Tensor, Tensor]:
+        """``k2[b]`` contextual tokens from ``pool``: ``(B, M)`` bool targets and ``(B, M, F)`` the
+        merged features at them (``space``; zeros elsewhere)."""
         B, M = pool.shape
         dev = pool.device
         metric = req.tokens.key_features(self.key_layer) if self.metric == "keys" else req.fused.encoder
@@ -55,7 +98,10 @@ class VisionZipContextual(Completion):
         N = index.shape[1]
         n = ok.sum(1)  # (B,)
         step = torch.div(n, k2.clamp_min(1), rounding_mode="floor").clamp_min(1)  # (B,)
-        K = int(k2.max())
+        K = int(k2.max()) if B else 0
+        h = source(req, self.space)  # (B, M, F)
+        if K == 0:
+            return torch.zeros_like(pool), torch.zeros_like(h)
         j = torch.arange(K, device=dev).expand(B, K)  # (B, K) target ordinal
         t_ok = j < k2.view(B, 1)
         t_ord = (j * step.view(B, 1)).clamp_max(max(N - 1, 0))  # (B, K) ordinal in the pool
@@ -69,7 +115,6 @@ class VisionZipContextual(Completion):
         member = pool & ~is_target
         group = torch.where(member, group, K)  # non-members -> spare group
         # 3. h_target + mean(h_members), at the targets
-        h = source(req, self.space)  # (B, M, F)
         F = h.shape[-1]
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         sums = torch.zeros(B, K + 1, F, dtype=acc, device=dev)
@@ -79,7 +124,7 @@ class VisionZipContextual(Completion):
         ctx = ops.gather_rows(h, targets.clamp_max(M - 1)).to(acc) + mean  # (B, K, F)
         merged = torch.zeros(B, M + 1, F, dtype=h.dtype, device=dev)
         merged = merged.scatter(1, targets.unsqueeze(-1).expand(-1, -1, F), ctx.to(h.dtype))[:, :M]
-        return CompletionResult(is_target, merged_features(req, merged, is_target, self.space))
+        return is_target, merged
 
 
 @hookimpl

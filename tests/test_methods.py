@@ -78,6 +78,69 @@ def test_visionzip_keeps_top_cls_and_merges_the_rest_into_exactly_contextual_gro
             torch.testing.assert_close(feats[kept.index(i)], own[i])
 
 
+def _visionzip_as_released(tokens, R, dominant_ratio=0.84375):
+    """VisionZip's released selection on one image, written out from its behaviour: [CLS] + the
+    top ``floor(ratio R) - 1`` patches by [CLS] attention (summed over heads) are dominant; the
+    other patches, in index order, give ``R - floor(ratio R)`` targets every ``n // c``-th; each
+    remaining patch joins its most key-similar target (first on ties); a contextual token is
+    ``h_target + mean(h_members)``. Returns (dominant patch indices, {target: feature}, [CLS] feature),
+    features projected."""
+    dominant = math.floor(dominant_ratio * R + 1e-6)
+    attn = tokens.cls_attention[23][0].sum(0)  # (M,) summed over heads, as released
+    M = attn.shape[0]
+    top = sorted(sorted(range(M), key=lambda i: (-float(attn[i]), i))[: dominant - 1])
+    rest = [i for i in range(M) if i not in top]
+    c = R - dominant
+    step = max(1, len(rest) // c)
+    targets = [rest[j] for j in range(0, len(rest), step)][:c]
+    keys = _unit(tokens.key_features(-2)[0])
+    members = {t: [] for t in targets}
+    for i in rest:
+        if i not in targets:
+            sims = [float(keys[i] @ keys[t]) for t in targets]
+            members[targets[sims.index(max(sims))]].append(i)
+    h = tokens.layer(-2)[0]
+    ctx = {t: tokens.project((h[t] + (h[m].mean(0) if m else 0))[None])[0] for t, m in members.items()}
+    return top, ctx, tokens.project(tokens.cls_feature(-2)[0][None])[0]
+
+
+@given(seed=st.integers(0, 10_000), R=st.integers(2, 14), M=st.integers(16, 30))
+def test_visionzip_released_keeps_what_the_released_code_keeps(seed, R, M):
+    """The [CLS] takes one dominant place; the LLM receives it in the earliest free slot."""
+    from dataclasses import replace
+
+    spec = tp.load_spec(f"{METHODS}/visionzip-released.toml")
+    base = _tokens(M=M, grid=(M, 1), seed=seed)
+    cls = torch.randn(1, base.reference.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    tokens = replace(base, cls_token={23: cls})
+    sel = tp.Pipeline(spec)(tokens, budget=R)
+    top, ctx, cls_feat = _visionzip_as_released(tokens, R)
+    kept = sel.row(0).tolist()
+    slot = min(i for i in range(M) if i not in top and i not in ctx)
+    assert kept == sorted(top + list(ctx) + [slot]) and len(kept) == R
+    feats = sel.features[0]
+    own = tokens.project(tokens.layer(-2))[0]
+    for i in top:
+        torch.testing.assert_close(feats[kept.index(i)], own[i])
+    for t, f in ctx.items():
+        torch.testing.assert_close(feats[kept.index(t)], f)
+    torch.testing.assert_close(feats[kept.index(slot)], cls_feat)
+
+
+def test_visionzip_released_refuses_pivots_and_towers_without_a_cls_token():
+    from tiny_models import build
+
+    spec = tp.load_spec(f"{METHODS}/visionzip-released.toml")
+    with pytest.raises(ValueError, match="ratio = 0.0"):
+        tp.Pipeline(spec.replace(budget_policy={"stage": "fixed", "ratio": 0.5}))(
+            tp.contract.VisualTokens(**{**_tokens().__dict__, "cls_token": {23: torch.zeros(1, 8, dtype=torch.float64)}}),
+            budget=8)
+    with pytest.raises(KeyError, match=r"\[CLS\] hidden state"):
+        tp.Pipeline(spec)(_tokens(), budget=8)
+    with pytest.raises(ValueError, match="no \\[CLS\\] token per image"):
+        tp.apply(build("llava-next"), spec)
+
+
 def test_visionzip_without_keys_says_how_to_supply_them():
     spec = tp.load_spec(f"{METHODS}/visionzip.toml")
     tokens = _tokens()
@@ -391,6 +454,38 @@ def test_adapter_captures_the_keys_visionzip_reads():
         finally:
             spec.completion.__class__.complete = orig
     torch.testing.assert_close(seen["keys"], want)
+
+
+def test_visionzip_released_through_llava_feeds_the_cls_hidden_state():
+    """Through the tiny LLaVA: the LLM's input at the [CLS] slot is the projected [CLS] hidden
+    state of tower layer -2, and the image keeps exactly the budget."""
+    from tiny_models import IMG, batch, build, samples
+
+    m = build("llava")
+    inp = batch(m, "llava", samples("llava", 2, seed=3))
+    spec = tp.load_spec(f"{METHODS}/visionzip-released.toml")
+    seen = {}
+    lm = m.model.language_model
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    tower = m.model.vision_tower
+    with torch.no_grad():
+        hs = tower(inp["pixel_values"], output_hidden_states=True).hidden_states
+        want = m.model.multi_modal_projector(hs[-2][:, :1])[:, 0]  # (N, D) projected [CLS]
+        hook = lm.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with tp.apply(m, spec, budget=8) as h:
+                m(**inp)
+                sel = h.last
+        finally:
+            hook.remove()
+    assert sel.kept.tolist() == [8, 8]
+    for b in range(2):
+        row = seen["embeds"][b]
+        hits = [(row - want[b]).abs().amax(-1).lt(1e-5).nonzero().flatten().tolist()]
+        assert len(hits[0]) == 1, "the [CLS] feature reaches the LLM exactly once per image"
 
 
 def test_pooling_through_apply_feeds_cell_means_at_top_left_slots():

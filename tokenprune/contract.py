@@ -105,6 +105,7 @@ class Requirements:
         text_embedding: whether a scorer reads the prompt's mean embedding in decoder space.
         attention_keys: layers whose attention keys (averaged over heads) a stage reads, e.g.
             VisionZip's and PruMerge's key-similarity merges.
+        cls_token: layers whose [CLS] hidden state a stage reads (VisionZip as released keeps it).
     """
 
     layers: frozenset[int] = frozenset()
@@ -112,6 +113,7 @@ class Requirements:
     received_attention: frozenset[int] = frozenset()
     text_embedding: bool = False
     attention_keys: frozenset[int] = frozenset()
+    cls_token: frozenset[int] = frozenset()
 
     def __or__(self, other: Requirements) -> Requirements:
         return Requirements(
@@ -120,6 +122,7 @@ class Requirements:
             self.received_attention | other.received_attention,
             self.text_embedding or other.text_embedding,
             self.attention_keys | other.attention_keys,
+            self.cls_token | other.cls_token,
         )
 
 
@@ -152,6 +155,8 @@ class VisualTokens:
         sample_keys: ``(B,)`` int64 per-sample keys for seeded random stages. Row ``b``'s random
             draws depend only on ``(seed, sample_keys[b], token index)``, so a batched call equals
             the per-sample calls. ``None`` means key 0 for every row.
+        cls_token: layer -> ``(B, Dv)`` the tower's [CLS] hidden state at that layer (towers with
+            a [CLS] token; VisionZip as released feeds it to the LLM).
     """
 
     layers: Mapping[int, Tensor]
@@ -166,6 +171,7 @@ class VisualTokens:
     prompts: Sequence[str] = ()
     sample_keys: Tensor | None = None
     attention_keys: Mapping[int, Tensor] = field(default_factory=dict)
+    cls_token: Mapping[int, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -212,6 +218,10 @@ class VisualTokens:
             normalize_layer(key, self.num_layers)
             if k.dim() != 3 or k.shape[:2] != (B, M):
                 raise ValueError(f"attention_keys[{key}] must be (B, M, Dk) = ({B}, {M}, ·), got {tuple(k.shape)}")
+        for key, c in self.cls_token.items():
+            normalize_layer(key, self.num_layers)
+            if c.shape != (B, ref.shape[-1]):
+                raise ValueError(f"cls_token[{key}] must be (B, Dv) = ({B}, {ref.shape[-1]}), got {tuple(c.shape)}")
         if self.text_embedding is not None and (
             self.text_embedding.dim() != 2 or self.text_embedding.shape[0] != B
         ):
@@ -293,6 +303,17 @@ class VisualTokens:
             f"attention keys at encoder layer {want} (asked as {index}) were not supplied; have layers "
             f"{have}. Pass VisualTokens(attention_keys={{{want}: (B, M, Dk) tensor}}), or apply the "
             "pipeline through an adapter (it captures them)."
+        )
+
+    def cls_feature(self, index: int) -> Tensor:
+        """The [CLS] hidden state at one layer, ``(B, Dv)``; a clear error if not supplied."""
+        c, want, have = self._at(self.cls_token, index)
+        if c is not None:
+            return c
+        raise KeyError(
+            f"the [CLS] hidden state at encoder layer {want} (asked as {index}) was not supplied; have layers "
+            f"{have}. Pass VisualTokens(cls_token={{{want}: (B, Dv) tensor}}), or apply the pipeline through "
+            "an adapter whose tower has a [CLS] token (LLaVA-1.5)."
         )
 
     def keys(self) -> Tensor:

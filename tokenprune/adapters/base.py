@@ -134,6 +134,8 @@ class Adapter(ABC):
     family: ClassVar[str]
     #: whether the vision tower has a [CLS] token (``cls-attention`` scoring needs one)
     has_cls: ClassVar[bool] = True
+    #: whether encode supplies ``VisualTokens.cls_token`` (one [CLS] hidden state per image)
+    cls_token: ClassVar[bool] = True
     #: input names consumed by the encoder, dropped from the pruned call
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     #: inputs this adapter cannot prune yet
@@ -230,6 +232,12 @@ class Adapter(ABC):
                 f"the {self.family} vision tower has no [CLS] token, so scoring stage 'cls-attention' "
                 "cannot run on it; use 'received-attention' (e.g. specs/variants/clasp-qwen.toml), "
                 "'feature-norm' or 'text-similarity'"
+            )
+        if need.cls_token and not (self.has_cls and self.cls_token):
+            raise ValueError(
+                f"a stage of this spec feeds the tower's [CLS] token to the LLM (VisionZip released = true), "
+                f"but the {self.family} adapter has no [CLS] token per image; use it on LLaVA-1.5, or the "
+                "preset specs/methods/visionzip.toml (no [CLS] slot)"
             )
         for layer in need.cls_attention | need.received_attention | need.attention_keys:
             if layer == 0:

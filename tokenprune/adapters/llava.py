@@ -30,7 +30,7 @@ class UnsupportedModel(ValueError):
 
 
 def _tower_layers(need: Requirements, feature_layer: int, num_layers: int) -> list[int]:
-    layers = set(need.layers) | {normalize_layer(feature_layer, num_layers)}
+    layers = set(need.layers) | set(need.cls_token) | {normalize_layer(feature_layer, num_layers)}
     return sorted(layers)
 
 
@@ -93,10 +93,11 @@ class LlavaAdapter(Adapter):
             **extra,
         )
         feats = {li: out.hidden_states[li][:, 1:] for li in (need.layers or layers)}  # (C, M, Dv)
-        return out, feats
+        cls = {li: out.hidden_states[li][:, 0] for li in need.cls_token}  # (C, Dv) each crop's [CLS]
+        return out, feats, cls
 
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
-        out, feats = self._features(inputs, need)
+        out, feats, cls = self._features(inputs, need)
         own = torch.stack(list(out.pooler_output))  # (N, M, D)
         N, M, _ = own.shape
         side = math.isqrt(M)
@@ -105,6 +106,7 @@ class LlavaAdapter(Adapter):
             num_layers=self.num_layers,
             positions=grid_positions(side, M // side, N, own.device) if side * side == M else None,
             project=self._project,
+            cls_token=cls,
             **self._captured(need, recorder),
         )
         return Encoded(tokens, own, torch.full((N,), M, dtype=torch.long, device=own.device))
@@ -143,7 +145,7 @@ class LlavaAdapter(Adapter):
         pix = inputs["pixel_values"]
         small = F.interpolate(pix.float(), size=(side * v.patch_size,) * 2, mode="bicubic", antialias=True,
                               align_corners=False).to(pix.dtype)
-        out, feats = self._features({"pixel_values": small}, need, interpolate_pos_encoding=True)
+        out, feats, cls = self._features({"pixel_values": small}, need, interpolate_pos_encoding=True)
         own_small = torch.stack(list(out.pooler_output))  # (N, s*s, D)
         N, M, D = own_small.shape
         own = own_small.new_zeros(N, P, D)
@@ -152,7 +154,7 @@ class LlavaAdapter(Adapter):
         slot_token = torch.where(slot_token < M, slot_token, -1)
         tokens_ = VisualTokens(
             layers=feats, num_layers=self.num_layers, positions=grid_positions(side, side, N, own.device),
-            project=self._project, **self._captured(need, recorder),
+            project=self._project, cls_token=cls, **self._captured(need, recorder),
         )
         return Encoded(tokens_, own, torch.full((N,), P, dtype=torch.long, device=own.device), slot_token)
 
@@ -161,6 +163,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava-next"
     llm_site = False  # newline slots would need their own rule
     downsample = False  # anyres crops: resize with the processor's image_grid_pinpoints instead
+    cls_token = False  # one [CLS] per crop, none per image
 
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
@@ -170,7 +173,7 @@ class LlavaNextAdapter(LlavaAdapter):
         sizes = inputs.get("image_sizes")
         if sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes next to pixel_values (the processor returns both)")
-        out, feats = self._features(inputs, need, image_sizes=sizes)
+        out, feats, _ = self._features(inputs, need, image_sizes=sizes)  # per-crop [CLS]: refused up front
         packed = list(out.pooler_output)  # per image (P_i, D), newline slots included
         slots = torch.tensor([p.shape[0] for p in packed], device=packed[0].device)  # (N,)
         own, _ = pad_flat(torch.cat(packed), slots)  # (N, P, D)
