@@ -83,9 +83,9 @@ class VisionZipContextual(Completion):
         cls = req.tokens.cls_feature(self.cls_layer)  # (B, Dv) encoder space
         if self.space == "decoder":
             cls = cls if req.tokens.project is None else req.tokens.project(cls.unsqueeze(1)).squeeze(1)
-        merged = torch.where(slot.unsqueeze(-1), cls.unsqueeze(1).to(merged.dtype), merged)  # (B, M, F)
+        merged[slot] = cls[slot.any(1)].to(merged.dtype)  # our own tensor: write the [CLS] rows in place
         at = is_target | slot
-        return CompletionResult(patches | at, merged_features(req, merged, at, self.space))
+        return CompletionResult(patches | at, merged_features(req, merged, at, self.space, also=patches))
 
     def _contextual(self, req: CompletionRequest, pool: Tensor, k2: Tensor) -> tuple[Tensor, Tensor]:
         """``k2[b]`` contextual tokens from ``pool``: ``(B, M)`` bool targets and ``(B, M, F)`` the
@@ -123,8 +123,8 @@ class VisionZipContextual(Completion):
         mean = sums[:, :K] / counts[:, :K].clamp_min(1).unsqueeze(-1)  # (B, K, F)
         ctx = ops.gather_rows(h, targets.clamp_max(M - 1)).to(acc) + mean  # (B, K, F)
         merged = torch.zeros(B, M + 1, F, dtype=h.dtype, device=dev)
-        merged = merged.scatter(1, targets.unsqueeze(-1).expand(-1, -1, F), ctx.to(h.dtype))[:, :M]
-        return is_target, merged
+        merged.scatter_(1, targets.unsqueeze(-1).expand(-1, -1, F), ctx.to(h.dtype))
+        return is_target, merged[:, :M]
 
 
 @hookimpl

@@ -36,7 +36,7 @@ def build_request(case, dtype=torch.float32, device="cpu", D=6) -> CompletionReq
     pivots = ops.topk_mask(phi, torch.tensor(case["k1"], device=device), valid)
     unit = ops.unit(tokens.project(tokens.layer(1)))
     fused = tp.Fused(tokens.layer(1), unit)
-    return CompletionRequest(unit, phi, pivots, torch.tensor(case["k2"], device=device), valid, tokens, fused)
+    return CompletionRequest(phi, pivots, torch.tensor(case["k2"], device=device), valid, tokens, fused, unit)
 
 
 @given(case=requests(max_M=9, min_k1=1))
@@ -138,7 +138,7 @@ def test_medoids_use_the_updated_centres_unless_asked_otherwise():
     valid = torch.ones(1, 5, dtype=torch.bool)
     pivots = torch.tensor([[False, False, False, False, True]])
     tokens = tp.VisualTokens(layers={1: u}, num_layers=1)
-    req = CompletionRequest(u, torch.zeros(1, 5), pivots, torch.tensor([1]), valid, tokens, tp.Fused(u, u))
+    req = CompletionRequest(torch.zeros(1, 5), pivots, torch.tensor([1]), valid, tokens, tp.Fused(u, u))
     def chosen(medoid_centres):
         return ClaspCompletion(iterations=1, medoid_centres=medoid_centres).complete(req).mask[0].nonzero().flatten()
 
@@ -161,7 +161,7 @@ def test_empty_cluster_keeps_its_centre_and_fill_keeps_budget():
     valid = torch.ones(1, 5, dtype=torch.bool)
     pivots = torch.tensor([[False, False, False, False, True]])
     tokens = tp.VisualTokens(layers={1: u}, num_layers=1)
-    req = CompletionRequest(u, torch.zeros(1, 5), pivots, torch.tensor([3]), valid, tokens, tp.Fused(u, u))
+    req = CompletionRequest(torch.zeros(1, 5), pivots, torch.tensor([3]), valid, tokens, tp.Fused(u, u))
     res = ClaspCompletion().complete(req)
     assert int(res.mask.sum()) == 3 and not res.mask[0, 4]
 

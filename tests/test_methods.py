@@ -223,8 +223,7 @@ def test_dpp_as_released_equals_the_released_rule_written_out(seed, M, k):
     want = _naive_greedy(L, k)
     tokens = tp.VisualTokens(layers={1: x}, num_layers=1)
     valid = torch.ones(1, M, dtype=torch.bool)
-    req = CompletionRequest(x, phi, torch.zeros(1, M, dtype=torch.bool), torch.tensor([k]), valid, tokens,
-                            tp.Fused(x, x))
+    req = CompletionRequest(phi, torch.zeros(1, M, dtype=torch.bool), torch.tensor([k]), valid, tokens, tp.Fused(x, x), x)
     assert ConditionalDPP(released=True).complete(req).mask[0].nonzero().flatten().tolist() == want
     paper = ConditionalDPP().complete(req).mask[0].nonzero().flatten().tolist()
     r = (phi[0] - phi[0].min()) / (phi[0].max() - phi[0].min())
@@ -459,7 +458,7 @@ def test_adapter_captures_the_keys_visionzip_reads():
 def test_visionzip_released_through_llava_feeds_the_cls_hidden_state():
     """Through the tiny LLaVA: the LLM's input at the [CLS] slot is the projected [CLS] hidden
     state of tower layer -2, and the image keeps exactly the budget."""
-    from tiny_models import IMG, batch, build, samples
+    from tiny_models import batch, build, samples
 
     m = build("llava")
     inp = batch(m, "llava", samples("llava", 2, seed=3))

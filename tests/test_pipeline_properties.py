@@ -163,7 +163,7 @@ def test_ratio_zero_is_pure_completion(completion, device, case, dtype):
     routing = tp.Pipeline(spec).route(tokens.prompts)
     fused = spec.fusion.fuse(tokens, routing, spec.class_table)
     phi = spec.scoring.score(tokens, fused)
-    req = tp.stages.CompletionRequest(tp.ops.unit(fused.decoder), phi, torch.zeros_like(valid), R, valid, tokens, fused)
+    req = tp.stages.CompletionRequest(phi, torch.zeros_like(valid), R, valid, tokens, fused)
     if torch.equal(R, valid.sum(1)):
         expected = valid
     else:

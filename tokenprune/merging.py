@@ -26,8 +26,10 @@ def source(req: CompletionRequest, space: Space) -> Tensor:
     return req.fused.encoder if space == "encoder" else req.fused.decoder
 
 
-def merged_features(req: CompletionRequest, merged: Tensor, at: Tensor, space: Space) -> Tensor:
-    """Decoder-space features with ``merged`` written at the ``at`` tokens.
+def merged_features(req: CompletionRequest, merged: Tensor, at: Tensor, space: Space,
+                    also: Tensor | None = None) -> Tensor:
+    """Decoder-space features with ``merged`` written at the ``at`` tokens, for
+    :class:`~tokenprune.stages.CompletionResult`.
 
     Args:
         req: the completion request.
@@ -36,10 +38,13 @@ def merged_features(req: CompletionRequest, merged: Tensor, at: Tensor, space: S
         at: ``(B, M)`` bool tokens that carry merged features.
         space: where ``merged`` lives. Encoder features are projected with ``tokens.project``
             (only the ``at`` rows, gathered first).
+        also: ``(B, M)`` bool other tokens the completion keeps with their own features.
 
     Returns:
         ``(B, M, D)`` in the decoder features' dtype: ``merged`` (projected) at ``at``, the fused
-        decoder features elsewhere.
+        decoder features at ``also``. In encoder space the other rows are left uninitialised: the
+        pipeline reads a completion's features only at the tokens it keeps, so the ``(B, M, D)``
+        decoder tensor is never copied whole.
     """
     dec = req.fused.decoder  # (B, M, D)
     if space == "decoder":
@@ -55,7 +60,14 @@ def merged_features(req: CompletionRequest, merged: Tensor, at: Tensor, space: S
     rows = ops.gather_rows(merged, index)  # (B, K, Dv)
     out = rows if project is None else project(rows)  # (B, K, D)
     B, M, D = dec.shape
-    dest = torch.where(ok, index, M)  # padding -> spare row
-    full = torch.cat([dec, dec.new_zeros(B, 1, D)], 1)  # (B, M + 1, D)
-    full = full.scatter(1, dest.unsqueeze(-1).expand(-1, -1, D), out.to(dec.dtype))
-    return full[:, :M]
+    full = dec.new_empty(B * M, D)  # only kept rows are ever read
+    full.index_copy_(0, _flat(index, M)[ok], out[ok].to(dec.dtype))
+    if also is not None and bool(also.any()):
+        own, own_ok = ops.compact(also & ~at)  # (B, A)
+        full.index_copy_(0, _flat(own, M)[own_ok], ops.gather_rows(dec, own)[own_ok])
+    return full.view(B, M, D)
+
+
+def _flat(index: Tensor, M: int) -> Tensor:
+    """``(B, K)`` token indices -> rows of the ``(B * M, ...)`` view."""
+    return index + torch.arange(index.shape[0], device=index.device).view(-1, 1) * M

@@ -205,8 +205,7 @@ class Pipeline:
             elif not bool(k2.any()):  # pivots fill every budget
                 extra, merged = torch.zeros_like(pool), None
             else:
-                unit = ops.unit(fused.decoder)  # (B, M, D)
-                req = CompletionRequest(unit, phi, pivots, k2, valid, tokens, fused)
+                req = CompletionRequest(phi, pivots, k2, valid, tokens, fused)  # u_t computed on first use
                 with _inside(spec, "completion"):
                     res = spec.completion.complete(req)
                 extra, merged = res.mask, res.features
@@ -218,8 +217,11 @@ class Pipeline:
             sel_prov = prov.gather(1, indices.clamp_min(0)).masked_fill(indices < 0, int(Provenance.PAD))
             features = None
             if merged is not None or fused.feed_llm:
-                src = fused.decoder if merged is None else torch.where(extra.unsqueeze(-1), merged, fused.decoder)
-                features = Selection(indices, counts, sel_prov, routing).gather(src)  # (B, K, D)
+                out = Selection(indices, counts, sel_prov, routing)
+                features = out.gather(fused.decoder)  # (B, K, D)
+                if merged is not None:  # the completion's rows, gathered then picked: no (B, M, D) pass
+                    from_completion = (sel_prov == int(Provenance.COMPLETION)).unsqueeze(-1)  # (B, K, 1)
+                    features = torch.where(from_completion, out.gather(merged), features)
         return Selection(
             indices=indices,
             counts=counts,

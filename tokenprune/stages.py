@@ -10,6 +10,7 @@ The methods' shapes use the alphabet of :mod:`tokenprune.contract`.
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from . import ops
 from .classes import ClassTable
 from .contract import Fused, Requirements, Routing, VisualTokens
 
@@ -145,7 +147,6 @@ class CompletionRequest:
     """Everything a completion stage may read.
 
     Attributes:
-        unit: ``(B, M, D)`` unit-norm decoder-space features ``u_t`` (input dtype).
         scores: ``(B, M)`` float32 saliency ``phi``.
         pivots: ``(B, M)`` bool pivots already kept.
         k2: ``(B,)`` int64 completion tokens to add per row
@@ -153,15 +154,22 @@ class CompletionRequest:
         valid: ``(B, M)`` bool real tokens.
         tokens: the stage inputs (positions, sample keys, ...).
         fused: the fused features.
+        given_unit: ``u_t`` if the caller already has them, else ``None`` (see :attr:`unit`).
     """
 
-    unit: Tensor
     scores: Tensor
     pivots: Tensor
     k2: Tensor
     valid: Tensor
     tokens: VisualTokens
     fused: Fused
+    given_unit: Tensor | None = None
+
+    @functools.cached_property
+    def unit(self) -> Tensor:
+        """``(B, M, D)`` unit-norm decoder-space features ``u_t`` (input dtype), computed on first
+        use: a stage that never reads them (merges, pooling, random) does not pay the pass."""
+        return self.given_unit if self.given_unit is not None else ops.unit(self.fused.decoder)
 
     @property
     def pool(self) -> Tensor:

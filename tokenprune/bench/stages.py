@@ -243,7 +243,7 @@ def _iterations(pipe: tp.Pipeline, tokens: tp.VisualTokens, R: int, routing) -> 
     a = spec.budget_policy.pivot_ratio(routing, spec.class_table).to(Rt.device).double()
     k1 = torch.floor(a * Rt + 1e-6).long()
     pivots = spec.selection.select(phi, k1, valid, fused)
-    req = tp.stages.CompletionRequest(tp.ops.unit(fused.decoder), phi, pivots, Rt - k1, valid, tokens, fused)
+    req = tp.stages.CompletionRequest(phi, pivots, Rt - k1, valid, tokens, fused)
     return comp.plan(req).kmeans.iterations
 
 
