@@ -162,9 +162,10 @@ class DivPruneCompletion(Completion):
     init_isolated: bool = Field(True, description="with no pivots, start from the most isolated token")
 
     def complete(self, req: CompletionRequest) -> CompletionResult:
-        return CompletionResult(
-            ops.greedy_max_min(req.unit, req.pool, req.pivots, req.k2, self.init_isolated)
-        )
+        isolated = self.init_isolated and not bool(req.pivots.any(1).all())  # the first pick reads all of it
+        gram = ops.similarity_rows(req.fused.decoder, int(req.k2.max()), force=True if isolated else None)
+        x = req.unit if gram is None else None  # with the matrix, no normalised copy is made
+        return CompletionResult(ops.greedy_max_min(x, req.pool, req.pivots, req.k2, self.init_isolated, gram))
 
 
 @hookimpl

@@ -52,13 +52,16 @@ class TextSimilarity(Scorer):
                 "scorer 'text-similarity' needs the prompt's mean embedding in decoder space: pass "
                 "VisualTokens(text_embedding=(B, D) tensor), or apply the pipeline through an adapter"
             )
-        u = ops.unit(fused.decoder)  # (B, M, D)
-        t = ops.unit(tokens.text_embedding.to(device=u.device, dtype=u.dtype))  # (B, D)
-        if t.shape[-1] != u.shape[-1]:
+        x = fused.decoder  # (B, M, D), not normalised: the product is divided by the norms instead
+        t = ops.unit(tokens.text_embedding.to(device=x.device, dtype=x.dtype))  # (B, D)
+        if t.shape[-1] != x.shape[-1]:
             raise ValueError(
-                f"text_embedding has width {t.shape[-1]} but decoder features have {u.shape[-1]}"
+                f"text_embedding has width {t.shape[-1]} but decoder features have {x.shape[-1]}"
             )
-        return torch.bmm(u, t.unsqueeze(-1)).squeeze(-1).float()  # (B, M, D) @ (B, D, 1) -> (B, M)
+        if x.dtype == torch.float16:  # raw fp16 products could overflow
+            x = ops.unit(x)
+        dots = torch.bmm(x, t.unsqueeze(-1)).squeeze(-1).float()  # (B, M, D) @ (B, D, 1) -> (B, M)
+        return (dots / ops.norm_f32(x).clamp_min(1e-12)).float()
 
 
 class FeatureNorm(Scorer):

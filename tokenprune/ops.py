@@ -329,7 +329,8 @@ def argmax_low(score: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def greedy_max_min(
-    x: Tensor, candidates: Tensor, selected: Tensor, k: Tensor, init_isolated: bool = True
+    x: Tensor | None, candidates: Tensor, selected: Tensor, k: Tensor, init_isolated: bool = True,
+    gram: Tensor | None = None,
 ) -> Tensor:
     """Greedy max-min diversity (the MMDP heuristic of DivPrune, Alvar et al., CVPR 2025).
 
@@ -340,60 +341,73 @@ def greedy_max_min(
     candidates is largest (``init_isolated``; this needs the row's full ``M x M`` similarity), or
     the lowest-index candidate otherwise.
 
-    The loop runs over the ``max_b k_b`` *picks*, never over tokens or rows: each pick is one
-    batched ``(B, M, D) x (B, D)`` product.
+    The loop runs over the ``max_b k_b`` *picks*, never over tokens or rows: each pick reads one
+    row of the similarity matrix, or is one batched ``(B, M, D) x (B, D)`` product without it.
 
     Args:
-        x: ``(B, M, D)`` unit vectors.
+        x: ``(B, M, D)`` unit vectors; not read when ``gram`` is given (may then be ``None``).
         candidates: ``(B, M)`` bool tokens that may be added.
         selected: ``(B, M)`` bool tokens already kept (e.g. pivots); they count for distances.
         k: ``(B,)`` int64 picks per row (``<=`` the row's candidate count).
+        init_isolated: start a row without selected tokens from its most isolated candidate.
+        gram: optional ``(B, M, M)`` cosine similarity matrix (:func:`similarity_rows`).
 
     Returns:
         ``(B, M)`` bool mask of the picked tokens (disjoint from ``selected``).
     """
-    B, M, D = x.shape
-    neg_inf = torch.tensor(float("-inf"), device=x.device)
-    # min distance of each token to the selected set: 1 - max similarity
-    max_sim = torch.full((B, M), float("-inf"), device=x.device)  # (B, M)
+    B, M = candidates.shape
+    dev = candidates.device
+    k = k.to(dev)
+    steps = int(k.max()) if B else 0
     any_sel = selected.any(1)  # (B,)
+    if gram is None:
+        if x is None:
+            raise ValueError("greedy_max_min needs the unit vectors x or their similarity matrix gram")
+        isolated = init_isolated and not bool(any_sel.all())  # the first pick reads the whole matrix
+        gram = similarity_rows(x, steps, force=True if isolated else None)
+    full = None if gram is None else gram.float()
+    tie = (x if x is not None else gram).dtype
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+    # max similarity of each token to the selected set (min distance = 1 - it)
+    max_sim = torch.full((B, M), float("-inf"), device=dev)  # (B, M)
     if bool(any_sel.any()):
-        # one product with the already-selected set, masked per row
         sel_idx, sel_ok = compact(selected)  # (B, S)
-        sims = torch.bmm(x, gather_rows(x, sel_idx).transpose(1, 2)).float()  # (B, M, S)
+        if full is not None:
+            sims = gather_rows(full, sel_idx).transpose(1, 2)  # (B, M, S) columns of the selected
+        else:
+            sims = torch.bmm(x, gather_rows(x, sel_idx).transpose(1, 2)).float()  # (B, M, S)
         max_sim = sims.masked_fill(~sel_ok.unsqueeze(1), float("-inf")).amax(-1)  # (B, M)
     first_score: Tensor | None = None
-    full: Tensor | None = None
     if not bool(any_sel.all()):
         if init_isolated:
-            full = torch.bmm(x, x.transpose(1, 2)).float()  # (B, M, M), reused by every pick
             both = candidates.unsqueeze(1) & candidates.unsqueeze(2)
-            eye = torch.eye(M, dtype=torch.bool, device=x.device)
+            eye = torch.eye(M, dtype=torch.bool, device=dev)
             nearest = full.masked_fill(~both | eye, float("-inf")).amax(-1)  # (B, M) closest other
             first_score = torch.where(candidates, -nearest, neg_inf)  # most isolated first
         else:
             first_score = torch.where(candidates, 0.0, neg_inf).expand(B, M)
-    picked = torch.zeros(B, M, dtype=torch.bool, device=x.device)
-    k = k.to(x.device)
-    steps = int(k.max()) if B else 0
-    if full is None:  # the matrix once, if that costs less than re-reading x once per pick
-        gram = similarity_rows(x, steps)
-        full = None if gram is None else gram.float()
+    # gain of each candidate: its distance to the selected set (-max_sim), -inf once picked or closed
+    gain = torch.where(candidates, -max_sim, neg_inf)  # (B, M)
+    if first_score is not None:  # rows with nothing selected start from first_score
+        gain = torch.where(any_sel.view(B, 1), gain, first_score)
+    picked = torch.zeros(B, M, dtype=torch.bool, device=dev)
+    ragged = not bool((k == steps).all())  # rows that stop early need masking
     for step in range(steps):
-        open_ = candidates & ~picked  # (B, M)
-        gain = torch.where(open_, -max_sim, neg_inf)  # larger = farther from the selected set
-        if first_score is not None:
-            fresh = ~(any_sel | picked.any(1))  # rows with nothing selected yet
-            gain = torch.where(fresh.view(B, 1), torch.where(open_, first_score, neg_inf), gain)
-        choice = argmax_low(gain, x.dtype)  # (B,)
-        active = step < k  # (B,)
-        hit = torch.nn.functional.one_hot(choice, M).bool() & active.view(B, 1)  # (B, M)
-        picked = picked | hit
-        if full is not None:  # the similarity matrix is already paid for: read its row
-            new = row_at(full, choice)  # (B, M)
+        choice = argmax_low(gain, tie).view(B, 1)  # (B, 1)
+        new = row_at(full, choice.view(B)) if full is not None else \
+            torch.bmm(x, row_at(x, choice.view(B)).unsqueeze(-1)).squeeze(-1).float()  # (B, M)
+        if ragged:
+            active = (step < k).view(B, 1)  # (B, 1)
+            picked.scatter_(1, choice, picked.gather(1, choice) | active)
+            new = torch.where(active, new, float("-inf"))
         else:
-            new = torch.bmm(x, row_at(x, choice).unsqueeze(-1)).squeeze(-1).float()  # (B, M)
-        max_sim = torch.where(active.view(B, 1), torch.maximum(max_sim, new), max_sim)
+            picked.scatter_(1, choice, True)
+        if step == 0 and first_score is not None:  # a fresh row's distances start at its first pick
+            max_sim = torch.where(any_sel.view(B, 1), torch.maximum(max_sim, new), new)
+            gain = torch.where(candidates & ~picked, -max_sim, neg_inf)
+            continue
+        gain = torch.minimum(gain, -new).scatter_(1, choice, float("-inf")) if not ragged else \
+            torch.minimum(gain, -new).scatter_(1, choice, torch.where(active, float("-inf"), gain.gather(1, choice)))
     return picked
 
 
@@ -409,17 +423,30 @@ GRAM_PICKS_PER_TOKEN = 1 / 16
 
 
 def similarity_rows(x: Tensor, picks: int | None = None, force: bool | None = None) -> Tensor | None:
-    """``(B, M, M)`` similarity matrix of ``x`` when re-reading ``x`` once per pick would cost
-    more, else ``None``: when ``x`` would not stay in cache (:data:`GRAM_BYTES`), or on the CPU
-    when a row takes ``picks >= M / 16`` (:data:`GRAM_PICKS_PER_TOKEN`). ``force`` overrides."""
+    """The ``(B, M, M)`` cosine similarity matrix of the rows of ``x`` (:func:`cosine_matrix`) when
+    re-reading the features once per pick would cost more, else ``None``: when ``x`` would not
+    stay in cache (:data:`GRAM_BYTES`), or on the CPU when a row takes ``picks >= M / 16``
+    (:data:`GRAM_PICKS_PER_TOKEN`). ``force`` overrides. ``x`` need not be normalised."""
     big = x.numel() * x.element_size() > GRAM_BYTES
     many = picks is not None and not x.is_cuda and picks >= GRAM_PICKS_PER_TOKEN * x.shape[1]
     if force is False or (force is None and not (big or many)):
         return None
-    return torch.bmm(x, x.transpose(1, 2))
+    return cosine_matrix(x)
 
 
-def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Tensor, k: Tensor,
+def cosine_matrix(x: Tensor) -> Tensor:
+    """``(B, M, M)`` cosine similarity of the rows of ``x`` ``(B, M, D)``, in ``x``'s dtype: one
+    product of the raw features scaled by their inverse norms, so no normalised copy of ``x`` is
+    made (fp16 is normalised first: its products of raw features could overflow). Zero rows give 0."""
+    if x.dtype == torch.float16:
+        u = unit(x)
+        return torch.bmm(u, u.transpose(1, 2))
+    inv = 1.0 / norm_f32(x).clamp_min(1e-12)  # (B, M)
+    g = torch.bmm(x, x.transpose(1, 2)).float()  # (B, M, M)
+    return (g * inv.unsqueeze(2) * inv.unsqueeze(1)).to(x.dtype)
+
+
+def greedy_dpp_map(x: Tensor | None, quality: Tensor, candidates: Tensor, selected: Tensor, k: Tensor,
                    eps: float = 1e-10, gram: Tensor | None = None) -> Tensor:
     """Greedy MAP inference for a DPP with kernel ``L_ij = q_i (u_i . u_j) q_j``, batched.
 
@@ -434,29 +461,34 @@ def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Ten
     the remaining picks go to the highest-quality candidates [ours]. Ties go to the lower index.
 
     Args:
-        x: ``(B, M, D)`` unit vectors.
+        x: ``(B, M, D)`` unit vectors; not read when ``gram`` is given (may then be ``None``).
         quality: ``(B, M)`` float ``q > 0``.
         candidates: ``(B, M)`` bool tokens that may be picked.
         selected: ``(B, M)`` bool tokens already in the set (disjoint from ``candidates``).
         k: ``(B,)`` int64 picks per row (``<=`` the row's candidate count).
-        gram: optional ``(B, M, M)`` similarity matrix ``x x^T`` (:func:`similarity_rows`): each
-            pick then reads one row of it instead of a ``(B, M, D)`` product.
+        gram: optional ``(B, M, M)`` cosine similarity matrix (:func:`similarity_rows`): each pick
+            then reads one row of it instead of a ``(B, M, D)`` product.
 
     Returns:
         ``(B, M)`` bool mask of the picked tokens.
     """
-    B, M, D = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(acc)
+    B, M = candidates.shape
+    dev = candidates.device
+    if x is None and gram is None:
+        raise ValueError("greedy_dpp_map needs the unit vectors x or their similarity matrix gram")
+    tie = (x if x is not None else gram).dtype
+    acc = torch.float64 if tie == torch.float64 else torch.float32
     G = None if gram is None else gram.to(acc)
+    xf = None if G is not None else x.to(acc)
     q = quality.to(acc)  # (B, M)
-    d2 = q * q * (xf * xf).sum(-1)  # (B, M) diag of L
+    sq = G.diagonal(dim1=1, dim2=2) if G is not None else (xf * xf).sum(-1)  # (B, M) u_i . u_i
+    d2 = q * q * sq  # (B, M) diag of L
     fixed_index, fixed_ok = compact(selected)  # (B, P)
     P = fixed_index.shape[1]
-    k = k.to(x.device)
+    k = k.to(dev)
     steps = int(k.max()) if B else 0
-    C = torch.zeros(B, P + steps, M, dtype=acc, device=x.device)  # Cholesky rows
-    picked = torch.zeros(B, M, dtype=torch.bool, device=x.device)
+    C = torch.zeros(B, P + steps, M, dtype=acc, device=dev)  # Cholesky rows
+    picked = torch.zeros(B, M, dtype=torch.bool, device=dev)
 
     def add(j: Tensor, on: Tensor, t: int) -> None:  # j (B,) token, on (B,) rows that take it
         d2j = d2.gather(1, j.view(B, 1)).squeeze(1)  # (B,)
@@ -479,7 +511,7 @@ def greedy_dpp_map(x: Tensor, quality: Tensor, candidates: Tensor, selected: Ten
         open_ = candidates & ~picked
         gain = torch.where(d2 > eps, d2, fallback)
         gain = torch.where(open_, gain, float("-inf"))
-        choice = argmax_low(gain, x.dtype)  # (B,)
+        choice = argmax_low(gain, tie)  # (B,)
         active = step < k
         picked = picked | (torch.nn.functional.one_hot(choice, M).bool() & active.view(B, 1))
         add(choice, active, P + step)
