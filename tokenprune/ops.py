@@ -490,31 +490,36 @@ def greedy_dpp_map(x: Tensor | None, quality: Tensor, candidates: Tensor, select
     C = torch.zeros(B, P + steps, M, dtype=acc, device=dev)  # Cholesky rows
     picked = torch.zeros(B, M, dtype=torch.bool, device=dev)
 
+    base = torch.arange(B, device=dev) * M  # (B,) row offsets into the flattened (B * M, ...) views
+    Gf = None if G is None else G.reshape(B * M, M)
+
     def add(j: Tensor, on: Tensor, t: int) -> None:  # j (B,) token, on (B,) rows that take it
-        d2j = d2.gather(1, j.view(B, 1)).squeeze(1)  # (B,)
-        dj = d2j.clamp_min(eps).sqrt()  # (B,)
-        sim = row_at(G, j) if G is not None else torch.bmm(xf, row_at(xf, j).unsqueeze(-1)).squeeze(-1)  # (B, M)
-        Lj = q.gather(1, j.view(B, 1)) * q * sim  # (B, M)
+        flat = base + j  # (B,)
+        d2j = d2.view(-1).index_select(0, flat)  # (B,)
+        sim = Gf.index_select(0, flat) if Gf is not None else \
+            torch.bmm(xf, xf.view(B * M, -1).index_select(0, flat).unsqueeze(-1)).squeeze(-1)  # (B, M)
+        Lj = q.view(-1).index_select(0, flat).unsqueeze(1) * q * sim  # (B, M) row j of L
         if t:
             cj = C[:, :t].gather(2, j.view(B, 1, 1).expand(B, t, 1))  # (B, t, 1) Cholesky column j
             Lj = Lj - torch.bmm(cj.transpose(1, 2), C[:, :t]).squeeze(1)  # (B, M)
-        e = Lj / dj.unsqueeze(1)
-        live = on & (d2j > eps)  # an exhausted kernel adds no information
-        C[:, t] = torch.where(live.unsqueeze(1), e, 0.0)
-        d2.sub_(torch.where(live.unsqueeze(1), e * e, 0.0))
+        live = on & (d2j > eps)  # (B,) an exhausted kernel (or a finished row) adds no information
+        e = Lj * (live.to(acc) / d2j.clamp_min(eps).sqrt()).unsqueeze(1)  # (B, M), zero where not live
+        C[:, t] = e
+        d2.addcmul_(e, e, value=-1)
 
     for t in range(P):  # condition on the already-selected tokens
         add(fixed_index[:, t], fixed_ok[:, t], t)
     qmax = q.masked_fill(~candidates, 0).amax(1, keepdim=True).clamp_min(eps)
-    fallback = -2.0 + q / qmax  # in [-2, -1]: below any real gain, ranked by quality
+    fallback = (-2.0 + q / qmax).masked_fill(~candidates, float("-inf"))  # in [-2, -1]: below any real gain
+    d2.masked_fill_(~candidates, float("-inf"))  # only candidates can win; a pick is closed the same way
     for step in range(steps):
-        open_ = candidates & ~picked
-        gain = torch.where(d2 > eps, d2, fallback)
-        gain = torch.where(open_, gain, float("-inf"))
-        choice = argmax_low(gain, tie)  # (B,)
-        active = step < k
-        picked = picked | (torch.nn.functional.one_hot(choice, M).bool() & active.view(B, 1))
-        add(choice, active, P + step)
+        gain = torch.where(d2 > eps, d2, fallback)  # (B, M)
+        choice = argmax_low(gain, tie).view(B, 1)  # (B, 1)
+        active = (step < k).view(B, 1)  # a row stays inactive once its picks are done
+        picked.scatter_(1, choice, picked.gather(1, choice) | active)
+        add(choice.view(B), active.view(B), P + step)
+        d2.scatter_(1, choice, float("-inf"))
+        fallback.scatter_(1, choice, float("-inf"))
     return picked
 
 
