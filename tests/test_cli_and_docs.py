@@ -68,6 +68,14 @@ def test_bench_stages_runs_and_reports_both_ratios(capsys, tmp_path):
     for r in methods:  # every method keeps the budget (pooling: one token per 2x2 / 3x3 cell of 8x6)
         want = {"pool-2x2": 12, "pool-3x3": 6}.get(r["method"], 8)
         assert r["kept"] == want and r["select_ms"] > 0, r
+    released = data["released"]  # each as-released preset keeps what the released rule keeps
+    assert {r["method"] for r in released} == {"visionzip", "divprune", "cdpruner", "vispruner", "dart-llm"}
+    for r in released:
+        assert r["preset_ms"] > 0 and r["released_ms"] > 0, r
+        if r["B"] == 1:  # CDPruner's released rule normalises relevance over the batch, so B = 2 may differ
+            assert r["overlap"] == 1.0, r
+        want = {"visionzip": (8, 7), "dart-llm": (12, 12)}.get(r["method"], (8, 8))  # [CLS] slot; 4 + 8 * (8 // 8)
+        assert (r["kept"], r["released_kept"]) == want, r
     assert all(r["select_vs_clasp"] == 1.0 for r in methods if r["method"] == "clasp")
 
 

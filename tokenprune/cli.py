@@ -165,6 +165,7 @@ QUICK = {"shapes": "llava-1.5-7b", "batch": [1], "budgets": [64], "repeats": 3}
 def cmd_bench_stages(args: argparse.Namespace) -> int:
     import time
 
+    from .bench import released
     from .bench import stages as bench
 
     if args.quick:
@@ -185,13 +186,14 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
     if "cuda" in devices:
         print(f"cuda: {torch.cuda.get_device_name()}", file=sys.stderr)
     say = (lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None
-    done: dict[str, list] = {"clasp": [], "methods": []}
+    done: dict[str, list] = {"clasp": [], "methods": [], "released": []}
     t0 = time.perf_counter()
 
     def keep(kind: str, rows: list) -> None:  # print and save each finished row at once
         done[kind] += rows
         for r in rows:
-            print(bench.table_line(r) if kind == "clasp" else bench.methods_line(r), flush=True)
+            print({"clasp": bench.table_line, "methods": bench.methods_line, "released": released.table_line}[kind](r),
+                  flush=True)
         if kind == "clasp" and len(done["clasp"]) == 1 and total > 1 and say:
             left = (time.perf_counter() - t0) * (total - 1)
             say(f"the first row took {time.perf_counter() - t0:.0f} s: about {left / 60:.0f} min for the other "
@@ -209,6 +211,11 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
         print("\n".join(bench.methods_head()), flush=True)
         bench.run_methods(_default_spec().parent, devices, shapes, args.batch, args.budgets[0],
                           repeats=args.repeats, dtype=dtype, progress=say, on_group=lambda g: keep("methods", g))
+        print(f"\neach preset's as-released mode beside the released rule, at {args.budgets[0]} tokens "
+              "(overlap: share of the released rule's tokens the preset keeps):")
+        print("\n".join(released.table_head()), flush=True)
+        released.run(_default_spec().parent, devices, shapes, args.batch, args.budgets[0], repeats=args.repeats,
+                     dtype=dtype, progress=say, on_group=lambda g: keep("released", g))
     if args.json:
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
@@ -499,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     bs.add_argument("--json", help="also write the rows as JSON to this file (rewritten after every row)")
     bs.add_argument("--clasp-only", action="store_true",
-                    help="skip the table of every method (VisionZip, CDPruner, ... at the first budget)")
+                    help="skip the tables of every method and of the released rules (at the first budget)")
     bs.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bs.add_argument("--quick", action="store_true",
                     help="one shape (llava-1.5-7b), batch 1, budget 64, 3 repeats: about a minute on 2 cores")

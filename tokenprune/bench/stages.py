@@ -3,7 +3,8 @@ side with two references measured in the same run:
 
 - **matmul**: the unavoidable matrix products alone (the redundancy product and the ``T``
   k-means similarity products CLASP actually ran), as bare ``torch.matmul`` calls of the same
-  shapes;
+  shapes; **bound** adds one bare multiply-add pass over each layer the fusion reads (its
+  memory traffic);
 - **naive**: the same pipeline written the obvious way: ``torch.stack`` of all ``L`` layers,
   a Python loop over the batch, and k-means with Python loops over clusters.
 
@@ -48,10 +49,16 @@ class BenchRow:
     clasp_ms: float = 0.0
     matmul_ms: float = 0.0
     naive_ms: float = 0.0
+    fusion_pass_ms: float = 0.0
 
     @property
     def vs_matmul(self) -> float:
         return self.clasp_ms / self.matmul_ms
+
+    @property
+    def vs_bound(self) -> float:
+        """CLASP over its products plus one bare pass over the fused layers (fusion's memory traffic)."""
+        return self.clasp_ms / (self.matmul_ms + self.fusion_pass_ms)
 
     @property
     def naive_speedup(self) -> float:
@@ -60,6 +67,7 @@ class BenchRow:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["vs_matmul"] = self.vs_matmul
+        d["vs_bound"] = self.vs_bound
         d["naive_speedup"] = self.naive_speedup
         return d
 
@@ -115,6 +123,19 @@ def matmul_reference(B: int, M: int, D: int, k1: int, k2: int, T: int, device: s
             torch.matmul(U, P)
         for _ in range(T):
             torch.matmul(U, C)
+
+    return run
+
+
+def fusion_pass(tokens: tp.VisualTokens, layers: list[int]):
+    """One bare multiply-add pass over each fused layer into one buffer: the memory traffic any
+    fusion of those layers costs (``out += w h_l``), without CLASP's weights bookkeeping."""
+    out = torch.zeros_like(tokens.reference)
+
+    def run():
+        out.zero_()
+        for layer in layers:
+            out.add_(tokens.layer(layer), alpha=0.5)
 
     return run
 
@@ -199,8 +220,11 @@ def run(
                     matmul_ms = _time(mm, device, repeats)
                     naive_ms = _time(lambda: naive_clasp(tokens, alpha, k1, k2, iters), device,
                                      max(1, repeats // 2))
+                    mix = spec.fusion.fuse(tokens, routing, spec.class_table).alpha  # the layers fusion read
+                    used = [c + 1 for c in (mix > 0).any(0).nonzero().flatten().tolist()] if mix is not None else [L - 1]
+                    fusion_ms = _time(fusion_pass(tokens, used), device, repeats)
                     rows.append(BenchRow(device, shape, M, B, R, k1, k2, iters, stage_ms, clasp_ms,
-                                         matmul_ms, naive_ms))
+                                         matmul_ms, naive_ms, fusion_ms))
                     if on_row:
                         on_row(rows[-1])
                 tokens = None  # free this batch's inputs before the next one
@@ -259,15 +283,15 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
 def table_head() -> list[str]:
     """The markdown header lines of :func:`format_table`."""
     head = ["device", "shape", "B", "R", "K1/K2", "T"] + [f"{s} ms" for s in STAGES[1:]] + [
-        "CLASP ms", "matmul ms", "CLASP/matmul", "naive ms", "naive/CLASP"]
+        "CLASP ms", "matmul ms", "CLASP/matmul", "fusion pass ms", "CLASP/bound", "naive ms", "naive/CLASP"]
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
 
 def table_line(r: BenchRow) -> str:
     cells = [r.device, r.shape, str(r.B), str(r.budget), f"{r.k1}/{r.k2}", str(r.iterations)]
     cells += [f"{r.stage_ms.get(s, 0):.2f}" for s in STAGES[1:]]
-    cells += [f"{r.clasp_ms:.2f}", f"{r.matmul_ms:.2f}", f"{r.vs_matmul:.2f}x", f"{r.naive_ms:.1f}",
-              f"{r.naive_speedup:.1f}x"]
+    cells += [f"{r.clasp_ms:.2f}", f"{r.matmul_ms:.2f}", f"{r.vs_matmul:.2f}x", f"{r.fusion_pass_ms:.2f}",
+              f"{r.vs_bound:.2f}x", f"{r.naive_ms:.1f}", f"{r.naive_speedup:.1f}x"]
     return "| " + " | ".join(cells) + " |"
 
 
