@@ -52,6 +52,7 @@ def make_tokens(
     recv = torch.rand(B, H, M, generator=g)
     text = torch.randn(B, D, generator=g)
     keys = torch.randn(B, M, 6, generator=g)
+    cls_token = torch.randn(B, Dv, generator=g)
     if grid is None:
         grid = (M, 1)
     positions = tp.grid_positions(*grid, batch=B) if grid[0] * grid[1] == M else None
@@ -68,6 +69,7 @@ def make_tokens(
         prompts=prompts,
         sample_keys=torch.arange(B, dtype=torch.int64).to(device) * 7919,
         attention_keys={L - 1: keys.to(device=device, dtype=dtype)},
+        cls_token={L - 1: cls_token.to(device=device, dtype=dtype)},
     )
 
 
@@ -85,6 +87,7 @@ def row(tokens: tp.VisualTokens, b: int) -> tp.VisualTokens:
         prompts=[tokens.prompts[b]],
         sample_keys=take(tokens.sample_keys),
         attention_keys={k: v[b : b + 1] for k, v in tokens.attention_keys.items()},
+        cls_token={k: v[b : b + 1] for k, v in tokens.cls_token.items()},
     )
 
 

@@ -135,8 +135,10 @@ def test_visionzip_released_refuses_pivots_and_towers_without_a_cls_token():
         tp.Pipeline(spec.replace(budget_policy={"stage": "fixed", "ratio": 0.5}))(
             tp.contract.VisualTokens(**{**_tokens().__dict__, "cls_token": {23: torch.zeros(1, 8, dtype=torch.float64)}}),
             budget=8)
+    from dataclasses import replace
+
     with pytest.raises(KeyError, match=r"\[CLS\] hidden state"):
-        tp.Pipeline(spec)(_tokens(), budget=8)
+        tp.Pipeline(spec)(replace(_tokens(), cls_token={}), budget=8)
     with pytest.raises(ValueError, match="no \\[CLS\\] token per image"):
         tp.apply(build("llava-next"), spec)
 

@@ -271,8 +271,10 @@ def spherical_kmeans(
 def _update_centres(x: Tensor, assign: Tensor, mu: Tensor) -> Tensor:
     """Eq. 40: ``mu_k = normalise(sum_{t in S_k} u_t)``; an empty cluster keeps its centre."""
     sums = _cluster_sums(x, assign, mu.shape[1])  # (B, K, D)
-    empty = norm_f32(sums) == 0  # (B, K)
-    return torch.where(empty.unsqueeze(-1), mu, unit(sums))  # (B, K, D)
+    norm = norm_f32(sums, keepdim=True)  # (B, K, 1), once for the test and the division
+    new = (sums / norm.clamp_min(1e-12).to(sums.dtype)).to(sums.dtype)  # as unit(sums)
+    empty = norm == 0
+    return torch.where(empty, mu, new) if bool(empty.any()) else new  # (B, K, D)
 
 
 def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor | None = None) -> Tensor:
