@@ -179,10 +179,14 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     _threads(args)
     shapes = args.shapes.split(",")
+    tables = ["clasp"] if args.clasp_only else [t for t in args.tables.split(",") if t]
+    unknown = sorted(set(tables) - {"clasp", "methods", "released"})
+    if unknown:
+        raise SystemExit(f"unknown table(s) {unknown} in --tables; choose from clasp, methods, released")
     total = len(devices) * len(shapes) * len(args.batch) * len(args.budgets)
     print(f"tokenprune {__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"dtype {args.dtype}, spec {spec.name}, median of {args.repeats}; {total} CLASP rows"
-          + ("" if args.clasp_only else f", then every method at {args.budgets[0]} tokens"), file=sys.stderr)
+          f"dtype {args.dtype}, spec {spec.name}, median of {args.repeats}; tables {', '.join(tables)}"
+          + (f" ({total} CLASP rows)" if "clasp" in tables else ""), file=sys.stderr)
     if "cuda" in devices:
         print(f"cuda: {torch.cuda.get_device_name()}", file=sys.stderr)
     say = (lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None
@@ -203,14 +207,16 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
 
     if args.json:
         announce_replacing(args.json)
-    print("\n".join(bench.table_head()), flush=True)
-    bench.run(spec, devices, shapes, args.batch, args.budgets, repeats=args.repeats, dtype=dtype, progress=say,
-              on_row=lambda r: keep("clasp", [r]))
-    if not args.clasp_only:
+    if "clasp" in tables:
+        print("\n".join(bench.table_head()), flush=True)
+        bench.run(spec, devices, shapes, args.batch, args.budgets, repeats=args.repeats, dtype=dtype, progress=say,
+                  on_row=lambda r: keep("clasp", [r]))
+    if "methods" in tables:
         print(f"\nevery method at {args.budgets[0]} tokens (pooling keeps its own count):")
         print("\n".join(bench.methods_head()), flush=True)
         bench.run_methods(_default_spec().parent, devices, shapes, args.batch, args.budgets[0],
                           repeats=args.repeats, dtype=dtype, progress=say, on_group=lambda g: keep("methods", g))
+    if "released" in tables:
         print(f"\neach preset's as-released mode beside the released rule, at {args.budgets[0]} tokens "
               "(overlap: share of the released rule's tokens the preset keeps):")
         print("\n".join(released.table_head()), flush=True)
@@ -505,8 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="feature dtype (default fp32)")
     bs.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     bs.add_argument("--json", help="also write the rows as JSON to this file (rewritten after every row)")
-    bs.add_argument("--clasp-only", action="store_true",
-                    help="skip the tables of every method and of the released rules (at the first budget)")
+    bs.add_argument("--tables", default="clasp,methods,released",
+                    help="comma list of the tables to run: clasp (CLASP's stages at every budget), methods (every "
+                         "method at the first budget), released (each as-released preset beside the released rule)")
+    bs.add_argument("--clasp-only", action="store_true", help="the same as --tables clasp")
     bs.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bs.add_argument("--quick", action="store_true",
                     help="one shape (llava-1.5-7b), batch 1, budget 64, 3 repeats: about a minute on 2 cores")

@@ -98,29 +98,30 @@ def cdpruner(x: Tensor, relevance: Tensor, R: int) -> Tensor:
 
 
 def vispruner(cls_attention: Tensor, h: Tensor, R: int, important_ratio: float = 0.5, per_round: int = 8) -> Tensor:
-    """VisPruner as released, one image at a time: the top ``important_ratio R`` by [CLS]
-    attention, then rounds of duplicate removal over the rest in attention order: alternate halves,
-    the ``per_round`` tokens of the first half most similar to the second dropped, similarity
-    recomputed each round."""
+    """VisPruner as released, batched (ties to the lower index, which the released argsort
+    leaves unspecified): the top ``important_ratio R`` by [CLS] attention (mean over heads), then
+    rounds over the rest in attention order: the even and odd ordinals form two halves, the
+    ``per_round`` tokens of the first half most similar to the second are dropped, the first
+    half's survivors (by descending similarity) are followed by the second half; each round
+    gathers its tokens from the normalised features and recomputes the half-by-half product."""
     B, M, _ = h.shape
     important = int(R * important_ratio)
+    target = R - important
+    order = cls_attention.float().mean(1).argsort(dim=-1, descending=True, stable=True)  # (B, M)
+    keep, rest = order[:, :important], order[:, important:]
+    u = h / h.norm(dim=-1, keepdim=True)  # (B, M, C)
+    rows = torch.arange(B, device=h.device).unsqueeze(-1)
+    while True:
+        n = rest.shape[1]
+        r = min(per_round, n - target)
+        if r <= 0:
+            break
+        tokens = u[rows.expand(-1, n), rest]  # (B, n, C)
+        scores = (tokens[:, ::2] @ tokens[:, 1::2].transpose(-1, -2)).max(dim=-1).values  # (B, n/2)
+        distinct = scores.argsort(dim=-1, descending=True, stable=True)[:, r:]
+        rest = torch.cat([rest[:, ::2][rows.expand(-1, distinct.shape[1]), distinct], rest[:, 1::2]], dim=-1)
     out = torch.zeros(B, M, dtype=torch.bool, device=h.device)
-    for b in range(B):
-        attn = cls_attention[b].float().mean(0)  # (M,)
-        order = attn.argsort(descending=True)
-        keep, rest = order[:important], order[important:]
-        target = R - important
-        while rest.numel() > target:
-            a, c = rest[::2], rest[1::2]
-            ua = h[b, a] / h[b, a].norm(dim=-1, keepdim=True)
-            uc = h[b, c] / h[b, c].norm(dim=-1, keepdim=True)
-            best = (ua @ uc.T).max(-1).values  # (|a|,)
-            drop = min(per_round, rest.numel() - target)
-            survivors = a[best.argsort(descending=True)[drop:]]
-            rest = torch.cat([survivors, c])
-        out[b, keep] = True
-        out[b, rest] = True
-    return out
+    return out.scatter_(1, torch.cat([keep, rest], dim=-1), True)
 
 
 def dart_llm(hidden: Tensor, key_l1: Tensor, index: Tensor, text_hidden: Tensor, text_key_l1: Tensor,
@@ -225,23 +226,10 @@ def _relevance(x: Tensor, text: Tensor) -> Tensor:
 
 
 def _dart(spec: tp.PipelineSpec, M: int, D: int, B: int, R: int, device: str, dtype: torch.dtype):
-    g = torch.Generator(device=device).manual_seed(5)
-    T = 16
+    from .stages import llm_request
+
+    req = llm_request(spec, M, D, B, R, device, dtype)
     pruner = spec.llm
-    total = torch.full((B,), M, device=device)
-    keep = pruner.keep_counts(total, torch.full((B,), R, device=device), 1)[-1]
-    norm = torch.nn.RMSNorm(D, device=device, dtype=dtype)
-    start = 35  # LLaVA-1.5's system prompt before the image
-    req = tp.stages.LlmRequest(
-        layer=2, step=0, hidden=torch.randn(B, M, D, generator=g, device=device, dtype=dtype),
-        valid=torch.ones(B, M, dtype=torch.bool, device=device), keep=keep, attention=None,
-        key_norms=torch.rand(B, M, generator=g, device=device),
-        text_hidden=torch.randn(B, T, D, generator=g, device=device, dtype=dtype),
-        text_valid=torch.ones(B, T, dtype=torch.bool, device=device),
-        text_key_norms=torch.rand(B, T, generator=g, device=device), norm=norm,
-        index=(start + torch.arange(M, device=device)).expand(B, M),
-        text_index=(start + M + torch.arange(T, device=device)).expand(B, T),
-    )
 
     def preset() -> Tensor:
         with torch.no_grad():
@@ -249,8 +237,8 @@ def _dart(spec: tp.PipelineSpec, M: int, D: int, B: int, R: int, device: str, dt
 
     def released() -> Tensor:
         with torch.no_grad():
-            return dart_llm(norm(req.hidden), req.key_norms, req.index, norm(req.text_hidden), req.text_key_norms,
-                            req.text_index, R, pruner.image_pivots, pruner.text_pivots)
+            return dart_llm(req.norm(req.hidden), req.key_norms, req.index, req.norm(req.text_hidden),
+                            req.text_key_norms, req.text_index, R, pruner.image_pivots, pruner.text_pivots)
 
     return preset, released
 
@@ -261,35 +249,32 @@ def run(specs_dir: Path, devices: list[str], shapes: list[str], batches: list[in
         on_group: Callable[[list[ReleasedRow]], None] | None = None) -> list[ReleasedRow]:
     """Each preset's "as released" mode beside the released rule, timed in the same loop on the
     same inputs, with CLASP's pipeline time in every row for the ratios."""
-    from .stages import SHAPES, _parse_shape, _time
+    from .stages import _time, grid
 
     specs = {name: tp.load_spec(Path(specs_dir) / path) for name, path in PRESETS.items()}
     clasp = tp.Pipeline(tp.load_spec(Path(specs_dir) / "clasp.toml"))
     rows: list[ReleasedRow] = []
-    for device in devices:
-        for shape in shapes:
-            M, L, Dv, D = SHAPES[shape] if shape in SHAPES else _parse_shape(shape)
-            for B in batches:
-                tokens = _inputs(M, L, Dv, D, B, device, dtype)
-                routing = clasp.route(tokens.prompts)
-                clasp_ms = _time(lambda: clasp(tokens, budget=budget, routing=routing), device, repeats)
-                group = []
-                for name, spec in specs.items():
-                    if progress:
-                        progress(f"{device} {shape} B={B} {name} (preset and released rule)")
-                    if name == "dart-llm":
-                        preset, released = _dart(spec, M, D, B, budget, device, dtype)
-                    else:
-                        preset, released = _pre_llm(name, spec, tokens, budget)
-                    ours, ref = preset(), released()
-                    p_ms = _time(preset, device, repeats)
-                    r_ms = _time(released, device, max(1, repeats // 2) if B > 1 else repeats)
-                    group.append(ReleasedRow(device, shape, M, B, name, budget, int(ours.sum(1).max()),
-                                             int(ref.sum(1).max()), p_ms, r_ms, _overlap(ours, ref), clasp_ms))
-                rows += group
-                if on_group:
-                    on_group(group)
-                tokens = None
+    for device, shape, (M, L, Dv, D), B in grid(devices, shapes, batches):
+        tokens = _inputs(M, L, Dv, D, B, device, dtype)
+        routing = clasp.route(tokens.prompts)
+        clasp_ms = _time(lambda: clasp(tokens, budget=budget, routing=routing), device, repeats)
+        group = []
+        for name, spec in specs.items():
+            if progress:
+                progress(f"{device} {shape} B={B} {name} (preset and released rule)")
+            if name == "dart-llm":
+                preset, released = _dart(spec, M, D, B, budget, device, dtype)
+            else:
+                preset, released = _pre_llm(name, spec, tokens, budget)
+            ours, ref = preset(), released()
+            p_ms = _time(preset, device, repeats)
+            r_ms = _time(released, device, max(1, repeats // 2) if B > 1 else repeats)
+            group.append(ReleasedRow(device, shape, M, B, name, budget, int(ours.sum(1).max()),
+                                     int(ref.sum(1).max()), p_ms, r_ms, _overlap(ours, ref), clasp_ms))
+        rows += group
+        if on_group:
+            on_group(group)
+        tokens = None
     return rows
 
 

@@ -184,6 +184,18 @@ def naive_clasp(tokens: tp.VisualTokens, alpha: Tensor, k1: int, k2: int, T: int
 
 
 # -- the run ------------------------------------------------------------------------------------
+def grid(devices: list[str], shapes: list[str], batches: list[int]):
+    """Every ``(device, shape, (M, L, Dv, D), B)`` a benchmark visits, in order; frees the CUDA
+    cache after each batch size so one row's inputs do not crowd the next."""
+    for device in devices:
+        for shape in shapes:
+            dims = SHAPES[shape] if shape in SHAPES else _parse_shape(shape)
+            for B in batches:
+                yield device, shape, dims, B
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+
+
 def run(
     spec: PipelineSpec,
     devices: list[str],
@@ -199,37 +211,32 @@ def run(
     as it is measured (so an interrupted run keeps what it finished)."""
     pipe = tp.Pipeline(spec)
     rows = []
-    for device in devices:
-        for shape in shapes:
-            M, L, Dv, D = SHAPES[shape] if shape in SHAPES else _parse_shape(shape)
-            for B in batches:
-                tokens = make_inputs(M, L, Dv, D, B, device, dtype)
-                routing = pipe.route(tokens.prompts)
-                alpha = spec.class_table.alpha(routing.classes, L)
-                a = float(spec.budget_policy.pivot_ratio(routing, spec.class_table)[0])
-                for R in budgets:
-                    k1 = int(a * R + 1e-6)
-                    k2 = R - k1
-                    if progress:
-                        progress(f"{device} {shape} B={B} R={R}")
-                    # iterations CLASP actually runs on this input
-                    iters = _iterations(pipe, tokens, R, routing)
-                    stage_ms, _ = _stage_times(pipe, tokens, R, routing, device, repeats)
-                    clasp_ms = _time(lambda: pipe(tokens, budget=R, routing=routing), device, repeats)
-                    mm = matmul_reference(B, M, D, k1, k2, iters, device, dtype)
-                    matmul_ms = _time(mm, device, repeats)
-                    naive_ms = _time(lambda: naive_clasp(tokens, alpha, k1, k2, iters), device,
-                                     max(1, repeats // 2))
-                    mix = spec.fusion.fuse(tokens, routing, spec.class_table).alpha  # the layers fusion read
-                    used = [c + 1 for c in (mix > 0).any(0).nonzero().flatten().tolist()] if mix is not None else [L - 1]
-                    fusion_ms = _time(fusion_pass(tokens, used), device, repeats)
-                    rows.append(BenchRow(device, shape, M, B, R, k1, k2, iters, stage_ms, clasp_ms,
-                                         matmul_ms, naive_ms, fusion_ms))
-                    if on_row:
-                        on_row(rows[-1])
-                tokens = None  # free this batch's inputs before the next one
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+    for device, shape, (M, L, Dv, D), B in grid(devices, shapes, batches):
+        tokens = make_inputs(M, L, Dv, D, B, device, dtype)
+        routing = pipe.route(tokens.prompts)
+        alpha = spec.class_table.alpha(routing.classes, L)
+        a = float(spec.budget_policy.pivot_ratio(routing, spec.class_table)[0])
+        for R in budgets:
+            k1 = int(a * R + 1e-6)
+            k2 = R - k1
+            if progress:
+                progress(f"{device} {shape} B={B} R={R}")
+            # iterations CLASP actually runs on this input
+            iters = _iterations(pipe, tokens, R, routing)
+            stage_ms, _ = _stage_times(pipe, tokens, R, routing, device, repeats)
+            clasp_ms = _time(lambda: pipe(tokens, budget=R, routing=routing), device, repeats)
+            mm = matmul_reference(B, M, D, k1, k2, iters, device, dtype)
+            matmul_ms = _time(mm, device, repeats)
+            naive_ms = _time(lambda: naive_clasp(tokens, alpha, k1, k2, iters), device,
+                             max(1, repeats // 2))
+            mix = spec.fusion.fuse(tokens, routing, spec.class_table).alpha  # the layers fusion read
+            used = [c + 1 for c in (mix > 0).any(0).nonzero().flatten().tolist()] if mix is not None else [L - 1]
+            fusion_ms = _time(fusion_pass(tokens, used), device, repeats)
+            rows.append(BenchRow(device, shape, M, B, R, k1, k2, iters, stage_ms, clasp_ms,
+                                 matmul_ms, naive_ms, fusion_ms))
+            if on_row:
+                on_row(rows[-1])
+        tokens = None  # free this batch's inputs before the next one
     return rows
 
 
@@ -368,63 +375,66 @@ def run_methods(
     pre = [(p, tp.load_spec(specs_dir / p)) for p in METHOD_SPECS]
     llm = [(p, tp.load_spec(specs_dir / p)) for p in LLM_SPECS]
     rows: list[MethodRow] = []
-    for device in devices:
-        for shape in shapes:
-            M, L, Dv, D = SHAPES[shape] if shape in SHAPES else _parse_shape(shape)
-            for B in batches:
-                tokens = _method_inputs(M, L, Dv, D, B, device, dtype)
-                clasp_select = None
-                group: list[MethodRow] = []
-                for path, spec in pre:
-                    if progress:
-                        progress(f"{device} {shape} B={B} {spec.name}")
-                    pipe = tp.Pipeline(spec)
-                    routing = pipe.route(tokens.prompts)
-                    R = None if pipe.fixed_budget(tokens) is not None else budget
-                    stage_ms, sel = _stage_times(pipe, tokens, R, routing, device, repeats)
-                    select_ms = sum(stage_ms[s] for s in SELECT_STAGES if s in stage_ms)
-                    total_ms = _time(lambda: pipe(tokens, budget=R, routing=routing), device, repeats)
-                    row = MethodRow(device, shape, M, B, spec.name, int(sel.counts[0]), select_ms, total_ms)
-                    if spec.name == "clasp":
-                        clasp_select = select_ms
-                    group.append(row)
-                for path, spec in llm:
-                    if progress:
-                        progress(f"{device} {shape} B={B} {spec.name} (in-LLM select)")
-                    ms = _time(_llm_select(spec, M, D, B, budget, device, dtype), device, repeats)
-                    group.append(MethodRow(device, shape, M, B, spec.name, budget, ms, ms))
-                for row in group:
-                    row.select_vs_clasp = row.select_ms / clasp_select if clasp_select else float("nan")
-                rows += group
-                if on_group:  # the ratios need CLASP's time, so a (device, shape, batch) group at a time
-                    on_group(group)
-                tokens = None  # free this batch's inputs before the next one
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+    for device, shape, (M, L, Dv, D), B in grid(devices, shapes, batches):
+        tokens = _method_inputs(M, L, Dv, D, B, device, dtype)
+        clasp_select = None
+        group: list[MethodRow] = []
+        for path, spec in pre:
+            if progress:
+                progress(f"{device} {shape} B={B} {spec.name}")
+            pipe = tp.Pipeline(spec)
+            routing = pipe.route(tokens.prompts)
+            R = None if pipe.fixed_budget(tokens) is not None else budget
+            stage_ms, sel = _stage_times(pipe, tokens, R, routing, device, repeats)
+            select_ms = sum(stage_ms[s] for s in SELECT_STAGES if s in stage_ms)
+            total_ms = _time(lambda: pipe(tokens, budget=R, routing=routing), device, repeats)
+            row = MethodRow(device, shape, M, B, spec.name, int(sel.counts[0]), select_ms, total_ms)
+            if spec.name == "clasp":
+                clasp_select = select_ms
+            group.append(row)
+        for path, spec in llm:
+            if progress:
+                progress(f"{device} {shape} B={B} {spec.name} (in-LLM select)")
+            ms = _time(_llm_select(spec, M, D, B, budget, device, dtype), device, repeats)
+            group.append(MethodRow(device, shape, M, B, spec.name, budget, ms, ms))
+        for row in group:
+            row.select_vs_clasp = row.select_ms / clasp_select if clasp_select else float("nan")
+        rows += group
+        if on_group:  # the ratios need CLASP's time, so a (device, shape, batch) group at a time
+            on_group(group)
+        tokens = None  # free this batch's inputs before the next one
     return rows
 
 
-def _llm_select(spec: PipelineSpec, M: int, D: int, B: int, budget: int, device: str, dtype: torch.dtype):
-    """One in-LLM step's selection on random hidden states, attention and key norms."""
+def llm_request(spec: PipelineSpec, M: int, D: int, B: int, budget: int, device: str, dtype: torch.dtype,
+                T: int = 16, start: int = 35) -> tp.stages.LlmRequest:
+    """One in-LLM step's request on random hidden states, attention and key norms: ``B`` prompts of
+    ``start`` tokens (LLaVA-1.5's system prompt), ``M`` visual tokens, then ``T`` question tokens."""
     g = torch.Generator(device=device).manual_seed(3)
-    T = 16
     pruner = spec.llm
     total = torch.full((B,), M, device=device)
     keep = pruner.keep_counts(total, torch.full((B,), budget, device=device), len(pruner.schedule(10**6)))
-    norm = torch.nn.RMSNorm(D, device=device, dtype=dtype)
-    req = tp.stages.LlmRequest(
+    return tp.stages.LlmRequest(
         layer=2, step=0, hidden=torch.randn(B, M, D, generator=g, device=device, dtype=dtype),
         valid=torch.ones(B, M, dtype=torch.bool, device=device), keep=keep[-1],
         attention=torch.rand(B, M, generator=g, device=device),
         key_norms=torch.rand(B, M, generator=g, device=device),
         text_hidden=torch.randn(B, T, D, generator=g, device=device, dtype=dtype),
         text_valid=torch.ones(B, T, dtype=torch.bool, device=device),
-        text_key_norms=torch.rand(B, T, generator=g, device=device), norm=norm,
+        text_key_norms=torch.rand(B, T, generator=g, device=device),
+        norm=torch.nn.RMSNorm(D, device=device, dtype=dtype),
+        index=(start + torch.arange(M, device=device)).expand(B, M),
+        text_index=(start + M + torch.arange(T, device=device)).expand(B, T),
     )
+
+
+def _llm_select(spec: PipelineSpec, M: int, D: int, B: int, budget: int, device: str, dtype: torch.dtype):
+    """One in-LLM step's selection (:func:`llm_request`)."""
+    req = llm_request(spec, M, D, B, budget, device, dtype)
 
     def run():
         with torch.no_grad():
-            pruner.select(req)
+            spec.llm.select(req)
 
     return run
 
