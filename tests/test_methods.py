@@ -249,6 +249,25 @@ def test_dpp_relevance_trade_off():
 
 
 # -- VisPruner --------------------------------------------------------------------------------------
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 3), M=st.integers(12, 60))
+def test_vispruner_rounds_pick_the_same_from_the_matrix_or_per_round_products(seed, B, M):
+    """A similarity matrix too big for memory makes each round multiply its own block: the same
+    tokens either way (float64, distinct features)."""
+    g = torch.Generator().manual_seed(seed)
+    x = _unit(torch.randn(B, M, 8, generator=g, dtype=torch.float64))
+    keep = torch.rand(B, M, generator=g) < 0.8
+    target = (keep.sum(1) // 3).clamp_min(1)
+    order = torch.rand(B, M, generator=g)
+    cached = ops.bipartite_dedup(x, keep, target, 4, order_by=order)
+    saved = ops.DEDUP_GRAM_BYTES
+    try:
+        ops.DEDUP_GRAM_BYTES = 0
+        per_round = ops.bipartite_dedup(x, keep, target, 4, order_by=order)
+    finally:
+        ops.DEDUP_GRAM_BYTES = saved
+    assert torch.equal(cached, per_round)
+
+
 def test_vispruner_removes_exact_duplicates_before_distinct_tokens():
     """Four distinct directions, each present twice (neighbours, so the copies fall in opposite
     halves): one round of four removals leaves one of each."""
