@@ -126,7 +126,7 @@ def _set_insert(table: Tensor, mask: Tensor, key: Tensor, value: Tensor, on: Ten
     return table
 
 
-def _set_rehash(table: Tensor, mask: Tensor, keys: Tensor, grow: Tensor, new_mask: Tensor) -> Tensor:
+def _set_rehash(table: Tensor, mask: Tensor, keys: Tensor, grow: Tensor, new_mask: Tensor) -> tuple[Tensor, Tensor]:
     """CPython's resize for rows ``grow``: re-insert the held keys, in slot order, into an empty
     table of ``new_mask + 1`` slots."""
     fresh = torch.where(grow.unsqueeze(1), -1, table)
@@ -134,7 +134,8 @@ def _set_rehash(table: Tensor, mask: Tensor, keys: Tensor, grow: Tensor, new_mas
         col = table[:, j]
         on = grow & (col >= 0) & (j <= mask)
         if bool(on.any()):
-            fresh = _set_insert(fresh, torch.where(grow, new_mask, mask), keys.gather(1, col.clamp_min(0).unsqueeze(1)).squeeze(1), col, on)
+            key = keys.gather(1, col.clamp_min(0).unsqueeze(1)).squeeze(1)  # (N,) the key held there
+            fresh = _set_insert(fresh, torch.where(grow, new_mask, mask), key, col, on)
     return fresh, torch.where(grow, new_mask, mask)
 
 

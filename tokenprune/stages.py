@@ -185,6 +185,7 @@ class CompletionResult:
         mask: ``(B, M)`` bool with exactly ``k2[b]`` true entries per row, within the pool.
         features: optional ``(B, M, D)`` replacement decoder-space features for kept tokens
             (merge-based methods write merged features at the kept positions), else ``None``.
+            Only the rows of the tokens in ``mask`` are read.
     """
 
     mask: Tensor

@@ -184,7 +184,7 @@ class ReleasedRow:
         return asdict(self) | {"speedup": self.speedup}
 
 
-def _inputs(M: int, L: int, Dv: int, D: int, B: int, device: str, dtype: torch.dtype) -> tp.VisualTokens:
+def bench_inputs(M: int, L: int, Dv: int, D: int, B: int, device: str, dtype: torch.dtype) -> tp.VisualTokens:
     from .stages import _method_inputs
 
     base = _method_inputs(M, L, Dv, D, B, device, dtype)
@@ -192,12 +192,12 @@ def _inputs(M: int, L: int, Dv: int, D: int, B: int, device: str, dtype: torch.d
     return dataclasses.replace(base, cls_token={L - 1: torch.randn(B, Dv, generator=g, device=device, dtype=dtype)})
 
 
-def _overlap(ours: Tensor, ref: Tensor) -> float:
+def overlap(ours: Tensor, ref: Tensor) -> float:
     both = (ours & ref).sum(1).double() / ref.sum(1).clamp_min(1).double()  # (B,)
     return float(both.mean())
 
 
-def _pre_llm(name: str, spec: tp.PipelineSpec, tokens: tp.VisualTokens, R: int) -> tuple[Callable, Callable]:
+def pre_llm_pair(name: str, spec: tp.PipelineSpec, tokens: tp.VisualTokens, R: int) -> tuple[Callable, Callable]:
     """The preset's call and the released rule's call on the same inputs; each returns ``(B, M)`` kept."""
     pipe = tp.Pipeline(spec)
     routing = pipe.route(tokens.prompts)
@@ -255,7 +255,7 @@ def run(specs_dir: Path, devices: list[str], shapes: list[str], batches: list[in
     clasp = tp.Pipeline(tp.load_spec(Path(specs_dir) / "clasp.toml"))
     rows: list[ReleasedRow] = []
     for device, shape, (M, L, Dv, D), B in grid(devices, shapes, batches):
-        tokens = _inputs(M, L, Dv, D, B, device, dtype)
+        tokens = bench_inputs(M, L, Dv, D, B, device, dtype)
         routing = clasp.route(tokens.prompts)
         clasp_ms = _time(lambda: clasp(tokens, budget=budget, routing=routing), device, repeats)
         group = []
@@ -265,12 +265,12 @@ def run(specs_dir: Path, devices: list[str], shapes: list[str], batches: list[in
             if name == "dart-llm":
                 preset, released = _dart(spec, M, D, B, budget, device, dtype)
             else:
-                preset, released = _pre_llm(name, spec, tokens, budget)
+                preset, released = pre_llm_pair(name, spec, tokens, budget)
             ours, ref = preset(), released()
             p_ms = _time(preset, device, repeats)
             r_ms = _time(released, device, max(1, repeats // 2) if B > 1 else repeats)
             group.append(ReleasedRow(device, shape, M, B, name, budget, int(ours.sum(1).max()),
-                                     int(ref.sum(1).max()), p_ms, r_ms, _overlap(ours, ref), clasp_ms))
+                                     int(ref.sum(1).max()), p_ms, r_ms, overlap(ours, ref), clasp_ms))
         rows += group
         if on_group:
             on_group(group)
