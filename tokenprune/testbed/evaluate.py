@@ -80,7 +80,13 @@ class Dist:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            import atexit
+
             dist.init_process_group("gloo")
+            # tear the group down before the interpreter does: left to process exit, gloo's threads
+            # are destroyed while joinable and a rank aborts ("terminate called without an active
+            # exception"), seen once in a fresh-clone run of the data-parallel test
+            atexit.register(dist.destroy_process_group)
         return cls(dist.get_rank(), dist.get_world_size())
 
     def gather(self, obj: Any) -> list[Any]:
