@@ -49,8 +49,7 @@ class ConditionalDPP(Completion):
             r = ((phi - lo) / (hi - lo).clamp_min(1e-6)).masked_fill(~valid, 0)  # (B, M) in [0, 1]
             q = torch.exp(self.theta / (2 * (1 - self.theta)) * r)  # (B, M)
         picks = int(req.k2.max()) + int(req.pivots.sum(1).max())  # Cholesky rows per image
-        gram = ops.similarity_rows(req.fused.decoder, picks)  # once, when re-reading the features would cost more
-        x = req.unit if gram is None else None  # with the matrix, no normalised copy is made
+        gram, x = req.similarity_or_unit(picks)
         return CompletionResult(ops.greedy_dpp_map(x, q, req.pool, req.pivots, req.k2, gram=gram))
 
 

@@ -76,7 +76,7 @@ class ClaspCompletion(Completion):
         x = req.unit  # (B, M, D)
         B, M, D = x.shape
         pool = req.pool  # (B, M)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = ops.accumulation_dtype(x.dtype)
         # 1. redundancy against the pivots (eq. 36)
         p_index, p_ok = ops.compact(req.pivots)  # (B, P)
         has_pivots = p_ok.any(1)  # (B,)
@@ -163,8 +163,7 @@ class DivPruneCompletion(Completion):
 
     def complete(self, req: CompletionRequest) -> CompletionResult:
         isolated = self.init_isolated and not bool(req.pivots.any(1).all())  # the first pick reads all of it
-        gram = ops.similarity_rows(req.fused.decoder, int(req.k2.max()), force=True if isolated else None)
-        x = req.unit if gram is None else None  # with the matrix, no normalised copy is made
+        gram, x = req.similarity_or_unit(int(req.k2.max()), force=True if isolated else None)
         return CompletionResult(ops.greedy_max_min(x, req.pool, req.pivots, req.k2, self.init_isolated, gram))
 
 

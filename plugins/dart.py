@@ -206,11 +206,12 @@ class DartLlm(LlmPruner):
         k = req.keep.to(req.hidden.device)
         n_img = torch.minimum(torch.full_like(k, self.image_pivots), k)
         n_txt = torch.minimum(torch.full_like(k, self.text_pivots), req.text_valid.sum(1))
-        i_idx, i_ok = _top_columns(req.key_norms, n_img, req.valid, self.image_pivots)  # (N, Pi) by norm
-        t_idx, t_ok = _top_columns(req.text_key_norms, n_txt, req.text_valid, self.text_pivots)  # (N, Pt)
-        if not self.released:  # visit each kind's pivots in token order
-            i_idx, i_ok = _in_token_order(i_idx, i_ok)
-            t_idx, t_ok = _in_token_order(t_idx, t_ok)
+        if self.released:  # by descending norm: the released list is image_indices + query_indices
+            i_idx, i_ok = _top_columns(req.key_norms, n_img, req.valid, self.image_pivots)  # (N, Pi)
+            t_idx, t_ok = _top_columns(req.text_key_norms, n_txt, req.text_valid, self.text_pivots)  # (N, Pt)
+        else:  # each kind's pivots in token order
+            i_idx, i_ok = ops.compact(ops.topk_mask(req.key_norms, n_img, req.valid))
+            t_idx, t_ok = ops.compact(ops.topk_mask(req.text_key_norms, n_txt, req.text_valid))
         img_piv = torch.zeros(N, M + 1, dtype=torch.bool, device=k.device)
         img_piv = img_piv.scatter_(1, torch.where(i_ok, i_idx, M), True)[:, :M]  # (N, M)
         x = ops.unit(req.norm(req.hidden))  # (N, M, D)
@@ -242,13 +243,6 @@ def _top_columns(score: Tensor, n: Tensor, valid: Tensor, most: int) -> tuple[Te
     order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :most]  # (B, most)
     ok = torch.arange(most, device=score.device).expand(B, most) < n.view(B, 1)
     return order, ok
-
-
-def _in_token_order(idx: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
-    """The valid columns ``idx[ok]`` of each row sorted ascending, left-aligned."""
-    M = int(idx.max()) + 1 if idx.numel() else 0
-    s = torch.where(ok, idx, M).sort(1).values
-    return s.clamp_max(max(M - 1, 0)), s < M
 
 
 @hookimpl

@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tokenprune import hookimpl
+from tokenprune import hookimpl, ops
 from tokenprune.contract import VisualTokens
 from tokenprune.merging import Space, merged_features, source
 from tokenprune.stages import Completion, CompletionRequest, CompletionResult
@@ -72,7 +72,7 @@ class Pool(Completion):
         rep = rep[:, :M] & valid  # (B, M) one per non-empty cell
         h = source(req, self.space)  # (B, M, F)
         F = h.shape[-1]
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        acc = ops.accumulation_dtype(h.dtype)
         g = torch.where(valid, wid, W)  # (B, M)
         sums = torch.zeros(B, W + 1, F, dtype=acc, device=h.device).scatter_add_(1, g.unsqueeze(-1).expand(-1, -1, F), h.to(acc))
         cnt = torch.zeros(B, W + 1, dtype=acc, device=h.device).scatter_add_(1, g, valid.to(acc))

@@ -67,7 +67,7 @@ class PruMergePlus(Completion):
         pruned = req.valid & ~kept
         kk = min(self.neighbours, M)
         h = source(req, self.space)  # (B, M, F)
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        acc = ops.accumulation_dtype(h.dtype)
         w = req.scores.to(acc).clamp_min(0)  # (B, M) attention weights
         num = h.to(acc) * w.unsqueeze(-1)  # (B, M, F)
         den = w.clone()  # (B, M)

@@ -60,7 +60,7 @@ class TextSimilarity(Scorer):
             )
         if x.dtype == torch.float16:  # raw fp16 products could overflow
             x = ops.unit(x)
-        dots = torch.bmm(x, t.unsqueeze(-1)).squeeze(-1).float()  # (B, M, D) @ (B, D, 1) -> (B, M)
+        dots = torch.bmm(x, t.unsqueeze(-1)).squeeze(-1)  # (B, M, D) @ (B, D, 1) -> (B, M)
         return (dots / ops.norm_f32(x).clamp_min(1e-12)).float()
 
 

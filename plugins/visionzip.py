@@ -116,7 +116,7 @@ class VisionZipContextual(Completion):
         group = torch.where(member, group, K)  # non-members -> spare group
         # 3. h_target + mean(h_members), at the targets
         F = h.shape[-1]
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        acc = ops.accumulation_dtype(h.dtype)
         sums = torch.zeros(B, K + 1, F, dtype=acc, device=dev)
         sums.scatter_add_(1, group.unsqueeze(-1).expand(-1, -1, F), h.to(acc))
         counts = torch.zeros(B, K + 1, dtype=acc, device=dev).scatter_add_(1, group, member.to(acc))

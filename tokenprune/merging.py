@@ -61,13 +61,8 @@ def merged_features(req: CompletionRequest, merged: Tensor, at: Tensor, space: S
     out = rows if project is None else project(rows)  # (B, K, D)
     B, M, D = dec.shape
     full = dec.new_empty(B * M, D)  # only kept rows are ever read
-    full.index_copy_(0, _flat(index, M)[ok], out[ok].to(dec.dtype))
+    full.index_copy_(0, ops.flat_rows(index, M)[ok], out[ok].to(dec.dtype))
     if also is not None and bool(also.any()):
         own, own_ok = ops.compact(also & ~at)  # (B, A)
-        full.index_copy_(0, _flat(own, M)[own_ok], ops.gather_rows(dec, own)[own_ok])
+        full.index_copy_(0, ops.flat_rows(own, M)[own_ok], ops.gather_rows(dec, own)[own_ok])
     return full.view(B, M, D)
-
-
-def _flat(index: Tensor, M: int) -> Tensor:
-    """``(B, K)`` token indices -> rows of the ``(B * M, ...)`` view."""
-    return index + torch.arange(index.shape[0], device=index.device).view(-1, 1) * M

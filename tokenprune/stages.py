@@ -171,6 +171,13 @@ class CompletionRequest:
         use: a stage that never reads them (merges, pooling, random) does not pay the pass."""
         return self.given_unit if self.given_unit is not None else ops.unit(self.fused.decoder)
 
+    def similarity_or_unit(self, picks: int, force: bool | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """What the greedy solvers read: ``(gram, None)`` with the ``(B, M, M)`` cosine matrix of the
+        decoder features when computing it once costs less than a product per pick
+        (:func:`tokenprune.ops.similarity_rows`; ``force`` overrides), else ``(None, unit)``."""
+        gram = ops.similarity_rows(self.fused.decoder, picks, force)
+        return gram, (self.unit if gram is None else None)
+
     @property
     def pool(self) -> Tensor:
         """``(B, M)`` bool candidates: valid non-pivot tokens ``U = V \\ P``."""

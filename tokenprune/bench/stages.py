@@ -216,6 +216,7 @@ def run(
         routing = pipe.route(tokens.prompts)
         alpha = spec.class_table.alpha(routing.classes, L)
         a = float(spec.budget_policy.pivot_ratio(routing, spec.class_table)[0])
+        fused_layers = sorted(spec.fusion.requirements(routing, spec.class_table, L).layers)  # what fusion reads
         for R in budgets:
             k1 = int(a * R + 1e-6)
             k2 = R - k1
@@ -229,9 +230,7 @@ def run(
             matmul_ms = _time(mm, device, repeats)
             naive_ms = _time(lambda: naive_clasp(tokens, alpha, k1, k2, iters), device,
                              max(1, repeats // 2))
-            mix = spec.fusion.fuse(tokens, routing, spec.class_table).alpha  # the layers fusion read
-            used = [c + 1 for c in (mix > 0).any(0).nonzero().flatten().tolist()] if mix is not None else [L - 1]
-            fusion_ms = _time(fusion_pass(tokens, used), device, repeats)
+            fusion_ms = _time(fusion_pass(tokens, fused_layers), device, repeats)
             rows.append(BenchRow(device, shape, M, B, R, k1, k2, iters, stage_ms, clasp_ms,
                                  matmul_ms, naive_ms, fusion_ms))
             if on_row:
