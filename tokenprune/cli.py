@@ -471,6 +471,26 @@ def cmd_testbed_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lmms_task(args: argparse.Namespace) -> int:
+    from .lmms.task import write_task
+
+    yaml = write_task(args.out, args.split, args.scenes, args.name)
+    print(f"wrote {yaml}; run it with: lmms-eval --model tokenprune --model_args pretrained=testbed,spec=clasp,"
+          f"budget=64 --tasks {args.name} --include_path {yaml.parent}")
+    return 0
+
+
+def cmd_lmms_table(args: argparse.Namespace) -> int:
+    from .lmms.table import collect, markdown
+
+    table = markdown(collect(args.folders))
+    print(table, end="")
+    if args.out:
+        announce_replacing(args.out)
+        Path(args.out).write_text(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tokenprune", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -606,6 +626,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--only", help="comma list of step names (see --list)")
     rp.add_argument("--list", action="store_true", help="print the steps and whether each is up to date")
     rp.set_defaults(func=cmd_results)
+
+    lp = sub.add_parser("lmms-eval", help="lmms-eval integration (the model is `lmms-eval --model tokenprune`)")
+    lsub = lp.add_subparsers(dest="lmms_command", required=True)
+    lt = lsub.add_parser("task", help="write a local lmms-eval task from testbed scenes (offline)")
+    lt.add_argument("--out", required=True, help="folder for the task (YAML, utils.py, questions.jsonl, images)")
+    lt.add_argument("--split", default="test", help="testbed split (default test)")
+    lt.add_argument("--scenes", type=int, default=4, help="first N scenes of the split (default 4)")
+    lt.add_argument("--name", default="tokenprune_testbed", help="task name (default tokenprune_testbed)")
+    lt.set_defaults(func=cmd_lmms_task)
+    lb = lsub.add_parser("table", help="the paper-style table (scores, %% of unpruned, paired tests) from "
+                                       "lmms-eval --output_path folders")
+    lb.add_argument("folders", nargs="+", help="lmms-eval output folders (searched recursively)")
+    lb.add_argument("--out", help="also write the markdown table to this file")
+    lb.set_defaults(func=cmd_lmms_table)
 
     tp_ = sub.add_parser("testbed", help="the testbed model")
     tsub = tp_.add_subparsers(dest="testbed_command", required=True)

@@ -234,3 +234,44 @@ def load_spec(path: str | Path, registry: Registry | None = None, **overrides: A
         return PipelineSpec.model_validate(data, context=ctx)
     except ValidationError as exc:
         raise ValueError(describe_problems(exc, PipelineSpec, "spec file", path)) from None
+
+
+PRESET_FOLDERS = ("", "methods", "variants")
+
+
+def preset_root() -> Path:
+    """The folder of the shipped preset specs: ``specs/`` of a checkout, else the installed
+    ``tokenprune_specs`` package."""
+    import importlib.util
+
+    checkout = Path(__file__).resolve().parent.parent / "specs"
+    if (checkout / "clasp.toml").exists():
+        return checkout
+    found = importlib.util.find_spec("tokenprune_specs")
+    for folder in (found.submodule_search_locations or []) if found else []:
+        if (Path(folder) / "clasp.toml").exists():
+            return Path(folder)
+    raise FileNotFoundError("the preset specs are not installed (tokenprune_specs has no clasp.toml)")
+
+
+def presets() -> dict[str, Path]:
+    """Every shipped preset by name: ``clasp``, the methods (``visionzip``, ``divprune``...) and the
+    variants (``random``...), each a spec file."""
+    root = preset_root()
+    found: dict[str, Path] = {}
+    for folder in PRESET_FOLDERS:
+        for path in sorted((root / folder).glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def spec_file(name_or_path: str | Path) -> Path:
+    """A spec file from a user's word: an existing path, or the name of a shipped preset
+    (``clasp``, ``visionzip``, ``dart-llm-released``...)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    known = presets()
+    if str(name_or_path) in known:
+        return known[str(name_or_path)]
+    raise FileNotFoundError(f"spec '{name_or_path}' is neither a file nor a preset; presets: {', '.join(known)}")

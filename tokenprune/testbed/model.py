@@ -195,9 +195,23 @@ def _generation_defaults(model, tokenizer) -> None:
     g.do_sample = False
 
 
+#: :func:`prompt` as a chat template, so that code written for any Hugging Face processor
+#: (``processor.apply_chat_template``, the lmms-eval model) builds the prompt the model was trained on.
+CHAT_TEMPLATE = (
+    "{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}"
+    "{{ raise_exception('the testbed model answers a single user turn') }}{%- endif -%}"
+    "<s>user: "
+    "{%- if messages[0]['content'] is string %} {{ messages[0]['content'] }}"
+    "{%- else %} {% for part in messages[0]['content'] -%}"
+    "{%- if part['type'] == 'image' %}" + IMAGE_TOKEN + "\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif -%}"
+    "{%- endfor %}{%- endif %}"
+    "{%- if add_generation_prompt %} assistant:{% endif %}"
+)
+
+
 def build_processor(tokenizer, tower: str = "clip"):
     """The real ``LlavaProcessor``: resize and crop to 336 px, normalise with the tower's statistics
-    (:func:`normalisation`), ``<image>`` expanded to 576."""
+    (:func:`normalisation`), ``<image>`` expanded to 576; its chat template is :data:`CHAT_TEMPLATE`."""
     from transformers import CLIPImageProcessorPil as CLIPImageProcessor, LlavaProcessor
 
     mean, std = normalisation(tower)
@@ -206,7 +220,7 @@ def build_processor(tokenizer, tower: str = "clip"):
                                          image_mean=list(mean), image_std=list(std))
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                           vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
-                          num_additional_image_tokens=1)
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
 def prompt(question: str) -> str:
