@@ -176,6 +176,19 @@ def test_batched_generation_equals_one_at_a_time(clasp_lm, docs):
                for r in batched)
 
 
+def test_a_hugging_face_folder_answers_as_the_testbed(clasp_lm, docs, tmp_path):
+    """``pretrained=<folder>`` (AutoModelForImageTextToText + AutoProcessor) on the testbed model saved
+    the Hugging Face way: the same answers and records as ``pretrained=testbed``."""
+    model, processor = load()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    hf = TokenPrune(pretrained=str(tmp_path), spec="clasp", budget=64, batch_size=3)
+    hf.task_dict = {"t": {"test": docs}}
+    reqs = _requests(docs)
+    assert [(r.text, r.token_counts.to_dict()) for r in hf.generate_until(reqs)] == \
+        [(r.text, r.token_counts.to_dict()) for r in clasp_lm.generate_until(reqs)]
+
+
 def test_batches_never_mix_generation_arguments(clasp_lm, docs):
     reqs = _requests(docs[:3], gen={"max_new_tokens": 1}) + _requests(docs[3:], gen={"max_new_tokens": 2})
     batches = clasp_lm._batches(reqs)

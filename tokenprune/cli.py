@@ -474,6 +474,7 @@ def cmd_testbed_train(args: argparse.Namespace) -> int:
 def cmd_lmms_task(args: argparse.Namespace) -> int:
     from .lmms.task import write_task
 
+    announce_replacing(Path(args.out) / f"{args.name}.yaml", Path(args.out) / "questions.jsonl")
     yaml = write_task(args.out, args.split, args.scenes, args.name)
     print(f"wrote {yaml}; run it with: lmms-eval --model tokenprune --model_args pretrained=testbed,spec=clasp,"
           f"budget=64 --tasks {args.name} --include_path {yaml.parent}")
