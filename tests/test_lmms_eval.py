@@ -48,31 +48,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_lmms_eval(task_dir: Path, out: Path, model_args: str, processes: int = 1) -> tuple[dict, dict]:
-    """lmms-eval's CLI (under torchrun with ``processes`` > 1): ``(results, samples by doc_id, out)``."""
+def lmms_eval_command(task_dir: Path, out: Path, model_args: str, processes: int = 1) -> list[str]:
+    """lmms-eval's CLI on the local task (under torchrun with ``processes`` > 1)."""
     args = ["--model", "tokenprune", "--model_args", model_args, "--tasks", "tokenprune_testbed",
             "--include_path", str(task_dir), "--batch_size", "4", "--log_samples", "--output_path", str(out)]
     if processes == 1:
-        cmd = [str(BIN / "lmms-eval"), *args]
-    else:
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(_free_port()),
-               "-m", "lmms_eval", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(out / "hf"),
+        return [str(BIN / "lmms-eval"), *args]
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(_free_port()),
+            "-m", "lmms_eval", *args]
+
+
+def run_lmms_eval(commands: dict[str, list[str]], root: Path) -> dict[str, tuple[dict, dict, Path]]:
+    """Run the commands side by side (one CPU thread each); per name ``(results, samples by doc_id,
+    output folder)``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(root / "hf"),
            "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (results,) = out.glob("*/*_results.json")
-    (samples,) = out.glob("*/*_samples_tokenprune_testbed.jsonl")
-    by_doc = {s["doc_id"]: s for s in map(json.loads, samples.read_text().splitlines())}
-    return json.loads(results.read_text()), by_doc, out
+    procs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, cmd in commands.items()}
+    out = {}
+    for name, proc in procs.items():
+        log, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{name}: {log[-4000:]}"
+        folder = root / name
+        (results,) = folder.glob("*/*_results.json")
+        (samples,) = folder.glob("*/*_samples_tokenprune_testbed.jsonl")
+        by_doc = {s["doc_id"]: s for s in map(json.loads, samples.read_text().splitlines())}
+        out[name] = (json.loads(results.read_text()), by_doc, folder)
+    return out
 
 
 @pytest.fixture(scope="module")
 def runs(task_dir, tmp_path_factory) -> dict:
-    """The lmms-eval runs, once each: unpruned and CLASP at 64 in one process, CLASP at 64 in two."""
-    out = tmp_path_factory.mktemp("lmms")
-    return {(spec, n): run_lmms_eval(task_dir, out / f"{spec}-{n}", f"pretrained=testbed,spec={spec},budget=64", n)
-            for spec, n in (("none", 1), ("clasp", 1), ("clasp", 2))}
+    """The lmms-eval runs, once each: unpruned and CLASP at 64 in one process (side by side), then
+    CLASP at 64 in two processes."""
+    root = tmp_path_factory.mktemp("lmms")
+    single = run_lmms_eval({f"{spec}-1": lmms_eval_command(task_dir, root / f"{spec}-1",
+                                                           f"pretrained=testbed,spec={spec},budget=64")
+                            for spec in ("none", "clasp")}, root)
+    double = run_lmms_eval({"clasp-2": lmms_eval_command(task_dir, root / "clasp-2",
+                                                         "pretrained=testbed,spec=clasp,budget=64", 2)}, root)
+    return {(name.split("-")[0], int(name.split("-")[1])): run for name, run in {**single, **double}.items()}
 
 
 def test_entry_point_registers_the_model():
@@ -189,6 +204,16 @@ def test_a_hugging_face_folder_answers_as_the_testbed(clasp_lm, docs, tmp_path):
         [(r.text, r.token_counts.to_dict()) for r in clasp_lm.generate_until(reqs)]
 
 
+def test_an_in_llm_spec_records_the_tokens_after_its_last_layer(docs):
+    lm = TokenPrune(pretrained="testbed", spec="fastv-matched", budget=64, batch_size=3)
+    lm.task_dict = {"t": {"test": docs}}
+    counts = [r.token_counts for r in lm.generate_until(_requests(docs))]
+    ids = lm.processor(text=[prompt(d["question"]) for d in docs], images=[d["visuals"][0] for d in docs],
+                       return_tensors="pt", padding=True)["attention_mask"].sum(1).tolist()
+    assert [(c.visual_tokens, c.visual_tokens_kept) for c in counts] == [([576], [64])] * len(docs)
+    assert [c.input_tokens for c in counts] == ids  # every token enters the LLM; it prunes inside
+
+
 def test_batches_never_mix_generation_arguments(clasp_lm, docs):
     reqs = _requests(docs[:3], gen={"max_new_tokens": 1}) + _requests(docs[3:], gen={"max_new_tokens": 2})
     batches = clasp_lm._batches(reqs)
@@ -234,9 +259,10 @@ def test_bad_model_args_are_named():
         TokenPrune(pretrained="testbed", batch_size="auto")
 
 
-@pytest.mark.parametrize("spec", ["none", "clasp"])
+@pytest.mark.parametrize("spec", ["none", "clasp", "dart-llm"])
 def test_loglikelihood_equals_a_forward_by_hand(spec, docs):
-    """Batched (3 rows of different continuation lengths) equals one forward per request."""
+    """Batched (3 rows of different continuation lengths) equals one forward per request, before the
+    LLM (CLASP) and inside it (DART: the logits cover the positions left after its layer)."""
     lm = TokenPrune(pretrained="testbed", spec=spec, budget=64, batch_size=3)
     lm.task_dict = {"t": {"test": docs}}
     reqs = _requests(docs, kind="loglikelihood")
@@ -249,7 +275,7 @@ def test_loglikelihood_equals_a_forward_by_hand(spec, docs):
         full = processor(text=[prompt(doc["question"]) + req.args[1]], images=doc["visuals"], return_tensors="pt")
         n = full["input_ids"].shape[1] - ctx["input_ids"].shape[1]
         assert n == req.args[3] % 3 + 1
-        use = tp.apply(model, "specs/clasp.toml", budget=64, tokenizer=processor.tokenizer) if spec == "clasp" else None
+        use = tp.apply(model, spec_file(spec), budget=64, tokenizer=processor.tokenizer) if spec != "none" else None
         with torch.inference_mode():
             logits = model(**full).logits[0]
         if use is not None:
