@@ -253,7 +253,7 @@ def test_an_unpruned_image_batch_is_an_error(docs):
 def test_bad_model_args_are_named():
     with pytest.raises(TypeError, match="does not take bugdet; its model_args are pretrained, spec, budget"):
         TokenPrune(pretrained="testbed", bugdet=64)
-    with pytest.raises(FileNotFoundError, match="spec 'clsap' is neither a file nor a preset; presets: clasp"):
+    with pytest.raises(FileNotFoundError, match="spec file 'clsap' does not exist and no preset has that name; presets: clasp"):
         TokenPrune(pretrained="testbed", spec="clsap")
     with pytest.raises(ValueError, match="fixed --batch_size"):
         TokenPrune(pretrained="testbed", batch_size="auto")

@@ -230,3 +230,21 @@ def test_spec_file_errors_name_the_file_and_tables_without_library_internals(tmp
     assert "unknown key 'budgt'; valid keys: budget, budget_policy, budget_ratio" in msg
     assert "[completion] unknown completion 'kmeanz'; valid choices: clasp," in msg
     assert "input_value" not in msg and "pydantic" not in msg
+
+
+def test_every_preset_loads_by_name_as_its_file():
+    from tokenprune.spec import presets
+
+    found = presets()
+    assert {"clasp", "visionzip", "divprune", "dart-llm-released", "clasp-qwen"} <= set(found)
+    for name, path in found.items():
+        assert path.stem == name
+        assert tp.load_spec(name) == tp.load_spec(path)
+    stems = [p.stem for folder in ("", "methods", "variants") for p in (Path("specs") / folder).glob("*.toml")]
+    assert len(stems) == len(set(stems)) == len(found), "two presets share a name"
+
+
+def test_an_unknown_spec_name_lists_the_presets():
+    with pytest.raises(FileNotFoundError, match=r"spec file 'visonzip' does not exist and no preset has that name; "
+                                                r"presets: clasp, .*visionzip"):
+        tp.load_spec("visonzip")

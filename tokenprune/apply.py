@@ -47,7 +47,8 @@ def _as_pipeline(spec: Pipeline | PipelineSpec | str | Path) -> Pipeline:
     if isinstance(spec, (str, Path)):
         return Pipeline.from_file(spec)
     raise TypeError(
-        f"apply() takes a Pipeline, a PipelineSpec or the path of a spec TOML file, not {type(spec).__name__}"
+        f"apply() takes a Pipeline, a PipelineSpec, the path of a spec TOML file or a preset name, "
+        f"not {type(spec).__name__}"
     )
 
 
@@ -290,7 +291,8 @@ def apply(
         model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
             ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
             ``Qwen3VLForConditionalGeneration`` (transformers 5.x).
-        spec: a :class:`~tokenprune.Pipeline`, a :class:`~tokenprune.PipelineSpec` or a spec file.
+        spec: a :class:`~tokenprune.Pipeline`, a :class:`~tokenprune.PipelineSpec`, a spec file, or a
+            shipped preset by name (``"clasp"``, ``"visionzip"``: :func:`tokenprune.spec.presets`).
         budget: visual tokens kept per image (int), or a ratio of each image's tokens in
             ``(0, 1]``; ``None`` takes the spec's ``budget``.
         tokenizer: the tokenizer (or processor) that made ``input_ids``, so the router can read

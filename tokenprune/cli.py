@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp = sub.add_parser("bench", help="benchmarks")
     bsub = bp.add_subparsers(dest="bench_command", required=True)
     bs = bsub.add_parser("stages", help="time each stage of CLASP, and every method's selection beside it")
-    bs.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
+    bs.add_argument("--spec", help="spec file or preset name (default: specs/clasp.toml)")
     bs.add_argument("--devices", help="comma list (default: cpu, plus cuda when available)")
     bs.add_argument("--shapes", default="llava-1.5-7b,llava-next-7b",
                     help="comma list of llava-1.5-7b, llava-next-7b or MxLxDvxD (e.g. 48x4x16x24)")
@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     bf = bsub.add_parser("prefill", help="end-to-end prefill/decode latency and memory, unpruned vs pruned")
     bf.add_argument("--model", default="smollm2", choices=["smollm2", "llava-1.5-7b", "tiny"],
                     help="smollm2: real SmolLM2-135M LM in a LLaVA (CPU); llava-1.5-7b: full-size random (GPU)")
-    bf.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
+    bf.add_argument("--spec", help="spec file or preset name (default: specs/clasp.toml)")
     bf.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bf.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     bf.add_argument("--batch", type=count_list, default=[1, 8], help="batch sizes (default 1,8)")
@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     bf.set_defaults(func=cmd_bench_prefill)
 
     dp = sub.add_parser("demo", help="the testbed model answers questions, unpruned and pruned, with PNGs")
-    dp.add_argument("--spec", help="spec file (default: specs/clasp.toml)")
+    dp.add_argument("--spec", help="spec file or preset name (default: specs/clasp.toml)")
     dp.add_argument("--budget", type=budget_value, default=64,
                     help="tokens per image (default 64) or a ratio in (0, 1]")
     dp.add_argument("--out", default="out/demo", help="folder for the PNGs")
@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ep = sub.add_parser("eval", help="accuracy vs budget on the testbed (JSON + PNG)")
-    ep.add_argument("--spec", action="append", help="spec file; repeat to compare (default: specs/clasp.toml)")
+    ep.add_argument("--spec", action="append", help="spec file or preset name; repeat to compare (default: specs/clasp.toml)")
     ep.add_argument("--budgets", type=budget_list, default=[64, 128, 192],
                     help="comma list of budgets: tokens per image (64) or ratios in (0, 1] (0.25); default 64,128,192")
     ep.add_argument("--reference", help="the variant (spec name) every other is paired against (default: the first --spec)")
@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.set_defaults(func=cmd_ablate)
 
     cp = sub.add_parser("calibrate", help="fit CLASP's class table on the calibration split")
-    cp.add_argument("--spec", help="base spec (default: specs/clasp.toml)")
+    cp.add_argument("--spec", help="base spec file or preset name (default: specs/clasp.toml)")
     cp.add_argument("--budgets", type=budget_list, default=[64, 128],
                     help="budgets each cell is scored at, tokens per image or ratios (default 64,128)")
     cp.add_argument("--strategies", default="A,B,C,D,E",
@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     ro = sub.add_parser("route", help="the class a router gives each question (from a prompt as the model sees it)")
     ro.add_argument("prompt", nargs="*", help="prompts to route (default: one per line on stdin)")
     ro.add_argument("--router", help="router stage name, e.g. keyword or embedding (default: the spec's)")
-    ro.add_argument("--spec", help="spec whose router is used (default: specs/clasp.toml)")
+    ro.add_argument("--spec", help="spec (file or preset name) whose router is used (default: specs/clasp.toml)")
     ro.add_argument("--explain", action="store_true", help="why: the rules that match, or the nearest exemplars")
     ro.set_defaults(func=cmd_route)
 

@@ -223,8 +223,9 @@ class PipelineSpec(BaseModel):
 
 
 def load_spec(path: str | Path, registry: Registry | None = None, **overrides: Any) -> PipelineSpec:
-    """Read and validate a spec TOML file. ``overrides`` replace top-level keys."""
-    path = Path(path)
+    """Read and validate a spec TOML file, or a shipped preset by name (:func:`spec_file`).
+    ``overrides`` replace top-level keys."""
+    path = spec_file(path)
     data = read_toml(path, "spec file")
     data.update(overrides)
     ctx = {"base_dir": str(path.parent)}
@@ -274,4 +275,5 @@ def spec_file(name_or_path: str | Path) -> Path:
     known = presets()
     if str(name_or_path) in known:
         return known[str(name_or_path)]
-    raise FileNotFoundError(f"spec '{name_or_path}' is neither a file nor a preset; presets: {', '.join(known)}")
+    raise FileNotFoundError(f"spec file '{name_or_path}' does not exist and no preset has that name; "
+                            f"presets: {', '.join(known)}")

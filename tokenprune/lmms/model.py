@@ -43,7 +43,7 @@ from loguru import logger
 
 from ..adapters.base import UnsupportedInput
 from ..apply import PruningHandle, apply
-from ..spec import load_spec, spec_file
+from ..spec import load_spec
 from .loading import load_model, torch_dtype
 
 __all__ = ["TokenPrune", "PrunedTokenCounts", "UNPRUNED_SPECS"]
@@ -102,7 +102,7 @@ class TokenPrune(lmms):
         self.handle: PruningHandle | None = None
         if self.spec_name.lower() not in UNPRUNED_SPECS:
             budget = None if budget in (None, "", "none") else budget
-            self.handle = apply(self._model, load_spec(spec_file(self.spec_name)), budget=budget,
+            self.handle = apply(self._model, load_spec(self.spec_name), budget=budget,
                                 tokenizer=self.processor.tokenizer)
         self._summary: dict[str, dict[str, Any]] = defaultdict(lambda: {"images": 0, "tokens": 0, "kept": 0,
                                                                          "classes": Counter()})
