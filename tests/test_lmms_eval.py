@@ -145,12 +145,12 @@ def test_the_table_pairs_each_run_with_the_unpruned_one(runs, report):
     from tokenprune.testbed.stats import mcnemar
 
     table = markdown(collect([runs[("none", 1)][2], runs[("clasp", 1)][2]])).splitlines()
-    assert table[0].startswith("| model | spec | budget | tokenprune_testbed accuracy | rel. |")
+    assert table[0].startswith("| run | model | spec | budget | tokenprune_testbed accuracy | rel. |")
     unpruned, clasp = report["unpruned"], report["runs"][0]
     acc = [sum(r["correct"]) / len(r["correct"]) for r in (unpruned, clasp)]
     t = mcnemar(clasp["correct"], unpruned["correct"])
-    assert table[2] == f"| testbed | none | - | {acc[0]:.4g} | 100.0 % |  |"
-    assert table[3] == (f"| testbed | clasp | 64 | {acc[1]:.4g} | {100 * acc[1] / acc[0]:.1f} % | "
+    assert table[2] == f"| none-1 | testbed | none | - | {acc[0]:.4g} | 100.0 % |  |"
+    assert table[3] == (f"| clasp-1 | testbed | clasp | 64 | {acc[1]:.4g} | {100 * acc[1] / acc[0]:.1f} % | "
                         f"tokenprune_testbed: {100 * t['delta']:+.1f} (p={t['p']:.3g}) |")
 
 

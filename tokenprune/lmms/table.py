@@ -1,7 +1,7 @@
 """The paper-style table from lmms-eval output folders: ``tokenprune lmms-eval table DIR...``.
 
-Every ``*_results.json`` under the folders is one row (its model, spec and budget read from the
-run's ``model_args``); each task contributes its headline metrics (:data:`HEADLINE`; every
+Every ``*_results.json`` under the folders is one row: the run (its ``--output_path`` folder's
+name), and the model, spec and budget read from the run's ``model_args``; each task contributes its headline metrics (:data:`HEADLINE`; every
 numeric metric for a task not listed). ``rel.`` is the mean, over the row's columns, of the score
 as a percentage of the unpruned run (``spec=none``) of the same checkpoint, as pruning papers
 report it. Where both runs logged their samples (``--log_samples``) and a task scores each
@@ -71,7 +71,7 @@ def collect(folders: list[str | Path]) -> list[dict[str, Any]]:
                        for p in path.parent.glob(f"{stamp}_samples_*.jsonl")}
             spec = args.get("spec", "clasp")
             unpruned = spec.lower() in UNPRUNED_SPECS
-            rows.append({"model": args.get("pretrained", "?"), "spec": spec,
+            rows.append({"run": path.parent.parent.name, "model": args.get("pretrained", "?"), "spec": spec,
                          "budget": "-" if unpruned else args.get("budget", "spec's"), "scores": scores, "samples": samples, "file": path})
     if not rows:
         raise FileNotFoundError(f"no lmms-eval results of --model tokenprune under {', '.join(map(str, folders))}")
@@ -96,14 +96,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     columns = sorted({c for r in rows for c in r["scores"]})
     base = {r["model"]: r for r in rows if r["spec"].lower() in UNPRUNED_SPECS}
     rows = sorted(rows, key=lambda r: (r["model"], r["model"] not in base or base[r["model"]] is not r,
-                                       r["spec"], str(r["budget"])))
-    head = ["model", "spec", "budget", *columns, "rel.", "vs unpruned (points, McNemar p)"]
+                                       r["spec"], str(r["budget"]), r["run"]))
+    head = ["run", "model", "spec", "budget", *columns, "rel.", "vs unpruned (points, McNemar p)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ref = base.get(r["model"])
         rel = [r["scores"][c] / ref["scores"][c] for c in columns
                if ref is not None and c in r["scores"] and ref["scores"].get(c)]
-        cells = [r["model"], r["spec"], str(r["budget"]),
+        cells = [r["run"], r["model"], r["spec"], str(r["budget"]),
                  *(f"{r['scores'][c]:.4g}" if c in r["scores"] else "" for c in columns),
                  f"{100 * sum(rel) / len(rel):.1f} %" if rel else "",
                  _paired(r, ref) if ref is not None and ref is not r else ""]
