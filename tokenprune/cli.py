@@ -24,24 +24,14 @@ from . import __version__
 from .cli_router import add_router_parser
 from .outputs import announce_replacing
 from .registry import RegistryError, get_registry
-from .spec import load_spec
+from .spec import load_spec, spec_file
 
-DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "specs" / "clasp.toml"
 
 
 def _default_spec() -> Path:
-    """``specs/clasp.toml`` of the working directory, of the checkout, or of the installed package."""
-    import importlib.util
-
-    try:
-        found = importlib.util.find_spec("tokenprune_specs")
-    except (ImportError, ValueError):
-        found = None
-    installed = [Path(d) / "clasp.toml" for d in (found.submodule_search_locations or [])] if found else []
-    for candidate in (Path("specs/clasp.toml"), DEFAULT_SPEC, *installed):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError("specs/clasp.toml not found (run from the repository root or pass --spec FILE)")
+    """``specs/clasp.toml`` of the working directory, else the shipped preset (checkout or installed)."""
+    here = Path("specs/clasp.toml")
+    return here if here.exists() else spec_file("clasp")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

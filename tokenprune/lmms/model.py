@@ -248,9 +248,11 @@ class TokenPrune(lmms):
         flat = [im for row in images for im in row]
         continuations = [r.args[1] if isinstance(r.args[1], str) else r.args[1](self._doc(r)) for r in reqs]
         contexts = [self._prompt(r.args[0], len(im), r) for r, im in zip(reqs, images)]
-        context_ids = self._inputs(contexts, flat)["attention_mask"].sum(1)  # (B,)
-        inputs = self._inputs([c + a for c, a in zip(contexts, continuations)], flat)
-        n = inputs["attention_mask"].sum(1) - context_ids  # (B,) continuation tokens
+        fulls = [c + a for c, a in zip(contexts, continuations)]
+        inputs = self._inputs(fulls, flat)
+        # (B,) continuation tokens: the image placeholders count alike on both sides, so the text alone tells
+        n = torch.tensor([len(f) - len(c) for f, c in zip(self.tokenizer(fulls).input_ids,
+                                                           self.tokenizer(contexts).input_ids)], device=self._device)
         if bool((n < 1).any()):
             raise ValueError(f"task '{reqs[0].args[4]}': an empty continuation tokenises to no tokens")
         before = self.handle.last if self.handle is not None else None
