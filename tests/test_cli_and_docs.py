@@ -15,7 +15,7 @@ import tokenprune as tp
 from tokenprune import hookspecs
 from tokenprune.bench import stages as bench
 from tokenprune.cli import main
-from tokenprune.registry import HOOK_KINDS
+from tokenprune.stages import KINDS
 
 
 def test_plugins_lists_every_builtin(capsys):
@@ -113,7 +113,7 @@ def _hook_signature(name: str) -> str:
 
 def test_every_hook_has_a_docs_section_headed_by_its_signature():
     doc = Path("docs/plugins.md").read_text()
-    for name in HOOK_KINDS:
+    for name in (k.hook for k in KINDS.values()):
         assert f"### `{_hook_signature(name)}`" in doc, name
         assert getattr(hookspecs, name).__doc__.strip()
 
@@ -281,3 +281,11 @@ def test_loading_the_shipped_model_is_quiet_and_leaves_logging_as_it_was(capsys)
             print("the reader's notice", file=sys.stderr)
             raise RuntimeError("corrupt file")
     assert "the reader's notice" in capsys.readouterr().err
+
+
+def test_plugins_page_lists_every_kind_as_its_record_says():
+    doc = Path("docs/plugins.md").read_text()
+    for k in KINDS.values():
+        row = (f"| `[{k.name}]`{' (optional)' if k.optional else ''} | `tokenprune.stages.{k.base.__name__}` "
+               f"| `{k.hook}` | {k.summary} |")
+        assert row in doc, row

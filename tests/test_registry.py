@@ -10,13 +10,14 @@ import pytest
 from helpers import clasp_spec, make_tokens
 
 import tokenprune as tp
-from tokenprune.registry import HOOK_KINDS, RegistryError, build_registry
+from tokenprune.registry import RegistryError, build_registry
+from tokenprune.stages import KINDS
 
 BUILTINS = {
     "router": {"keyword", "embedding", "fixed"},
     "fusion": {"class-adaptive", "single-layer", "mean"},
-    "scorer": {"cls-attention", "received-attention", "text-similarity", "feature-norm", "random"},
-    "selector": {"top-k"},
+    "scoring": {"cls-attention", "received-attention", "text-similarity", "feature-norm", "random"},
+    "selection": {"top-k"},
     "completion": {"clasp", "none", "random", "grid", "divprune"},
     "budget_policy": {"class-table", "fixed"},
 }
@@ -78,7 +79,7 @@ CENTRE_SCORER = """
 def test_third_party_distribution_stage_is_used_in_a_spec(site):
     _make_dist(site, "tp-thirdparty-centre", "tp_thirdparty_centre", CENTRE_SCORER)
     reg = build_registry()
-    info = reg.get("scorer", "centre")
+    info = reg.get("scoring", "centre")
     assert (info.distribution, info.version) == ("tp-thirdparty-centre", "1.2.3")
     spec = tp.PipelineSpec.model_validate(
         {**clasp_spec().resolved(), "scoring": {"stage": "centre", "sharpness": 2.0},
@@ -152,8 +153,18 @@ def test_broken_entry_point_names_its_distribution(site):
         build_registry()
 
 
-def test_every_hook_registers_a_kind():
-    assert set(HOOK_KINDS.values()) == set(tp.stages.STAGE_KINDS)
+def test_one_record_per_kind_names_it_everywhere():
+    """Each kind's one name is its spec table, its base class's ``kind`` and its registry key; every
+    hookspec registers exactly one kind."""
+    import inspect
+
+    hooks = {n for n, f in inspect.getmembers(tp.hookspecs, inspect.isfunction) if n.startswith("register_")}
+    assert {k.hook for k in KINDS.values()} == hooks and len(hooks) == len(KINDS)
+    assert list(KINDS) == [f for f in tp.PipelineSpec.model_fields if f in KINDS]
+    for name, kind in KINDS.items():
+        assert kind.base.kind == name and issubclass(kind.base, tp.stages.Stage)
+        assert tp.PipelineSpec.model_fields[name].is_required() != kind.optional
+    assert set(build_registry().stages) == set(KINDS)
 
 
 FAULTY = """

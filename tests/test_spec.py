@@ -214,7 +214,7 @@ def test_contract_rejects_bad_inputs():
     attn = torch.rand(2, 5)
     attn[0, 2] = float("nan")
     spec = clasp_spec(L=2, scoring={"stage": "cls-attention", "layer": 1}, fusion={"stage": "single-layer", "layer": 1})
-    with pytest.raises(ValueError, match=r"scoring 'cls-attention' gave a non-finite score .* at row 0, token 2"):
+    with pytest.raises(ValueError, match=r"the scoring stage 'cls-attention' \(tokenprune_plugins\.scoring\.ClsAttention, distribution tokenprune .*\) gave a non-finite score .* at row 0, token 2"):
         tp.Pipeline(spec)(tp.VisualTokens(layers={1: x}, num_layers=2, prompts=["a", "b"], cls_attention={1: attn}),
                           budget=2)
 

@@ -25,6 +25,7 @@ from .cli_router import add_router_parser
 from .outputs import announce_replacing
 from .registry import RegistryError, get_registry
 from .spec import load_spec, spec_file
+from .stages import KINDS
 
 
 
@@ -44,16 +45,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(out, indent=2, default=str))
         return 0
-    kind = None
-    for info in reg:
-        if info.kind != kind:
-            kind = info.kind
-            print(f"\n{kind}:")
-        params = ", ".join(
-            f"{p}={v['default']!r}" if not v["required"] else f"{p} (required)"
-            for p, v in info.parameters().items()
-        )
-        print(f"  {info.name:<20} {info.distribution} {info.version:<8} {params}")
+    for kind in KINDS.values():
+        print(f"\n[{kind.name}]  {kind.summary}  ({kind.hook}, tokenprune.stages.{kind.base.__name__})")
+        for name in reg.names(kind.name):
+            info = reg.get(kind.name, name)
+            params = ", ".join(
+                f"{p}={v['default']!r}" if not v["required"] else f"{p} (required)"
+                for p, v in info.parameters().items()
+            )
+            print(f"  {info.name:<20} {info.distribution} {info.version:<8} {params}")
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops
+from . import checks, ops
 from .contract import Fused, Provenance, Requirements, Routing, Selection, VisualTokens
 from .prompts import extract_question
 from .spec import PipelineSpec, load_spec
-from .stages import CompletionRequest
+from .registry import stage_label
+from .stages import KINDS, CompletionRequest
 
 __all__ = ["Pipeline", "resolve_budget", "Budget"]
 
@@ -98,15 +98,8 @@ class Pipeline:
         questions = [str(p) if router.reads_whole_prompt else extract_question(str(p)).text for p in prompts]
         with _inside(self.spec, "router"):
             routed = router.route(questions)
-        routing = dataclasses.replace(routed, questions=tuple(questions))
-        if len(routing.classes) != len(prompts):
-            raise RuntimeError(
-                f"router returned {len(routing.classes)} classes for {len(prompts)} prompts"
-            )
-        unknown = sorted(set(routing.classes) - set(self.table.classes))
-        if unknown:
-            raise RuntimeError(f"router returned classes {unknown} that the class table does not have")
-        return routing
+        _enforce(self.spec, "router", len(prompts), self.table.classes, answer=routed)
+        return dataclasses.replace(routed, questions=tuple(questions))
 
     def requirements(self, routing: Routing, num_layers: int) -> Requirements:
         """What the model must supply for this batch: fused layers, attention layers, keys, text."""
@@ -172,21 +165,19 @@ class Pipeline:
         with tick("fusion"):
             with _inside(spec, "fusion"):
                 fused = spec.fusion.fuse(tokens, routing, self.table)
-            _check_fused(fused, tokens)
+            _enforce(spec, "fusion", B, M, answer=fused)
             _check_finite(fused, tokens, valid, spec)
         with tick("scoring"):
             with _inside(spec, "scoring"):
                 phi = spec.scoring.score(tokens, fused)
-            if phi.shape != (B, M) or phi.dtype != torch.float32:
-                raise RuntimeError(
-                    f"scorer returned {tuple(phi.shape)} {phi.dtype}; expected ({B}, {M}) float32"
-                )
-            _check_finite_scores(phi, valid, spec)
+            _enforce(spec, "scoring", valid, answer=phi)
+            if (problem := checks.non_finite_scores(phi, valid)) is not None:
+                raise ValueError(f"the {stage_label(spec.scoring, spec.stage_name('scoring'))} {problem}")
         with tick("budget"):
             with _inside(spec, "budget_policy"):
-                a = spec.budget_policy.pivot_ratio(routing, self.table).to(torch.float64)
-            if a.shape != (B,) or bool(((a < 0) | (a > 1)).any()):
-                raise RuntimeError(f"budget policy returned {a.tolist()}; expected {B} ratios in [0, 1]")
+                a = spec.budget_policy.pivot_ratio(routing, self.table)
+            _enforce(spec, "budget_policy", B, answer=a)
+            a = a.to(torch.float64)
             k1 = torch.floor(a.to(R.device) * R + 1e-6).long()  # (B,) eq. 34
             if fixed is not None and bool(k1.any()):
                 raise ValueError(
@@ -197,7 +188,7 @@ class Pipeline:
         with tick("selection"):
             with _inside(spec, "selection"):
                 pivots = spec.selection.select(phi, k1, valid, fused)
-            _check_mask(spec, "selection", pivots, k1, valid)
+            _enforce(spec, "selection", k1, valid, answer=pivots)
         with tick("completion"):
             pool = valid & ~pivots
             if bool(torch.equal(k2, pool.sum(1))):  # every row keeps its whole pool
@@ -209,7 +200,7 @@ class Pipeline:
                 with _inside(spec, "completion"):
                     res = spec.completion.complete(req)
                 extra, merged = res.mask, res.features
-                _check_mask(spec, "completion", extra, k2, pool)
+                _enforce(spec, "completion", k2, pool, answer=extra)
         with tick("output"):
             keep = pivots | extra  # (B, M)
             indices, counts = ops.mask_to_indices(keep)  # (B, K)
@@ -233,84 +224,36 @@ class Pipeline:
         )
 
 
-def _check_fused(fused: Fused, tokens: VisualTokens) -> None:
-    B, M = tokens.shape
-    for name in ("encoder", "decoder"):
-        t = getattr(fused, name)
-        if t.dim() != 3 or t.shape[:2] != (B, M):
-            raise RuntimeError(f"fusion returned {name} of shape {tuple(t.shape)}; expected ({B}, {M}, ·)")
-    if fused.alpha is not None and not math.isclose(float(fused.alpha.sum(-1).mean()), 1.0, abs_tol=1e-4):
-        raise RuntimeError("fusion returned layer weights alpha whose rows do not sum to 1")
-
-
-def _first_bad(bad: Tensor) -> tuple[int, int]:
-    """(row, token) of the first true entry of a ``(B, M)`` bool map."""
-    b, m = bad.nonzero()[0].tolist()
-    return b, m
-
-
 def _check_finite(fused: Fused, tokens: VisualTokens, valid: Tensor, spec) -> None:
     """Refuse NaN/inf features on real tokens (they would decide the selection and reach the LLM),
     naming the row, the token and the encoder layers that carry them. One reduction per fused
     tensor; the layers are read only on the error path."""
-    bad = torch.zeros_like(valid)
-    for t in (fused.encoder, fused.decoder):
-        bad |= ~torch.isfinite(t.sum(-1, dtype=torch.float32)) & valid  # (B, M); inf/NaN survive the sum
-    if not bool(bad.any()):
+    found = checks.first_non_finite(valid, fused.encoder, fused.decoder)
+    if found is None:
         return
-    b, m = _first_bad(bad)
+    b, m, count = found
     layers = sorted(k for k, h in tokens.layers.items() if not bool(torch.isfinite(h[b, m]).all()))
     where = (f"the encoder's hidden states {layers} already hold them" if layers else
              f"the encoder's layers are finite there, so fusion '{spec.stage_name('fusion')}' or the projector made them")
     raise ValueError(
-        f"visual features are not finite (NaN or inf) at row {b}, token {m} ({int(bad.sum())} real tokens in the "
+        f"visual features are not finite (NaN or inf) at row {b}, token {m} ({count} real tokens in the "
         f"batch): {where}. Check the pixel values, and run the vision tower in fp32 or bf16 if fp16 overflows; "
         "tokenprune does not select from non-finite features")
 
 
-def _check_finite_scores(phi: Tensor, valid: Tensor, spec) -> None:
-    bad = ~torch.isfinite(phi) & valid  # (B, M)
-    if bool(bad.any()):
-        b, m = _first_bad(bad)
-        raise ValueError(
-            f"scoring '{spec.stage_name('scoring')}' gave a non-finite score (NaN or inf) at row {b}, token {m} ({int(bad.sum())} real "
-            "tokens in the batch): check what it reads (attention maps, keys, text embedding) for NaN/inf")
-
-
-def stage_label(spec: PipelineSpec, field: str) -> str:
-    """``"completion stage 'divprune' (tokenprune_plugins.completion.DivPrune, distribution ...)"``:
-    the spec table, the registered name, the class and, when it can be found, the installed
-    distribution that provides it (for error messages; not on any hot path)."""
-    import importlib.metadata as md
-
-    from . import registry
-
-    cls = type(spec.stage(field))
-    found = [(i.distribution, i.version) for i in registry.get_registry() if i.cls is cls]
-    if not found:  # a stage class used without registering it: ask the installed packages
-        found = [(d, md.version(d)) for d in md.packages_distributions().get(cls.__module__.split(".")[0], [])]
-    dist = f", distribution {found[0][0]} {found[0][1]}" if found else ""
-    return f"{field} stage '{spec.stage_name(field)}' ({cls.__module__}.{cls.__qualname__}{dist})"
-
-
 @contextlib.contextmanager
-def _inside(spec: PipelineSpec, field: str):
+def _inside(spec: PipelineSpec, kind: str):
     """An exception raised inside a stage leaves with a note that names the stage."""
     try:
         yield
     except Exception as exc:
-        exc.add_note(f"raised inside the {stage_label(spec, field)}")
+        exc.add_note(f"raised inside the {stage_label(spec.stage(kind), spec.stage_name(kind))}")
         raise
 
 
-def _check_mask(spec: PipelineSpec, field: str, mask: Tensor, k: Tensor, allowed: Tensor) -> None:
-    """The contract of a selection or completion mask; a violation names the stage."""
-    if mask.shape != allowed.shape or mask.dtype != torch.bool:
-        problem = f"returned {tuple(mask.shape)} {mask.dtype}; expected {tuple(allowed.shape)} bool"
-    elif bool((mask & ~allowed).any()):
-        problem = "chose tokens outside its candidates (padding, or already-kept tokens)"
-    elif not torch.equal(got := mask.sum(1), k.to(mask.device)):
-        problem = f"chose {got.tolist()} tokens per row; the budget asks for {k.tolist()}"
-    else:
-        return
-    raise RuntimeError(f"the {stage_label(spec, field)} {problem}")
+def _enforce(spec: PipelineSpec, kind: str, *context: Any, answer: Any) -> None:
+    """Run the kind's output check (:data:`tokenprune.stages.KINDS`) on a stage's answer; a
+    violation raises naming the stage."""
+    problem = KINDS[kind].check(answer, *context)
+    if problem is not None:
+        raise RuntimeError(f"the {stage_label(spec.stage(kind), spec.stage_name(kind))} {problem}")

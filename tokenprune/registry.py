@@ -14,21 +14,9 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .stages import STAGE_KINDS, Stage
+from .stages import KINDS, Stage
 
-__all__ = ["StageInfo", "Registry", "RegistryError", "build_registry", "get_registry", "HOOK_KINDS"]
-
-#: hook name -> stage kind it registers
-HOOK_KINDS: dict[str, str] = {
-    "register_routers": "router",
-    "register_fusions": "fusion",
-    "register_scorers": "scorer",
-    "register_selectors": "selector",
-    "register_completions": "completion",
-    "register_budget_policies": "budget_policy",
-    "register_llm_pruners": "llm_pruner",
-}
-
+__all__ = ["StageInfo", "Registry", "RegistryError", "build_registry", "get_registry", "stage_label"]
 
 class RegistryError(RuntimeError):
     """A plugin could not be loaded or registered."""
@@ -36,14 +24,22 @@ class RegistryError(RuntimeError):
 
 @dataclass(frozen=True)
 class StageInfo:
-    """One registered stage."""
+    """One registered stage.
+
+    Attributes:
+        kind: its kind's name in :data:`tokenprune.stages.KINDS` (the spec table).
+        name: the name a spec gives in ``stage = "..."``.
+        cls: the stage class.
+        distribution, version: the installed distribution that registered it.
+        plugin: its entry point (``name = module``) or plugin name.
+    """
 
     kind: str
     name: str
     cls: type[Stage]
     distribution: str
     version: str
-    plugin: str  # entry point or plugin name
+    plugin: str
 
     def parameters(self) -> dict[str, dict[str, Any]]:
         """Parameter name -> {type, default, description} from the stage's pydantic fields."""
@@ -68,28 +64,28 @@ class Registry:
     """Stages by kind and name, with the distribution that provided each."""
 
     stages: dict[str, dict[str, StageInfo]] = field(
-        default_factory=lambda: {k: {} for k in STAGE_KINDS}
+        default_factory=lambda: {k: {} for k in KINDS}
     )
     manager: pluggy.PluginManager | None = None
 
     def add(self, kind: str, name: str, cls: Any, distribution: str, version: str, plugin: str) -> None:
-        base = STAGE_KINDS[kind]
+        base = KINDS[kind].base
         if not isinstance(name, str) or not name:
-            raise RegistryError(f"{distribution} ({plugin}) registered a {kind} with invalid name {name!r}")
+            raise RegistryError(f"{distribution} ({plugin}) registered a {kind} stage with invalid name {name!r}")
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise RegistryError(
-                f"{distribution} ({plugin}) registered {kind} '{name}' as {cls!r}, "
+                f"{distribution} ({plugin}) registered {kind} stage '{name}' as {cls!r}, "
                 f"which is not a subclass of tokenprune.stages.{base.__name__}"
             )
         if getattr(cls, "__abstractmethods__", None):
             raise RegistryError(
-                f"{distribution} ({plugin}) registered {kind} '{name}' = {cls.__name__}, which leaves "
+                f"{distribution} ({plugin}) registered {kind} stage '{name}' = {cls.__name__}, which leaves "
                 f"abstract methods unimplemented: {sorted(cls.__abstractmethods__)}"
             )
         prior = self.stages[kind].get(name)
         if prior is not None:
             raise RegistryError(
-                f"{kind} name '{name}' is registered twice: by distribution '{prior.distribution}' "
+                f"{kind} stage name '{name}' is registered twice: by distribution '{prior.distribution}' "
                 f"({prior.plugin} -> {prior.cls.__module__}.{prior.cls.__qualname__}) and by distribution "
                 f"'{distribution}' ({plugin} -> {cls.__module__}.{cls.__qualname__}); "
                 "uninstall one or rename its stage"
@@ -105,6 +101,11 @@ class Registry:
         except KeyError:
             choices = ", ".join(sorted(self.stages[kind])) or "(none registered)"
             raise KeyError(f"unknown {kind} '{name}'; valid choices: {choices}") from None
+
+    def registration(self, cls: type[Stage]) -> StageInfo | None:
+        """How the stage class ``cls`` was registered (``None``: used without registering)."""
+        found = [info for info in self.stages.get(cls.kind, {}).values() if info.cls is cls]
+        return found[0] if found else None
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.stages[kind])
@@ -165,12 +166,12 @@ def build_registry(extra_plugins: tuple[tuple[str, object], ...] = ()) -> Regist
         raise RegistryError(f"a tokenprune plugin implements an unknown hook: {exc}") from exc
 
     registry = Registry(manager=pm)
-    for hook_name, kind in HOOK_KINDS.items():
-        caller = getattr(pm.hook, hook_name)
+    for kind in KINDS.values():
+        caller = getattr(pm.hook, kind.hook)
         for impl in reversed(caller.get_hookimpls()):  # registration order
             dist, version, label = origin.get(id(impl.plugin), ("?", "?", impl.plugin_name))
 
-            def register(name: str, cls: Any, _d=dist, _v=version, _l=label, _k=kind) -> None:
+            def register(name: str, cls: Any, _d=dist, _v=version, _l=label, _k=kind.name) -> None:
                 registry.add(_k, name, cls, _d, _v, _l)
 
             impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
@@ -184,3 +185,17 @@ def get_registry() -> Registry:
     Call ``get_registry.cache_clear()`` after installing a plugin in a running process.
     """
     return build_registry()
+
+
+def stage_label(stage: Stage, name: str | None = None) -> str:
+    """``"completion stage 'divprune' (tokenprune_plugins.completion.DivPrune, distribution ...)"``:
+    the kind, the registered name, the class and, when it can be found, the installed
+    distribution that provides it (for error messages; not on any hot path)."""
+    cls = type(stage)
+    info = get_registry().registration(cls)
+    found = [(info.distribution, info.version)] if info is not None else []
+    if not found:  # a stage class used without registering it: ask the installed packages
+        found = [(d, md.version(d)) for d in md.packages_distributions().get(cls.__module__.split(".")[0], [])]
+    dist = f", distribution {found[0][0]} {found[0][1]}" if found else ""
+    name = name or (info.name if info is not None else cls.__name__)
+    return f"{cls.kind} stage '{name}' ({cls.__module__}.{cls.__qualname__}{dist})"

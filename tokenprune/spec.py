@@ -36,24 +36,10 @@ from pydantic import (
 
 from .classes import ClassTable
 from .registry import Registry, get_registry
-from .stages import BudgetPolicy, Completion, Fusion, LlmPruner, Router, Scorer, Selector, Stage
+from .stages import KINDS, BudgetPolicy, Completion, Fusion, LlmPruner, Router, Scorer, Selector, Stage
 from .tomlfile import describe_problems, read_toml
 
-__all__ = ["PipelineSpec", "load_spec", "STAGE_FIELDS", "OPTIONAL_STAGES"]
-
-#: spec field -> stage kind
-STAGE_FIELDS: dict[str, str] = {
-    "router": "router",
-    "fusion": "fusion",
-    "scoring": "scorer",
-    "selection": "selector",
-    "completion": "completion",
-    "budget_policy": "budget_policy",
-    "llm": "llm_pruner",
-}
-#: stage fields a spec may leave out
-OPTIONAL_STAGES = frozenset({"llm"})
-
+__all__ = ["PipelineSpec", "load_spec", "presets", "spec_file"]
 
 def _registry(info: ValidationInfo) -> Registry:
     ctx = info.context or {}
@@ -123,18 +109,18 @@ class PipelineSpec(BaseModel):
             return ClassTable.load(path)
         return value
 
-    @field_validator(*STAGE_FIELDS, mode="before")
+    @field_validator(*KINDS, mode="before")
     @classmethod
-    def _build_stage(cls, value: Any, info: ValidationInfo) -> Stage:
-        kind = STAGE_FIELDS[info.field_name]
-        if value is None and info.field_name in OPTIONAL_STAGES:
+    def _build_stage(cls, value: Any, info: ValidationInfo) -> Stage | None:
+        kind = info.field_name
+        if value is None and KINDS[kind].optional:
             return None
         if isinstance(value, Stage):
             return value
         if isinstance(value, str):
             value = {"stage": value}
         if not isinstance(value, dict) or "stage" not in value:
-            raise ValueError(f"give a table with a 'stage' key naming a registered {kind}")
+            raise ValueError(f"give a table with a 'stage' key naming a registered {kind} stage")
         params = dict(value)
         name = params.pop("stage")
         try:
@@ -145,7 +131,7 @@ class PipelineSpec(BaseModel):
             return info_.cls.model_validate(params)
         except ValidationError as exc:
             raise ValueError(
-                f"bad parameters for {kind} '{name}': {_format_errors(info.field_name, exc, info_.cls)}"
+                f"bad parameters for {kind} '{name}': {_format_errors(kind, exc, info_.cls)}"
             ) from None
 
     @model_validator(mode="wrap")
@@ -153,7 +139,7 @@ class PipelineSpec(BaseModel):
     def _remember_names(cls, data: Any, handler: Any) -> PipelineSpec:
         names = {}
         if isinstance(data, dict):
-            for f in STAGE_FIELDS:
+            for f in KINDS:
                 v = data.get(f)
                 if isinstance(v, dict) and "stage" in v:
                     names[f] = v["stage"]
@@ -184,19 +170,17 @@ class PipelineSpec(BaseModel):
         needs no budget."""
         return type(self.completion).fixed_budget is not Completion.fixed_budget
 
-    def stage(self, field: str) -> Stage:
-        return getattr(self, field)
+    def stage(self, kind: str) -> Stage | None:
+        """The stage of kind ``kind`` (a key of :data:`tokenprune.stages.KINDS`)."""
+        return getattr(self, kind)
 
-    def stage_name(self, field: str, registry: Registry | None = None) -> str:
-        """The registered name of the stage in ``field``."""
-        if field in self._stage_names:
-            return self._stage_names[field]
-        reg = registry or get_registry()
-        cls = type(self.stage(field))
-        for info in reg.stages[STAGE_FIELDS[field]].values():
-            if info.cls is cls:
-                return info.name
-        return cls.__name__
+    def stage_name(self, kind: str, registry: Registry | None = None) -> str:
+        """The registered name of the stage of kind ``kind``."""
+        if kind in self._stage_names:
+            return self._stage_names[kind]
+        cls = type(self.stage(kind))
+        info = (registry or get_registry()).registration(cls)
+        return info.name if info is not None else cls.__name__
 
     def replace(self, **changes: Any) -> PipelineSpec:
         """A copy with some fields swapped (stage fields take ``{stage=..., ...}`` or a name)."""
@@ -216,9 +200,10 @@ class PipelineSpec(BaseModel):
         out["class_table"] = self.class_table.model_dump(exclude_none=True)
         if self.image_downsample:
             out["image_downsample"] = True
-        for f in STAGE_FIELDS:
-            if self.stage(f) is not None:
-                out[f] = {"stage": self.stage_name(f), **self.stage(f).model_dump()}
+        for kind in KINDS:
+            stage = self.stage(kind)
+            if stage is not None:
+                out[kind] = {"stage": self.stage_name(kind), **stage.model_dump()}
         return out
 
 

@@ -1,4 +1,4 @@
-"""Base classes of the six stage kinds.
+"""Base classes of the seven stage kinds, and :data:`KINDS`, the one record of each kind.
 
 A stage is a small typed object: a pydantic model whose fields are its hyper-parameters (validated
 with ``extra="forbid"``, so a misspelt parameter is an error) and one method that does the work.
@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from . import ops
+from . import checks, ops
 from .classes import ClassTable
 from .contract import Fused, Requirements, Routing, VisualTokens
 
@@ -37,7 +37,8 @@ __all__ = [
     "CompletionResult",
     "LlmPruner",
     "LlmRequest",
-    "STAGE_KINDS",
+    "StageKind",
+    "KINDS",
 ]
 
 
@@ -46,7 +47,7 @@ class Stage(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    #: which hook registers this kind of stage (set on each kind's base class)
+    #: the kind's name in :data:`KINDS` (set on each kind's base class): its spec table
     kind: ClassVar[str] = ""
     #: whether selection by this stage commutes with permuting the tokens (no use of token order
     #: or positions beyond tie-breaking). Property tests check equivariance for these.
@@ -111,7 +112,7 @@ class Fusion(Stage):
 class Scorer(Stage):
     """Per-token saliency ``phi``. Registered through ``register_scorers``."""
 
-    kind: ClassVar[str] = "scorer"
+    kind: ClassVar[str] = "scoring"
 
     def requirements(self, num_layers: int) -> Requirements:
         """Signals :meth:`score` reads (attention layers, text embedding). Default: none."""
@@ -125,7 +126,7 @@ class Scorer(Stage):
 class Selector(Stage):
     """Chooses the pivots under budget ``K1``. Registered through ``register_selectors``."""
 
-    kind: ClassVar[str] = "selector"
+    kind: ClassVar[str] = "selection"
 
     @abstractmethod
     def select(self, scores: Tensor, k1: Tensor, valid: Tensor, fused: Fused) -> Tensor:
@@ -277,7 +278,7 @@ class LlmPruner(Stage):
     number of visual tokens per image left after the last step of the schedule.
     """
 
-    kind: ClassVar[str] = "llm_pruner"
+    kind: ClassVar[str] = "llm"
     #: what :meth:`select` reads: ``"attention"`` and/or ``"key_norms"``. Stages that read
     #: attention also have a ``query`` field: ``"last"`` (the last token's attention row) or
     #: ``"text"`` (the mean over the question's tokens). Stages that read key norms may have a
@@ -304,13 +305,44 @@ class LlmPruner(Stage):
         """``(N, M)`` bool with exactly ``req.keep[n]`` true entries per row, within ``req.valid``."""
 
 
-#: kind name -> base class, in pipeline order
-STAGE_KINDS: dict[str, type[Stage]] = {
-    "router": Router,
-    "fusion": Fusion,
-    "scorer": Scorer,
-    "selector": Selector,
-    "completion": Completion,
-    "budget_policy": BudgetPolicy,
-    "llm_pruner": LlmPruner,
-}
+@dataclass(frozen=True)
+class StageKind:
+    """One kind of stage, with every name the library gives it.
+
+    Attributes:
+        name: the kind's one name: its spec table (``[scoring]``), its key in the registry and
+            in :data:`KINDS`, its heading in ``tokenprune plugins``, and the word errors use
+            ("the scoring stage 'centre' ...").
+        hook: the hookspec in :mod:`tokenprune.hookspecs` that registers stages of this kind.
+        base: the class a registered stage must subclass.
+        summary: what a stage of this kind does, in one line (``tokenprune plugins``, docs).
+        check: the output contract (:mod:`tokenprune.checks`) that the pipeline, the in-LLM site
+            and the conformance kit run on every answer of such a stage.
+        optional: whether a spec may leave the table out.
+    """
+
+    name: str
+    hook: str
+    base: type[Stage]
+    summary: str
+    check: Callable[..., str | None]
+    optional: bool = False
+
+
+#: every stage kind by name, in pipeline order
+KINDS: dict[str, StageKind] = {k.name: k for k in (
+    StageKind("router", "register_routers", Router, "prompt -> question class and confidence",
+              checks.check_routing),
+    StageKind("fusion", "register_fusions", Fusion, "encoder layers -> fused features (encoder and decoder space)",
+              checks.check_fused),
+    StageKind("scoring", "register_scorers", Scorer, "tokens -> saliency phi (B, M) float32",
+              checks.check_scores),
+    StageKind("selection", "register_selectors", Selector, "saliency -> exactly K1 pivots per row",
+              checks.check_mask),
+    StageKind("completion", "register_completions", Completion,
+              "the remaining K2 tokens per row (coverage, diversity, merges)", checks.check_mask),
+    StageKind("budget_policy", "register_budget_policies", BudgetPolicy, "class -> pivot share a in [0, 1]",
+              checks.check_pivot_ratio),
+    StageKind("llm", "register_llm_pruners", LlmPruner, "drops visual tokens inside the LLM at prefill",
+              checks.check_mask, optional=True),
+)}

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..checks import check_mask
+from ..registry import stage_label
 from ..stages import LlmPruner, LlmRequest
 from . import capture
 from .base import cache_of, question_columns
@@ -101,7 +103,8 @@ class LlmSite:
         self.layers: nn.ModuleList = adapter.decoder_layers()
         self.config = adapter.text_config()
         self.norm: nn.Module = adapter.final_norm()
-        self.schedule = _checked(list(pruner.schedule(len(self.layers))), len(self.layers), name or type(pruner).__name__)
+        self.label = stage_label(pruner, name or None)
+        self.schedule = _checked(list(pruner.schedule(len(self.layers))), len(self.layers), self.label)
         types = getattr(self.config, "layer_types", None) or []
         if any(t != "full_attention" for t in types[self.schedule[0]:]):
             from .llava import UnsupportedModel
@@ -228,13 +231,14 @@ class LlmSite:
                 text_key_norms=txt_keyn, norm=self.norm,
                 index=order[rows, s.image_slots], text_index=order[rows, s.text_slots],
             )
-            chosen = self.pruner.select(req)
-            if chosen.shape != (N, M) or chosen.dtype != torch.bool or bool((chosen & ~s.image_ok).any()) \
-                    or not torch.equal(chosen.sum(1), keep_n.to(chosen.device)):
-                raise RuntimeError(
-                    f"llm pruner returned {tuple(chosen.shape)} {chosen.dtype} choosing {chosen.sum(1).tolist()} "
-                    f"tokens; expected exactly {keep_n.tolist()} valid visual tokens per image"
-                )
+            try:
+                chosen = self.pruner.select(req)
+            except Exception as exc:
+                exc.add_note(f"raised inside the {self.label} before decoder layer {layer}")
+                raise
+            problem = check_mask(chosen, keep_n, s.image_ok)
+            if problem is not None:
+                raise RuntimeError(f"the {self.label} {problem} (images as rows, before decoder layer {layer})")
             B, S = s.valid.shape
             keep = s.valid & ~s.is_image  # (B, S)
             flat = (rows * S + s.image_slots)[chosen]
@@ -304,15 +308,15 @@ class LlmSite:
 def _checked(schedule: list[int], num_layers: int, name: str) -> list[int]:
     """A pruner's schedule, or a clear error: ascending layers ``K`` in ``1..num_layers - 1``."""
     if not schedule:
-        raise ValueError(f"llm pruner '{name}' returned an empty schedule; it must name at least one layer")
+        raise ValueError(f"the {name} returned an empty schedule; it must name at least one layer")
     bad = [k for k in schedule if not 1 <= k < num_layers]
     if bad:
         raise ValueError(
-            f"llm pruner '{name}' prunes before decoder layers {schedule}, but this LLM has {num_layers} "
+            f"the {name} prunes before decoder layers {schedule}, but this LLM has {num_layers} "
             f"layers: each K must be in 1..{num_layers - 1}; set [llm] layer(s) for this model"
         )
     if any(b <= a for a, b in zip(schedule, schedule[1:])):
-        raise ValueError(f"llm pruner '{name}' returned layers {schedule}; they must be strictly ascending")
+        raise ValueError(f"the {name} returned layers {schedule}; they must be strictly ascending")
     return schedule
 
 

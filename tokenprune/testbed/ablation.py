@@ -39,13 +39,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..spec import STAGE_FIELDS, load_spec
+from ..spec import load_spec
+from ..stages import KINDS
 from ..tomlfile import describe_problems, read_toml
 from .evaluate import Variant
 
 __all__ = ["Ablation", "load_ablation"]
 
-_SWAPPABLE = set(STAGE_FIELDS) | {"class_table"}
+_SWAPPABLE = set(KINDS) | {"class_table"}
 
 
 class VariantEntry(BaseModel):
