@@ -185,6 +185,8 @@ class DartLlm(LlmPruner):
     released: bool = Field(False, description="select as the authors' released code does (L1 norm of rotated "
                                               "keys, image_pivots + A floor(R / A) tokens, set-order pivots)")
     reads: ClassVar[frozenset[str]] = frozenset({"key_norms"})
+    #: pivots share the budget in token order (and, as released, in set order of the indices)
+    permutation_invariant: ClassVar[bool] = False
 
     @property
     def key_norm(self) -> Literal["l2", "l1-rotated"]:

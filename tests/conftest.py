@@ -6,7 +6,9 @@ a GPU is present, so the GPU runs the very same properties.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -33,3 +35,15 @@ def device(request) -> str:
 def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A temporary ``sys.path`` entry for distributions built by ``helpers.make_dist``; their
+    modules (named ``tp_thirdparty*``) are forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith("tp_thirdparty")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()

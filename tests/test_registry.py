@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-import textwrap
 
 import pytest
-from helpers import clasp_spec, make_tokens
+from helpers import clasp_spec, make_dist, make_tokens
 
 import tokenprune as tp
 from tokenprune.registry import RegistryError, build_registry
@@ -37,25 +34,6 @@ def test_builtins_come_from_the_tokenprune_distribution_entry_points():
     assert {"tokenprune_plugins.completion", "tokenprune_plugins.routers"} <= eps
 
 
-def _make_dist(root, dist: str, module: str, body: str, ep_name: str = "stages") -> None:
-    """A real installed distribution: a module plus a dist-info with entry_points.txt."""
-    (root / f"{module}.py").write_text(textwrap.dedent(body))
-    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(f"[tokenprune]\n{ep_name} = {module}\n")
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
-    yield tmp_path
-    for name in [m for m in sys.modules if m.startswith("tp_thirdparty")]:
-        del sys.modules[name]
-    importlib.invalidate_caches()
-
-
 CENTRE_SCORER = """
     import torch
     import tokenprune
@@ -77,7 +55,7 @@ CENTRE_SCORER = """
 
 
 def test_third_party_distribution_stage_is_used_in_a_spec(site):
-    _make_dist(site, "tp-thirdparty-centre", "tp_thirdparty_centre", CENTRE_SCORER)
+    make_dist(site, "tp-thirdparty-centre", "tp_thirdparty_centre", CENTRE_SCORER)
     reg = build_registry()
     info = reg.get("scoring", "centre")
     assert (info.distribution, info.version) == ("tp-thirdparty-centre", "1.2.3")
@@ -97,8 +75,8 @@ def test_third_party_distribution_stage_is_used_in_a_spec(site):
 
 
 def test_name_clash_names_both_distributions(site):
-    _make_dist(site, "tp-thirdparty-a", "tp_thirdparty_a", CENTRE_SCORER)
-    _make_dist(site, "tp-thirdparty-b", "tp_thirdparty_b", CENTRE_SCORER)
+    make_dist(site, "tp-thirdparty-a", "tp_thirdparty_a", CENTRE_SCORER)
+    make_dist(site, "tp-thirdparty-b", "tp_thirdparty_b", CENTRE_SCORER)
     with pytest.raises(RegistryError) as err:
         build_registry()
     msg = str(err.value)
@@ -106,7 +84,7 @@ def test_name_clash_names_both_distributions(site):
 
 
 def test_clash_with_a_builtin_name_is_an_error(site):
-    _make_dist(site, "tp-thirdparty-clash", "tp_thirdparty_clash", CENTRE_SCORER.replace('"centre"', '"random"'))
+    make_dist(site, "tp-thirdparty-clash", "tp_thirdparty_clash", CENTRE_SCORER.replace('"centre"', '"random"'))
     with pytest.raises(RegistryError, match="'random'.*'tokenprune'.*'tp-thirdparty-clash'"):
         build_registry()
 
@@ -148,7 +126,7 @@ def test_misspelt_hook_is_reported():
 
 
 def test_broken_entry_point_names_its_distribution(site):
-    _make_dist(site, "tp-thirdparty-broken", "tp_thirdparty_broken", "raise ImportError('boom')\n")
+    make_dist(site, "tp-thirdparty-broken", "tp_thirdparty_broken", "raise ImportError('boom')\n")
     with pytest.raises(RegistryError, match="tp-thirdparty-broken.*boom"):
         build_registry()
 
@@ -192,7 +170,7 @@ def register_completions(register):
 
 
 def test_a_faulty_third_party_stage_is_named_with_its_distribution(site, monkeypatch):
-    _make_dist(site, "tp-thirdparty-faulty", "tp_thirdparty_faulty", FAULTY)
+    make_dist(site, "tp-thirdparty-faulty", "tp_thirdparty_faulty", FAULTY)
     reg = build_registry()
     monkeypatch.setattr("tokenprune.registry.get_registry", lambda: reg)  # as after get_registry.cache_clear()
     tokens = make_tokens(2, 9, grid=(3, 3))

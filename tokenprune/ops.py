@@ -256,6 +256,7 @@ def spherical_kmeans(
     mu = gather_rows(x, seeds) * seed_valid.unsqueeze(-1).to(x.dtype)  # (B, K, D)
     dead = ~seed_valid.unsqueeze(1)  # (B, 1, K) centre columns no row may join
     any_dead = not bool(seed_valid.all())
+    joins = valid & seed_valid.any(1, keepdim=True)  # (B, N) a row without centres clusters nothing
     sink = torch.full_like(valid, K, dtype=torch.int64)  # (B, N)
     prev: Tensor | None = None
     objectives: list[Tensor] = []
@@ -267,10 +268,10 @@ def spherical_kmeans(
         if any_dead:
             sims = sims.masked_fill(dead, float("-inf"))
         best, assign = sims.max(-1)  # (B, N)
-        assign = torch.where(valid, assign, sink)
+        assign = torch.where(joins, assign, sink)
         steps += 1
         if trace:
-            objectives.append(best.float().masked_fill(~valid, 0).sum(1))  # (B,)
+            objectives.append(best.float().masked_fill(~joins, 0).sum(1))  # (B,)
         converged = early_stop and prev is not None and torch.equal(assign, prev)
         if converged or (step == T - 1 and not final_update):
             break  # converged: the centres are already those of these clusters

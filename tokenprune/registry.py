@@ -196,6 +196,9 @@ def stage_label(stage: Stage, name: str | None = None) -> str:
     found = [(info.distribution, info.version)] if info is not None else []
     if not found:  # a stage class used without registering it: ask the installed packages
         found = [(d, md.version(d)) for d in md.packages_distributions().get(cls.__module__.split(".")[0], [])]
-    dist = f", distribution {found[0][0]} {found[0][1]}" if found else ""
+    if info is not None and info.distribution == "<local>":  # registered in-process (build_registry(extra_plugins))
+        dist = f", registered by plugin {info.plugin}"
+    else:
+        dist = f", distribution {found[0][0]} {found[0][1]}" if found else ""
     name = name or (info.name if info is not None else cls.__name__)
     return f"{cls.kind} stage '{name}' ({cls.__module__}.{cls.__qualname__}{dist})"
