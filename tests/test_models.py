@@ -464,6 +464,23 @@ def test_a_per_image_budget_list_given_to_apply_holds_for_each_call():
         tp.apply(m, IDENTITY, budget=[3, 0])
 
 
+def test_the_budget_is_parsed_at_apply_and_a_wrong_length_list_says_what_a_list_means():
+    m = model("llava")
+    inp = inputs(m, "llava", samples("llava", 3), "cpu")
+    with pytest.raises(TypeError, match="must hold integers"):
+        tp.apply(m, IDENTITY, budget=[2.5, 3.0])  # before any call
+    with torch.no_grad(), tp.apply(m, IDENTITY, budget=[3, 5]) as h:
+        assert h.budget == tp.Budget.parse([3, 5])
+        with pytest.raises(ValueError, match=r"needs 3 entries \(one per image\).*in the order the images appear in "
+                                             r"the batch \(prompt by prompt\); give 3 counts, or one int"):
+            m(**inp)
+        h.budget = [3, 5, 2]
+        m(**inp)
+        assert h.last.kept.tolist() == [3, 5, 2]
+        with pytest.raises(ValueError, match="budget must be > 0"):
+            h.budget = 0
+
+
 def test_router_reads_explicit_prompts_per_sample():
     m = model("llava")
     inp = inputs(m, "llava", samples("llava", 2), "cpu")

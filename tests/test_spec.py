@@ -214,9 +214,22 @@ def test_contract_rejects_bad_inputs():
     attn = torch.rand(2, 5)
     attn[0, 2] = float("nan")
     spec = clasp_spec(L=2, scoring={"stage": "cls-attention", "layer": 1}, fusion={"stage": "single-layer", "layer": 1})
-    with pytest.raises(ValueError, match=r"the scoring stage 'cls-attention' \(tokenprune_plugins\.scoring\.ClsAttention, distribution tokenprune .*\) gave a non-finite score .* at row 0, token 2"):
+    with pytest.raises(ValueError, match=r"cls_attention at encoder layer 1 is not finite \(NaN or inf\) at row 0, token 2 "
+                                         r"\(1 real tokens in the batch\): the stages would select from it"):
         tp.Pipeline(spec)(tp.VisualTokens(layers={1: x}, num_layers=2, prompts=["a", "b"], cls_attention={1: attn}),
                           budget=2)
+    keys = torch.randn(2, 5, 3)
+    keys[1, 4, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"attention_keys at encoder layer 1 is not finite \(NaN or inf\) at row 1, token 4"):
+        tp.Pipeline(spec.replace(completion={"stage": "visionzip", "key_layer": 1}))(
+            tp.VisualTokens(layers={1: x}, num_layers=2, prompts=["a", "b"], cls_attention={1: attn.nan_to_num()},
+                            attention_keys={1: keys}), budget=2)
+    spec = clasp_spec(L=2, scoring={"stage": "feature-norm"}, fusion={"stage": "single-layer", "layer": 1})
+    big = x.clone()
+    big[0, 2, 0] = 3e38  # a finite feature whose squared norm overflows float32: the scorer itself makes the inf
+    with pytest.raises(ValueError, match=r"the scoring stage 'feature-norm' \(tokenprune_plugins\.scoring\.FeatureNorm, "
+                                         r"distribution tokenprune .*\) gave a non-finite score .* at row 0, token 2"):
+        tp.Pipeline(spec)(tp.VisualTokens(layers={1: big}, num_layers=2, prompts=["a", "b"]), budget=2)
 
 
 def test_spec_file_errors_name_the_file_and_tables_without_library_internals(tmp_path):
@@ -248,3 +261,21 @@ def test_an_unknown_spec_name_lists_the_presets():
     with pytest.raises(FileNotFoundError, match=r"spec file 'visonzip' does not exist and no preset has that name; "
                                                 r"presets: clasp, .*visionzip"):
         tp.load_spec("visonzip")
+
+
+def test_a_budget_is_parsed_once_into_one_value():
+    """Every form the API takes parses to a Budget (itself when already one); keep-all is a value."""
+    counts = torch.tensor([10, 4, 7])
+    for given, form, expected in [(5, "tokens", [5, 4, 5]), (0.5, "ratio", [5, 2, 4]), ([1, 9, 2], "per_image", [1, 4, 2]),
+                                  (torch.tensor([1, 9, 2]), "per_image", [1, 4, 2]), (torch.tensor(3), "tokens", [3, 3, 3])]:
+        b = tp.Budget.parse(given)
+        assert b.form == form and tp.Budget.parse(b) is b and b.counts(counts).tolist() == expected
+    assert tp.KEEP_ALL.counts(counts).tolist() == [10, 4, 7] and str(tp.KEEP_ALL) == "every token"
+    assert str(tp.Budget.parse([8, 4])) == "[8, 4] tokens per image"
+    with pytest.raises(ValueError, match=r"needs 3 entries \(one per image\).*one token count per image, in the order "
+                                         r"the images appear in the batch \(prompt by prompt\); give 3 counts"):
+        tp.Budget.parse([8, 4]).counts(counts)
+    with pytest.raises(ValueError, match="flat list of token counts"):
+        tp.Budget.parse([[1, 2]])
+    spec = clasp_spec()
+    assert spec.budget_or_default(None) == tp.Budget.parse(spec.budget) and spec.budget_or_default(0.25).ratio == 0.25

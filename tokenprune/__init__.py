@@ -19,6 +19,7 @@ from .contract import (
     grid_positions,
     normalize_layer,
 )
+from .budget import KEEP_ALL, Budget
 from .hookspecs import hookimpl, hookspec
 from .pipeline import Pipeline, resolve_budget
 from .registry import Registry, RegistryError, build_registry, get_registry
@@ -27,6 +28,8 @@ from .spec import PipelineSpec, load_spec
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
+    "KEEP_ALL",
     "CLASSES",
     "ClassTable",
     "PruningHandle",

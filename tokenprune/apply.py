@@ -28,7 +28,8 @@ from .adapters import Adapter, PruneRecord, UnsupportedInput, UnsupportedModel, 
 from .adapters import capture
 from .adapters.base import cache_keyword, cache_of
 from .adapters.llm_site import LlmSite
-from .pipeline import Budget, Pipeline, resolve_budget
+from .budget import Budget, BudgetLike
+from .pipeline import Pipeline
 from .spec import PipelineSpec
 
 __all__ = ["apply", "PruningHandle"]
@@ -52,13 +53,15 @@ def _as_pipeline(spec: Pipeline | PipelineSpec | str | Path) -> Pipeline:
     )
 
 
-def _check_budget(budget: Budget | None, pipeline: Pipeline) -> None:
+def _default_budget(budget: BudgetLike | None, pipeline: Pipeline) -> Budget | None:
+    """The handle's budget, parsed once: the one given, else the spec's; ``None`` only for a stage
+    that fixes its own count (pooling)."""
     spec = pipeline.spec
-    if spec.budget_or_default(budget) is None and not spec.completion_fixes_budget:  # pooling needs none
-        raise ValueError("no budget: pass apply(..., budget=64) (tokens per image) or a ratio such as 0.25")
-    if budget is not None:  # the form only; a per-image list meets its images' count at each call
-        per_image = isinstance(budget, (list, tuple)) or (isinstance(budget, torch.Tensor) and budget.dim() == 1)
-        resolve_budget(budget, torch.full((len(budget) if per_image else 1,), 1_000_000))
+    parsed = spec.budget_or_default(budget)
+    if parsed is None and not spec.completion_fixes_budget:
+        raise ValueError("no budget: pass apply(..., budget=64) (tokens per image), a ratio such as 0.25, "
+                         "or one count per image such as [8, 4]")
+    return parsed
 
 
 class PruningHandle:
@@ -67,19 +70,29 @@ class PruningHandle:
     Attributes:
         model: the patched model instance.
         pipeline: the :class:`~tokenprune.Pipeline` that selects tokens.
-        budget: tokens per image (int), a ratio in (0, 1], or ``None`` for the spec's budget.
-            May be changed between calls; ``tokenprune_budget=`` on one call overrides it.
+        budget: the :class:`~tokenprune.budget.Budget` of every call (``None``: the stage fixes
+            its own count). May be changed between calls in any form ``apply`` takes
+            (``handle.budget = 32``; ``None`` restores the spec's); ``tokenprune_budget=`` on one
+            call overrides it.
         tokenizer: decodes ``input_ids`` into the router's prompt text (a tokenizer or processor).
         last: :class:`~tokenprune.adapters.PruneRecord` of the last pruned call (``None`` before
             any call with images): routed classes, kept indices and provenance per image, the keep
             mask over the caller's sequence, timings.
     """
 
+    @property
+    def budget(self) -> Budget | None:
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: BudgetLike | None) -> None:
+        self._budget = _default_budget(value, self.pipeline)
+
     def __init__(self, model: nn.Module, pipeline: Pipeline, adapter: Adapter, budget: Budget | None, tokenizer: Any):
         self.model = model
         self.pipeline = pipeline
         self.adapter = adapter
-        self.budget = budget
+        self._budget = budget
         self.tokenizer = tokenizer
         self.last: PruneRecord | None = None
         self._modules = [
@@ -165,9 +178,9 @@ class PruningHandle:
         return self._modules + (self.site.attention_modules() if self.site is not None else [])
 
     # -- one call ------------------------------------------------------------------------------------------
-    def _prepare(self, kwargs: dict[str, Any], prompts: Any, budget: Any, entry: str):
+    def _prepare(self, kwargs: dict[str, Any], prompts: Any, budget: BudgetLike | None, entry: str):
         new, record = self.adapter.prepare(
-            kwargs, self.pipeline, self.budget if budget is None else budget,
+            kwargs, self.pipeline, self.budget if budget is None else Budget.parse(budget),
             prompts=prompts, tokenizer=self.tokenizer, entry=entry,
         )
         self.last = record
@@ -281,7 +294,7 @@ def _with_prompt(out: Any, ids: torch.Tensor, pruned_len: int) -> Any:
 def apply(
     model: nn.Module,
     spec: Pipeline | PipelineSpec | str | Path,
-    budget: Budget | None = None,
+    budget: BudgetLike | None = None,
     *,
     tokenizer: Any = None,
 ) -> PruningHandle:
@@ -293,8 +306,10 @@ def apply(
             ``Qwen3VLForConditionalGeneration`` (transformers 5.x).
         spec: a :class:`~tokenprune.Pipeline`, a :class:`~tokenprune.PipelineSpec`, a spec file, or a
             shipped preset by name (``"clasp"``, ``"visionzip"``: :func:`tokenprune.spec.presets`).
-        budget: visual tokens kept per image (int), or a ratio of each image's tokens in
-            ``(0, 1]``; ``None`` takes the spec's ``budget``.
+        budget: visual tokens kept per image (int), a ratio of each image's tokens in
+            ``(0, 1]``, or one count per image (a list, in the order the images appear in a
+            call's batch); ``None`` takes the spec's ``budget``. A call may pass
+            ``tokenprune_budget=`` in any of these forms instead.
         tokenizer: the tokenizer (or processor) that made ``input_ids``, so the router can read
             the prompt. Without it, pass ``tokenprune_prompts=[...]`` to each call, or use a router
             that reads no text (``fixed``).
@@ -308,10 +323,10 @@ def apply(
     Calls without images pass through unchanged; video inputs raise a clear error.
     """
     pipeline = _as_pipeline(spec)
-    _check_budget(budget, pipeline)
+    parsed = _default_budget(budget, pipeline)
     adapter = adapter_for(model)
     if tokenizer is not None and not hasattr(tokenizer, "batch_decode"):
         raise TypeError(f"tokenizer must have batch_decode (a tokenizer or processor), got {type(tokenizer).__name__}")
-    handle = PruningHandle(model, pipeline, adapter, budget, tokenizer)
+    handle = PruningHandle(model, pipeline, adapter, parsed, tokenizer)
     handle._install()
     return handle

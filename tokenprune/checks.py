@@ -13,10 +13,10 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
-from .contract import Fused, Routing
+from .contract import Fused, Requirements, Routing, VisualTokens
 
 __all__ = ["check_routing", "check_fused", "check_scores", "check_mask", "check_pivot_ratio",
-           "first_non_finite", "non_finite_scores"]
+           "first_non_finite", "non_finite_scores", "non_finite_signals"]
 
 Problem = str | None
 
@@ -104,4 +104,33 @@ def check_pivot_ratio(ratio: object, batch: int) -> Problem:
             or bool(((ratio < 0) | (ratio > 1) | ratio.isnan()).any()):
         got = ratio.tolist() if isinstance(ratio, Tensor) else type(ratio).__name__
         return f"returned {got}; expected {batch} float ratios in [0, 1]"
+    return None
+
+
+def non_finite_signals(tokens: VisualTokens, need: Requirements) -> str | None:
+    """The first attention map, key set, [CLS] state or text embedding that ``need`` names and
+    that holds NaN or inf on a real token, as a problem naming the signal, the layer, the row and
+    the token; ``None`` when all are finite. One reduction per signal."""
+    valid = tokens.valid()
+    tables = [("cls_attention", tokens.cls_attention, need.cls_attention),
+              ("received_attention", tokens.received_attention, need.received_attention),
+              ("attention_keys", tokens.attention_keys, need.attention_keys)]
+    for name, table, layers in tables:
+        for key, value in table.items():
+            layer = key % (tokens.num_layers + 1)
+            if layer not in layers:
+                continue
+            per_token = value if name == "attention_keys" else (value.sum(1) if value.dim() == 3 else value)
+            if (found := first_non_finite(valid, per_token)) is not None:
+                b, m, n = found
+                return (f"{name} at encoder layer {layer} is not finite (NaN or inf) at row {b}, token {m} "
+                        f"({n} real tokens in the batch)")
+    rows = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)
+    pooled = [(f"cls_token at encoder layer {k % (tokens.num_layers + 1)}", v) for k, v in tokens.cls_token.items()
+              if k % (tokens.num_layers + 1) in need.cls_token]
+    if need.text_embedding and tokens.text_embedding is not None:
+        pooled.append(("text_embedding", tokens.text_embedding))
+    for name, value in pooled:  # (B, D): one vector per row
+        if (found := first_non_finite(rows, value.unsqueeze(1))) is not None:
+            return f"{name} is not finite (NaN or inf) at row {found[0]}"
     return None

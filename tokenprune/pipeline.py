@@ -16,52 +16,25 @@ import torch
 from torch import Tensor
 
 from . import checks, ops
+from .budget import KEEP_ALL, Budget, BudgetLike
 from .contract import Fused, Provenance, Requirements, Routing, Selection, VisualTokens
 from .prompts import extract_question
 from .spec import PipelineSpec, load_spec
 from .registry import stage_label
 from .stages import KINDS, CompletionRequest
 
-__all__ = ["Pipeline", "resolve_budget", "Budget"]
-
-#: A budget: tokens per image (int > 0), a share of each image's tokens (float in (0, 1]), or one
-#: token count per sample (sequence or (B,) tensor of ints > 0).
-Budget = int | float | Sequence[int] | Tensor
+__all__ = ["Pipeline", "resolve_budget"]
 
 Timer = Callable[[str], contextlib.AbstractContextManager]
 
 
-def resolve_budget(budget: Budget | None, valid_counts: Tensor) -> Tensor:
-    """Normalise a budget to ``R`` ``(B,)`` int64 on ``valid_counts``'s device, clipped to the
-    row's valid token count.
+def resolve_budget(budget: BudgetLike | None, valid_counts: Tensor) -> Tensor:
+    """``R`` ``(B,)`` int64 on ``valid_counts``'s device, each row's budget clipped to its valid
+    token count (:meth:`Budget.parse` then :meth:`Budget.counts`).
 
     A float in ``(0, 1]`` is a ratio: ``R_b = max(1, round(ratio * M_b))``.
     """
-    B = valid_counts.shape[0]
-    if budget is None:
-        raise ValueError("no budget given: pass budget=<tokens per image> or a ratio in (0, 1], "
-                         "or set 'budget' / 'budget_ratio' in the spec")
-    if isinstance(budget, bool) or isinstance(budget, str):
-        raise TypeError(f"budget must be an int, a float ratio or a sequence of ints, not {budget!r}")
-    if isinstance(budget, float):
-        if not 0 < budget <= 1:
-            raise ValueError(f"a float budget is a ratio and must be in (0, 1], got {budget}; "
-                             "give an int for a token count")
-        r = torch.round(valid_counts.double() * budget).long().clamp_min(1)
-    elif isinstance(budget, int):
-        if budget <= 0:
-            raise ValueError(f"budget must be > 0 tokens per image, got {budget}")
-        r = torch.full((B,), budget, dtype=torch.int64, device=valid_counts.device)
-    else:
-        r = torch.as_tensor(budget, device=valid_counts.device)
-        if r.dtype.is_floating_point or r.dtype == torch.bool:
-            raise TypeError(f"a per-sample budget must hold integers, got dtype {r.dtype}")
-        if r.shape != (B,):
-            raise ValueError(f"a per-sample budget needs {B} entries (one per image), got shape {tuple(r.shape)}")
-        if bool((r <= 0).any()):
-            raise ValueError(f"every per-sample budget must be > 0, got {r.tolist()}")
-        r = r.long()
-    return torch.minimum(r, valid_counts)
+    return Budget.parse(budget).counts(valid_counts)
 
 
 class Pipeline:
@@ -118,7 +91,7 @@ class Pipeline:
     def __call__(
         self,
         tokens: VisualTokens,
-        budget: Budget | None = None,
+        budget: BudgetLike | None = None,
         routing: Routing | None = None,
         timer: Timer | None = None,
     ) -> Selection:
@@ -143,7 +116,7 @@ class Pipeline:
         fixed = self.fixed_budget(tokens)
         if fixed is not None:
             R = fixed.to(counts_valid.device)
-            asked = None if budget is None else resolve_budget(budget, counts_valid)
+            asked = None if budget is None or budget == KEEP_ALL else budget.counts(counts_valid)
             if asked is not None and not torch.equal(asked, R):
                 raise ValueError(
                     f"completion '{spec.stage_name('completion')}' decides how many tokens each image keeps "
@@ -151,8 +124,11 @@ class Pipeline:
                     "leave the budget out (budget=None and no budget in the spec) for this stage"
                 )
         else:
-            R = resolve_budget(budget, counts_valid)  # (B,)
+            R = Budget.parse(budget).counts(counts_valid)  # (B,)
 
+        if (problem := checks.non_finite_signals(tokens, self.signal_requirements(tokens.num_layers))) is not None:
+            raise ValueError(f"{problem}: the stages would select from it. Check the pixel values, and run the "
+                             "vision tower in fp32 or bf16 if fp16 overflows")
         with tick("routing"):
             if routing is None:
                 if not tokens.prompts:

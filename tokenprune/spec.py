@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from .budget import Budget, BudgetLike
 from .classes import ClassTable
 from .registry import Registry, get_registry
 from .stages import KINDS, BudgetPolicy, Completion, Fusion, LlmPruner, Router, Scorer, Selector, Stage
@@ -158,11 +159,12 @@ class PipelineSpec(BaseModel):
         return self
 
     # -- views ----------------------------------------------------------------------------------
-    def budget_or_default(self, budget: Any = None) -> Any:
-        """``budget`` if given, else the spec's ``budget`` or ``budget_ratio`` (``None`` if neither)."""
-        if budget is not None:
-            return budget
-        return self.budget if self.budget is not None else self.budget_ratio
+    def budget_or_default(self, budget: BudgetLike | None = None) -> Budget | None:
+        """``budget`` if given, else the spec's ``budget`` or ``budget_ratio`` (``None`` if
+        neither), parsed (:meth:`tokenprune.budget.Budget.parse`)."""
+        if budget is None:
+            budget = self.budget if self.budget is not None else self.budget_ratio
+        return None if budget is None else Budget.parse(budget)
 
     @property
     def completion_fixes_budget(self) -> bool:

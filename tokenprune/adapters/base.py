@@ -1,14 +1,18 @@
 """What every model family shares: from the user's model inputs to pruned model inputs.
 
-The route (transformers 5.x ``mm_encoder_outputs``):
+:meth:`Adapter.prepare` takes four steps (transformers 5.x ``mm_encoder_outputs``), each a method
+a family may override on its own (``docs/adapters.md``):
 
-1. route the prompts (text recovered from ``input_ids`` or given explicitly);
-2. run the vision encoder once, asking only for the layers and the one attention map the
-   pipeline needs (:meth:`Adapter.encode`, family-specific);
-3. run the pipeline on the images of the batch (one row per image, padded by a mask);
-4. delete the dropped image placeholders from ``input_ids``/``attention_mask`` (and every other
-   per-token input), re-left-pad the rows, and carry each kept token's *original* position;
-5. hand the kept features to the model through ``mm_encoder_outputs``.
+1. :meth:`Adapter.route`: the prompts' texts (recovered from ``input_ids`` or given explicitly)
+   and their classes;
+2. :meth:`Adapter.encode_batch`: the vision encoder once, asked only for the layers and attention
+   signals the pipeline needs (:meth:`Adapter.encode`, family-specific);
+3. :meth:`Adapter.select`: the pipeline on the images of the batch (one row per image, padded by
+   a mask);
+4. :meth:`Adapter.assemble`: delete the dropped image placeholders from ``input_ids``/
+   ``attention_mask`` (and every other per-token input), re-left-pad the rows, carry each kept
+   token's *original* position, and hand the kept features to the model through
+   ``mm_encoder_outputs``.
 
 Shape letters: ``B`` prompts, ``S`` sequence, ``S'`` pruned sequence, ``N`` images, ``M`` visual
 tokens per image (padded), ``P`` placeholder slots per image (``M`` plus structural slots such as
@@ -17,6 +21,7 @@ LLaVA-NeXT's newlines), ``D`` decoder width.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from abc import ABC, abstractmethod
@@ -27,8 +32,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from ..budget import KEEP_ALL, Budget
 from ..contract import Requirements, Routing, Selection, VisualTokens
-from ..pipeline import Budget, Pipeline, resolve_budget
+from ..pipeline import Pipeline
 from . import capture
 from .sequence import left_pack, take
 
@@ -126,6 +132,61 @@ class PruneRecord:
     llm_budget: Tensor | None = None
     llm_kept: tuple[Tensor, ...] = ()
     llm_source: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The caller's token batch as :meth:`Adapter.prepare`'s steps read it.
+
+    Attributes:
+        ids: ``(B, S)`` input ids; ``mask``: ``(B, S)`` attention mask (ones when not given).
+        is_img: ``(B, S)`` bool image placeholder columns.
+        text_cols: ``(B, S)`` bool the question's columns (what follows each row's last image).
+    """
+
+    ids: Tensor
+    mask: Tensor
+    is_img: Tensor
+    text_cols: Tensor
+
+    @classmethod
+    def of(cls, inputs: dict[str, Any], image_token_id: int) -> Batch:
+        ids: Tensor = inputs["input_ids"]  # (B, S)
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask  # (B, S)
+        is_img = ids == image_token_id  # (B, S)
+        return cls(ids, mask, is_img, question_columns(mask.bool(), is_img))
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """Step 3's answer: the pipeline's selection over the images, the images' tokens as the
+    pipeline saw them, the prompt of each image, and the in-LLM budget (``None`` without one)."""
+
+    selection: Selection
+    tokens: VisualTokens
+    image_sample: Tensor
+    llm_budget: Tensor | None
+
+
+@contextlib.contextmanager
+def _timed(clock: dict[str, float], step: str):
+    t0 = time.perf_counter()
+    yield
+    clock[step] = time.perf_counter() - t0
+
+
+def _ordinal_in_prompt(image_sample: Tensor) -> Tensor:
+    """``(N,)`` each image's ordinal within its prompt (0 for a prompt's first image), the key of
+    seeded random stages."""
+    N = image_sample.shape[0]
+    key = torch.zeros(N, dtype=torch.long, device=image_sample.device)
+    if N > 1:
+        first = torch.ones(N, dtype=torch.long, device=image_sample.device)
+        first[1:] = (image_sample[1:] != image_sample[:-1]).long()
+        run = torch.arange(N, device=image_sample.device)
+        key = run - torch.cummax(torch.where(first.bool(), run, 0), 0).values
+    return key
 
 
 class Adapter(ABC):
@@ -277,6 +338,7 @@ class Adapter(ABC):
         w = text_cols.to(emb.dtype).unsqueeze(-1)  # (B, S, 1)
         return ((emb * w).sum(1) / w.sum(1).clamp_min(1)).float()  # (B, D)
 
+    # -- prepare: route -> encode -> select -> assemble ------------------------------------------------
     def prepare(
         self,
         inputs: dict[str, Any],
@@ -287,25 +349,38 @@ class Adapter(ABC):
         tokenizer: Any,
         entry: Entry,
     ) -> tuple[dict[str, Any], PruneRecord]:
-        """Turn the caller's model inputs into pruned inputs (see the module docstring)."""
+        """Turn the caller's model inputs into pruned inputs (see the module docstring): four steps
+        a family overrides one at a time, each timed in ``PruneRecord.seconds``."""
         self.check_inputs(inputs)
+        batch = Batch.of(inputs, self.image_token_id)
         clock: dict[str, float] = {}
-        t0 = time.perf_counter()
-        ids: Tensor = inputs["input_ids"]  # (B, S)
-        B, S = ids.shape
-        mask = inputs.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask  # (B, S)
-        is_img = ids == self.image_token_id  # (B, S)
-        text_cols = question_columns(mask.bool(), is_img)  # (B, S)
+        with _timed(clock, "route"):
+            routing, prompts = self.route(batch, pipeline, prompts, tokenizer)
+        with _timed(clock, "encode"):
+            enc, budget = self.encode_batch(inputs, pipeline, routing, budget)
+        with _timed(clock, "select"):
+            chosen = self.select(batch, enc, pipeline, routing, prompts, budget)
+        with _timed(clock, "assemble"):
+            out, keep, src = self.assemble(inputs, batch, enc, chosen.selection, entry)
+        total = enc.slots if pipeline.spec.image_downsample else chosen.tokens.valid().sum(1)
+        record = PruneRecord(
+            selection=chosen.selection, image_sample=chosen.image_sample, classes=routing.classes,
+            prompts=tuple(prompts), kept=chosen.selection.counts, total=total, keep_mask=keep, source=src,
+            seconds=clock, llm_budget=chosen.llm_budget,
+        )
+        return out, record
 
-        # 1. route
+    def route(self, batch: Batch, pipeline: Pipeline, prompts: Sequence[str] | None,
+              tokenizer: Any) -> tuple[Routing, list[str]]:
+        """Step 1: each prompt's text (given, or decoded from the question's columns) and its class."""
         router = pipeline.spec.router
+        B = batch.ids.shape[0]
         if prompts is not None:
-            prompts = [str(p) for p in prompts]
-            if len(prompts) != B:
-                raise ValueError(f"got {len(prompts)} prompts for a batch of {B} sequences")
+            texts = [str(p) for p in prompts]
+            if len(texts) != B:
+                raise ValueError(f"got {len(texts)} prompts for a batch of {B} sequences")
         elif tokenizer is not None:
-            prompts = self.prompt_texts(ids, text_cols, tokenizer)
+            texts = self.prompt_texts(batch.ids, batch.text_cols, tokenizer)
         elif router.reads_text:
             raise ValueError(
                 f"router '{pipeline.spec.stage_name('router')}' reads the prompt text, but tokenprune "
@@ -313,14 +388,16 @@ class Adapter(ABC):
                 "tokenizer=processor.tokenizer), or tokenprune_prompts=[...] to the call"
             )
         else:
-            prompts = [""] * B
-        routing = pipeline.route(prompts)
+            texts = [""] * B
+        return pipeline.route(texts), texts
+
+    def encode_batch(self, inputs: dict[str, Any], pipeline: Pipeline, routing: Routing,
+                     budget: Budget | None) -> tuple[Encoded, Budget | None]:
+        """Step 2: run the vision tower once, recording only the signals the pipeline reads. With
+        image down-sampling the tower makes the budget's worth of tokens, and the budget left for
+        selection is :data:`~tokenprune.budget.KEEP_ALL`."""
         need = pipeline.requirements(routing, self.num_layers)
         self.check_scoring(need)
-        clock["route"] = time.perf_counter() - t0
-
-        # 2. encode, recording only the attention the scorer reads
-        t0 = time.perf_counter()
         wanted: dict[nn.Module, tuple[int, frozenset[str]]] = {}
         for layer in need.cls_attention | need.received_attention | need.attention_keys:
             signals = {"cls"} if layer in need.cls_attention else set()
@@ -329,18 +406,18 @@ class Adapter(ABC):
             wanted[self.attention_module(layer)] = (layer, frozenset(signals))
         spec = pipeline.spec
         with capture.recording(wanted) as rec:
-            if spec.image_downsample:
-                self.check_downsample()
-                target = self._downsample_target(spec.budget_or_default(budget), inputs)
-                enc = self.encode_downsampled(inputs, need, rec, target)
-                budget = 1.0  # the encoder made the budget's worth of tokens; keep them all
-            else:
-                enc = self.encode(inputs, need, rec)
-        clock["encode"] = time.perf_counter() - t0
+            if not spec.image_downsample:
+                return self.encode(inputs, need, rec), budget
+            self.check_downsample()
+            target = self._downsample_target(spec.budget_or_default(budget), inputs)
+            return self.encode_downsampled(inputs, need, rec, target), KEEP_ALL
 
-        # 3. the images' prompts, then the pipeline
-        t0 = time.perf_counter()
-        slots_flat = is_img.flatten().nonzero().squeeze(1)  # (sum P_i,) row-major = image order
+    def select(self, batch: Batch, enc: Encoded, pipeline: Pipeline, routing: Routing, prompts: Sequence[str],
+               budget: Budget | None) -> Chosen:
+        """Step 3: one pipeline row per image, with its prompt's class, text and ordinal; an
+        in-LLM spec keeps every token here and hands its budget to the LLM site."""
+        B, S = batch.ids.shape
+        slots_flat = batch.is_img.flatten().nonzero().squeeze(1)  # (sum P_i,) row-major = image order
         if slots_flat.numel() != int(enc.slots.sum()):
             raise UnsupportedInput(
                 f"input_ids hold {slots_flat.numel()} image placeholder tokens, but the images give "
@@ -349,49 +426,31 @@ class Adapter(ABC):
             )
         starts = enc.slots.cumsum(0) - enc.slots  # (N,)
         image_sample = slots_flat[starts.to(slots_flat.device)] // S  # (N,)
-        N = image_sample.shape[0]
-        first = torch.ones(N, dtype=torch.long, device=image_sample.device)
-        key = torch.zeros(N, dtype=torch.long, device=image_sample.device)
-        if N > 1:  # key = ordinal of the image within its prompt
-            same = image_sample[1:] == image_sample[:-1]
-            first[1:] = (~same).long()
-            run = torch.arange(N, device=image_sample.device)
-            key = run - torch.cummax(torch.where(first.bool(), run, 0), 0).values
         pick = image_sample.cpu()
         img_routing = Routing(tuple(routing.classes[i] for i in pick.tolist()), routing.confidence[pick])
-        text = self.text_embedding(ids, text_cols)[image_sample] if need.text_embedding else None
-        tokens = dataclasses.replace(
-            enc.tokens, text_embedding=text, prompts=[prompts[i] for i in pick.tolist()], sample_keys=key
-        )
+        need = pipeline.signal_requirements(self.num_layers)
+        text = self.text_embedding(batch.ids, batch.text_cols)[image_sample] if need.text_embedding else None
+        tokens = dataclasses.replace(enc.tokens, text_embedding=text, prompts=[prompts[i] for i in pick.tolist()],
+                                     sample_keys=_ordinal_in_prompt(image_sample))
         llm_budget = None
         if pipeline.spec.llm is not None:  # keep everything here; the LLM pruner spends the budget
-            llm_budget = resolve_budget(spec.budget_or_default(budget), tokens.valid().sum(1))
-            budget = 1.0
+            llm_budget = Budget.parse(pipeline.spec.budget_or_default(budget)).counts(tokens.valid().sum(1))
+            budget = KEEP_ALL
         sel = pipeline(tokens, budget=budget, routing=img_routing)
-        clock["select"] = time.perf_counter() - t0
+        return Chosen(sel, tokens, image_sample, llm_budget)
 
-        # 4. which slots survive, with which features
-        t0 = time.perf_counter()
-        M = tokens.shape[1]
-        token_keep = sel.token_mask(M)  # (N, M)
-        slot_keep = self.slot_keep(enc, token_keep)  # (N, P)
-        feats = enc.own
-        if sel.features is not None:  # fused / merged features replace the model's own
-            D = feats.shape[-1]
-            dest = torch.where(sel.keep_mask, sel.indices, M)  # padding -> spare row
-            repl = feats.new_zeros(N, M + 1, D).scatter(1, dest.unsqueeze(-1).expand(-1, -1, D),
-                                                        sel.features.to(feats.dtype))
-            has = torch.zeros(N, M + 1, dtype=torch.bool, device=feats.device).scatter(1, dest, True)
-            at = enc.slot_token if enc.slot_token is not None else torch.arange(feats.shape[1], device=feats.device).expand(N, -1)
-            at = torch.where(at >= 0, at, M)  # (N, P); structural slots read the spare row
-            feats = torch.where(has.gather(1, at).unsqueeze(-1), repl.gather(1, at.unsqueeze(-1).expand(-1, -1, D)), feats)
-        kept_features = feats[slot_keep]  # (sum K_i, D) in image order
+    def assemble(self, inputs: dict[str, Any], batch: Batch, enc: Encoded, sel: Selection,
+                 entry: Entry) -> tuple[dict[str, Any], Tensor, Tensor]:
+        """Step 4: the pruned model inputs (text columns and kept image slots, left-packed, at their
+        original positions, with the kept slots' features), the ``(B, S)`` keep mask over the
+        caller's sequence, and the ``(B, S')`` source column of each pruned position."""
+        ids, mask = batch.ids, batch.mask
+        kept_features, slot_keep = self.kept_slot_features(enc, sel)  # (sum K_i, D), (N, P)
         deepstack = [d[slot_keep] for d in enc.deepstack]
-
-        # 5. the pruned sequence
         P = enc.own.shape[1]
+        slots_flat = batch.is_img.flatten().nonzero().squeeze(1)
         slot_valid = torch.arange(P, device=slot_keep.device) < enc.slots.to(slot_keep.device).unsqueeze(1)
-        keep = mask.bool() & ~is_img  # (B, S) every text column
+        keep = mask.bool() & ~batch.is_img  # (B, S) every text column
         keep.view(-1)[slots_flat[slot_keep[slot_valid].to(slots_flat.device)]] = True
         src, valid = left_pack(keep)  # (B, S')
         out = {k: v for k, v in inputs.items() if k not in self.image_inputs and k not in ("position_ids", "cache_position")}
@@ -402,20 +461,30 @@ class Adapter(ABC):
                 out[name] = take(value, src, valid, fill)
         out["position_ids"] = self.pruned_positions(self.positions(ids, mask, inputs, entry), src, valid, entry)
         out["mm_encoder_outputs"] = {"image": self.encoder_output(kept_features, deepstack)}
-        clock["assemble"] = time.perf_counter() - t0
+        return out, keep, src.masked_fill(~valid, -1)
 
-        record = PruneRecord(
-            selection=sel, image_sample=image_sample, classes=routing.classes, prompts=tuple(prompts),
-            kept=sel.counts, total=enc.slots if spec.image_downsample else tokens.valid().sum(1),
-            keep_mask=keep, source=src.masked_fill(~valid, -1), seconds=clock, llm_budget=llm_budget,
-        )
-        return out, record
+    def kept_slot_features(self, enc: Encoded, sel: Selection) -> tuple[Tensor, Tensor]:
+        """The features of the kept slots, ``(sum K_i, D)`` in image order (the model's own, or the
+        stage's fused / merged ones where it gives them), and the ``(N, P)`` slot keep mask."""
+        N, M = sel.indices.shape[0], enc.tokens.shape[1]
+        slot_keep = self.slot_keep(enc, sel.token_mask(M))  # (N, P)
+        feats = enc.own
+        if sel.features is not None:  # fused / merged features replace the model's own
+            D = feats.shape[-1]
+            dest = torch.where(sel.keep_mask, sel.indices, M)  # padding -> spare row
+            repl = feats.new_zeros(N, M + 1, D).scatter(1, dest.unsqueeze(-1).expand(-1, -1, D),
+                                                        sel.features.to(feats.dtype))
+            has = torch.zeros(N, M + 1, dtype=torch.bool, device=feats.device).scatter(1, dest, True)
+            at = enc.slot_token if enc.slot_token is not None else torch.arange(feats.shape[1], device=feats.device).expand(N, -1)
+            at = torch.where(at >= 0, at, M)  # (N, P); structural slots read the spare row
+            feats = torch.where(has.gather(1, at).unsqueeze(-1), repl.gather(1, at.unsqueeze(-1).expand(-1, -1, D)), feats)
+        return feats[slot_keep], slot_keep
 
     def _downsample_target(self, budget: Budget | None, inputs: dict[str, Any]) -> int:
         """One token count for the whole batch (images are resized to one size)."""
         ids = inputs["input_ids"]
         per_image = self.placeholders_per_image(inputs)
-        R = resolve_budget(budget, torch.tensor([per_image] * ids.shape[0]))
+        R = Budget.parse(budget).counts(torch.tensor([per_image] * ids.shape[0]))
         if bool((R != R[0]).any()):
             raise ValueError(f"image down-sampling resizes every image of a batch to one size; got per-sample "
                              f"budgets {R.tolist()}: give one budget")
