@@ -283,6 +283,12 @@ def test_loading_the_shipped_model_is_quiet_and_leaves_logging_as_it_was(capsys)
     assert "the reader's notice" in capsys.readouterr().err
 
 
+def test_the_adapter_hook_has_its_section_in_the_adapters_page():
+    doc = Path("docs/adapters.md").read_text()
+    assert f"### `{_hook_signature('register_adapters')}`" in doc
+    assert hookspecs.register_adapters.__doc__.strip()
+
+
 def test_plugins_page_lists_every_kind_as_its_record_says():
     doc = Path("docs/plugins.md").read_text()
     for k in KINDS.values():

@@ -48,10 +48,14 @@ batch rows. Randomness is seeded and per sample (:func:`tokenprune.ops.hash_unif
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from .stages import BudgetPolicy, Completion, Fusion, LlmPruner, Router, Scorer, Selector
+
+if TYPE_CHECKING:
+    from .adapters.base import Adapter
 
 __all__ = ["hookspec", "hookimpl", "PROJECT"]
 
@@ -253,4 +257,27 @@ def register_llm_pruners(register: Callable[[str, type[LlmPruner]], None]) -> No
     positions (1-D or M-RoPE) for the kept ones, and gives every later layer a mask and a KV
     cache without them. Earlier layers keep their full cache. Built-ins: ``fastv``,
     ``pyramid-drop``, ``dart``.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# model families
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def register_adapters(register: Callable[[str, type[Adapter]], None]) -> None:
+    """Register model-family adapters: a transformers model class -> the adapter that prunes it.
+
+    :param register: call ``register(model_class_name, cls)``, ``model_class_name`` the
+        ``__name__`` of the model class (``"LlavaForConditionalGeneration"``) and ``cls`` a subclass
+        of :class:`tokenprune.adapters.Adapter`.
+
+    :func:`tokenprune.apply` walks the model's class hierarchy (its MRO) and takes the first class
+    with a registered adapter, so an adapter registered for a subclass wins over its parent's.
+    An adapter implements ``encode`` (the vision tower once, as
+    :class:`tokenprune.adapters.Encoded`) and a few accessors (``image_token_id``,
+    ``num_layers``, ``attention_module``, ``decoder_layers``...); the four steps of
+    ``Adapter.prepare`` (``route``, ``encode_batch``, ``select``, ``assemble``) are shared and
+    may be overridden one at a time. ``docs/adapters.md`` walks through a whole family. The
+    built-in families (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) are registered
+    through this hook too.
     """

@@ -16,7 +16,7 @@ import pluggy
 from . import hookspecs
 from .stages import KINDS, Stage
 
-__all__ = ["StageInfo", "Registry", "RegistryError", "build_registry", "get_registry", "stage_label"]
+__all__ = ["StageInfo", "AdapterInfo", "Registry", "RegistryError", "build_registry", "get_registry", "stage_label"]
 
 class RegistryError(RuntimeError):
     """A plugin could not be loaded or registered."""
@@ -54,6 +54,23 @@ class StageInfo:
         return out
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One registered model-family adapter.
+
+    Attributes:
+        model_class: the ``__name__`` of the transformers model class it prunes.
+        cls: the adapter class (a subclass of :class:`tokenprune.adapters.Adapter`).
+        distribution, version, plugin: where it came from, as for stages.
+    """
+
+    model_class: str
+    cls: type
+    distribution: str
+    version: str
+    plugin: str
+
+
 def _type_name(annotation: Any) -> str:
     name = getattr(annotation, "__name__", None)
     return name if name and not getattr(annotation, "__args__", None) else str(annotation).replace("typing.", "")
@@ -67,6 +84,7 @@ class Registry:
         default_factory=lambda: {k: {} for k in KINDS}
     )
     manager: pluggy.PluginManager | None = None
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)
 
     def add(self, kind: str, name: str, cls: Any, distribution: str, version: str, plugin: str) -> None:
         base = KINDS[kind].base
@@ -91,6 +109,23 @@ class Registry:
                 "uninstall one or rename its stage"
             )
         self.stages[kind][name] = StageInfo(kind, name, cls, distribution, version, plugin)
+
+    def add_adapter(self, model_class: str, cls: Any, distribution: str, version: str, plugin: str) -> None:
+        from .adapters.base import Adapter
+
+        if not isinstance(model_class, str) or not model_class:
+            raise RegistryError(f"{distribution} ({plugin}) registered an adapter for the model class {model_class!r}; "
+                                "give the class's __name__, such as 'LlavaForConditionalGeneration'")
+        if not (isinstance(cls, type) and issubclass(cls, Adapter)) or getattr(cls, "__abstractmethods__", None):
+            raise RegistryError(f"{distribution} ({plugin}) registered {cls!r} for {model_class}, which is not a "
+                                "concrete subclass of tokenprune.adapters.Adapter")
+        prior = self.adapters.get(model_class)
+        if prior is not None:
+            raise RegistryError(
+                f"{model_class} has two adapters: {prior.cls.__module__}.{prior.cls.__qualname__} from distribution "
+                f"'{prior.distribution}' and {cls.__module__}.{cls.__qualname__} from distribution '{distribution}'; "
+                "uninstall one, or register yours for a subclass of the model")
+        self.adapters[model_class] = AdapterInfo(model_class, cls, distribution, version, plugin)
 
     def get(self, kind: str, name: str) -> StageInfo:
         """Look a stage up; an unknown name lists the valid choices."""
@@ -175,6 +210,13 @@ def build_registry(extra_plugins: tuple[tuple[str, object], ...] = ()) -> Regist
                 registry.add(_k, name, cls, _d, _v, _l)
 
             impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
+    for impl in reversed(pm.hook.register_adapters.get_hookimpls()):
+        dist, version, label = origin.get(id(impl.plugin), ("?", "?", impl.plugin_name))
+
+        def register_adapter(model_class: str, cls: Any, _d=dist, _v=version, _l=label) -> None:
+            registry.add_adapter(model_class, cls, _d, _v, _l)
+
+        impl.function(**{arg: register_adapter for arg in impl.argnames if arg == "register"})
     return registry
 
 

@@ -1,19 +1,23 @@
 """Model-family adapters: where a pipeline meets a transformers model.
 
-:func:`adapter_for` picks the adapter by the model's class (its MRO, so subclasses work).
+Families are registered through the ``register_adapters`` hook, the built-in ones here exactly as
+a third party's (``docs/adapters.md``); :func:`adapter_for` picks the adapter by the model's class
+(its MRO, so subclasses work, and an adapter registered for a subclass wins over its parent's).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, Encoded, PruneRecord, UnsupportedInput
+from ..hookspecs import hookimpl
+from .base import Adapter, Batch, Chosen, Encoded, PruneRecord, UnsupportedInput
 from .llava import LlavaAdapter, LlavaNextAdapter, UnsupportedModel
 from .qwen import Qwen3Adapter, Qwen25Adapter, QwenAdapter
 
 __all__ = [
-    "ADAPTERS",
     "Adapter",
+    "Batch",
+    "Chosen",
     "Encoded",
     "PruneRecord",
     "UnsupportedInput",
@@ -21,23 +25,28 @@ __all__ = [
     "adapter_for",
 ]
 
-#: transformers class name -> adapter
-ADAPTERS: dict[str, type[Adapter]] = {
-    "LlavaForConditionalGeneration": LlavaAdapter,
-    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
-    "Qwen2VLForConditionalGeneration": QwenAdapter,
-    "Qwen2_5_VLForConditionalGeneration": Qwen25Adapter,
-    "Qwen3VLForConditionalGeneration": Qwen3Adapter,
-}
+
+@hookimpl
+def register_adapters(register) -> None:
+    register("LlavaForConditionalGeneration", LlavaAdapter)
+    register("LlavaNextForConditionalGeneration", LlavaNextAdapter)
+    register("Qwen2VLForConditionalGeneration", QwenAdapter)
+    register("Qwen2_5_VLForConditionalGeneration", Qwen25Adapter)
+    register("Qwen3VLForConditionalGeneration", Qwen3Adapter)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter for ``model``, or a clear error naming the supported classes."""
+    """The adapter for ``model`` (the first class of its MRO with a registered adapter), or a clear
+    error naming the supported classes."""
+    from ..registry import get_registry
+
+    adapters = get_registry().adapters
     for cls in type(model).__mro__:
-        if cls.__name__ in ADAPTERS:
-            return ADAPTERS[cls.__name__](model)
+        if cls.__name__ in adapters:
+            return adapters[cls.__name__].cls(model)
     raise UnsupportedModel(
-        f"tokenprune has no adapter for {type(model).__name__}; supported: {', '.join(ADAPTERS)}. "
+        f"tokenprune has no adapter for {type(model).__name__}; supported: {', '.join(adapters)}. "
         "Load the model with its *ForConditionalGeneration class (e.g. LlavaForConditionalGeneration), "
-        "or prune precomputed features with tokenprune.Pipeline directly"
+        "add the family with an adapter (docs/adapters.md), or prune precomputed features with "
+        "tokenprune.Pipeline directly"
     )

@@ -100,6 +100,12 @@ class LlavaAdapter(Adapter):
         out, feats, cls = self._features(inputs, need)
         own = torch.stack(list(out.pooler_output))  # (N, M, D)
         N, M, _ = own.shape
+        patches = next(iter(feats.values())).shape[1]
+        if patches != M:
+            raise UnsupportedModel(
+                f"{type(self.model).__name__} feeds its LLM {M} features per image, but its tower makes {patches} "
+                "patch tokens: the model changes LLaVA's features (pooling, merging), so the LLaVA-1.5 adapter "
+                "cannot map them; register an adapter for this class (docs/adapters.md)")
         side = math.isqrt(M)
         tokens = VisualTokens(
             layers=feats,

@@ -1,0 +1,134 @@
+"""A third-party model family, added through ``register_adapters`` from a temporary distribution:
+the worked example of docs/adapters.md, installed from the page itself."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_dist
+from tiny_models import BOS, IMG, PAD, _clip, _text
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import tokenprune as tp
+from tokenprune.adapters import UnsupportedModel
+from tokenprune.registry import RegistryError, build_registry
+
+
+def _worked_example() -> str:
+    blocks = re.findall(r"```python\n(# pooled_llava\.py\n.*?)```", Path("docs/adapters.md").read_text(), re.S)
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+@pytest.fixture
+def pooled(site, monkeypatch):
+    """The page's module as the distribution tp-thirdparty-pooled, and the registry that sees it."""
+    make_dist(site, "tp-thirdparty-pooled", "tp_thirdparty_pooled", _worked_example(), ep_name="pooled_llava")
+    reg = build_registry()
+    monkeypatch.setattr("tokenprune.registry.get_registry", lambda: reg)
+    import tp_thirdparty_pooled
+
+    return tp_thirdparty_pooled, reg
+
+
+def _model(module):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlavaConfig(vision_config=_clip(56), text_config=tf.LlamaConfig(**_text(2)), image_token_id=IMG,
+                         vision_feature_layer=-2)
+    return module.PooledLlavaForConditionalGeneration(cfg).eval()
+
+
+def _inputs(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Left-padded prompts, each with one 56-px image (4 pooled placeholders)."""
+    g = torch.Generator().manual_seed(1)
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), PAD)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, S - len(r):] = torch.tensor(r)
+        mask[b, S - len(r):] = 1
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(len(rows), 3, 56, 56, generator=g))
+
+
+ROWS = [[BOS, 11, 12] + [IMG] * 4 + [13, 14, 15], [BOS, 21] + [IMG] * 4 + [22]]
+SPEC = tp.load_spec("specs/clasp.toml").replace(router={"stage": "fixed", "class_name": "counting"})
+
+
+def test_the_family_is_registered_with_its_distribution(pooled):
+    module, reg = pooled
+    info = reg.adapters["PooledLlavaForConditionalGeneration"]
+    assert info.cls is module.PooledLlavaAdapter and info.distribution == "tp-thirdparty-pooled"
+    assert type(tp.adapters.adapter_for(_model(module))) is module.PooledLlavaAdapter
+    assert reg.adapters["LlavaForConditionalGeneration"].distribution == "tokenprune"  # the built-ins, same path
+
+
+def test_a_full_budget_reproduces_the_unpruned_logits(pooled):
+    module, _ = pooled
+    m = _model(module)
+    inp = _inputs(ROWS)
+    with torch.no_grad():
+        plain = m(**inp).logits[:, -1]
+        with tp.apply(m, SPEC, budget=4) as h:
+            full = m(**inp).logits[:, -1]
+    assert h.last.kept.tolist() == [4, 4] and h.last.total.tolist() == [4, 4]
+    torch.testing.assert_close(full, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_logits_equal_a_forward_built_by_hand_with_only_the_kept_pooled_tokens(pooled):
+    module, _ = pooled
+    m = _model(module)
+    inp = _inputs(ROWS)
+    with torch.no_grad():
+        with tp.apply(m, SPEC, budget=2) as h:
+            pruned = m(**inp).logits[:, -1]
+        own = m.model.get_image_features(pixel_values=inp["pixel_values"], vision_feature_layer=-2,
+                                         vision_feature_select_strategy="default").pooler_output
+        assert [o.shape[0] for o in own] == [4, 4]
+        sel = h.last.selection
+        for b, row in enumerate(ROWS):  # one prompt at a time, no padding: positions are 0..len-1
+            kept = sel.row(b).tolist()
+            assert len(kept) == 2
+            img_at = [i for i, t in enumerate(row) if t == IMG]
+            cols = [i for i, t in enumerate(row) if t != IMG or img_at.index(i) in kept]
+            ids = torch.tensor([[row[i] for i in cols]])
+            out = m(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.tensor([cols]),
+                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[own[b][kept]])})
+            torch.testing.assert_close(pruned[b], out.logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_without_its_adapter_the_parent_familys_refuses_instead_of_pruning_wrongly(pooled, monkeypatch):
+    module, _ = pooled
+    m = _model(module)
+    builtin = build_registry()
+    builtin.adapters.pop("PooledLlavaForConditionalGeneration")
+    monkeypatch.setattr("tokenprune.registry.get_registry", lambda: builtin)
+    with tp.apply(m, SPEC, budget=2), pytest.raises(UnsupportedModel, match=r"PooledLlavaForConditionalGeneration feeds "
+                                                                            r"its LLM 4 features per image, but its tower "
+                                                                            r"makes 16 patch tokens.*register an adapter"):
+        m(**_inputs(ROWS))
+
+
+def test_two_adapters_for_one_class_are_refused_naming_both(pooled):
+    module, _ = pooled
+
+    class Again:
+        @tp.hookimpl
+        def register_adapters(self, register):
+            register("PooledLlavaForConditionalGeneration", module.PooledLlavaAdapter)
+
+    with pytest.raises(RegistryError, match="PooledLlavaForConditionalGeneration has two adapters: ") as err:
+        build_registry(extra_plugins=(("again", Again()),))
+    assert "distribution 'tp-thirdparty-pooled'" in str(err.value) and "distribution '<local>'" in str(err.value)
+
+    class NotAnAdapter:
+        @tp.hookimpl
+        def register_adapters(self, register):
+            register("SomethingForConditionalGeneration", dict)
+
+    with pytest.raises(RegistryError, match="not a concrete subclass of tokenprune.adapters.Adapter"):
+        build_registry(extra_plugins=(("bad", NotAnAdapter()),))
