@@ -13,7 +13,7 @@ import torch
 
 import tokenprune as tp
 from tokenprune import hookspecs
-from tokenprune.bench import stages as bench
+from tokenprune.lab.bench import stages as bench
 from tokenprune.cli import main
 from tokenprune.stages import KINDS
 
@@ -258,7 +258,8 @@ def test_bench_stages_keeps_every_finished_row_when_interrupted(tmp_path, capsys
 
 
 def test_bench_stages_quick_mode_is_one_small_run():
-    from tokenprune.cli import QUICK, build_parser
+    from tokenprune.cli import build_parser
+    from tokenprune.lab.cli import QUICK
 
     args = build_parser().parse_args(["bench", "stages", "--quick"])
     assert args.quick and QUICK["batch"] == [1] and len(QUICK["budgets"]) == 1 and "," not in QUICK["shapes"]
@@ -270,7 +271,7 @@ def test_loading_the_shipped_model_is_quiet_and_leaves_logging_as_it_was(capsys)
     from transformers.utils import logging
 
     from tokenprune.quiet import quiet_transformers
-    from tokenprune.testbed.model import load
+    from tokenprune.lab.testbed.model import load
 
     before = (logging.get_verbosity(), logging.is_progress_bar_enabled())
     load("v1")
@@ -283,10 +284,10 @@ def test_loading_the_shipped_model_is_quiet_and_leaves_logging_as_it_was(capsys)
     assert "the reader's notice" in capsys.readouterr().err
 
 
-def test_the_adapter_hook_has_its_section_in_the_adapters_page():
-    doc = Path("docs/adapters.md").read_text()
-    assert f"### `{_hook_signature('register_adapters')}`" in doc
-    assert hookspecs.register_adapters.__doc__.strip()
+def test_the_adapter_and_command_hooks_have_their_sections():
+    assert f"### `{_hook_signature('register_adapters')}`" in Path("docs/adapters.md").read_text()
+    assert f"### `{_hook_signature('register_commands')}`" in Path("docs/plugins.md").read_text()
+    assert hookspecs.register_adapters.__doc__.strip() and hookspecs.register_commands.__doc__.strip()
 
 
 def test_plugins_page_lists_every_kind_as_its_record_says():

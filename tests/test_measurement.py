@@ -13,11 +13,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tokenprune.testbed.evaluate import Variant, evaluate, kept_cells
-from tokenprune.testbed.questions import QA_CLASSES, ask
-from tokenprune.testbed.scenes import GRID
-from tokenprune.testbed.splits import scene
-from tokenprune.testbed.stats import Z95, mcnemar, paired_se, wilson
+from tokenprune.lab.testbed.evaluate import Variant, evaluate, kept_cells
+from tokenprune.lab.testbed.questions import QA_CLASSES, ask
+from tokenprune.lab.testbed.scenes import GRID
+from tokenprune.lab.testbed.splits import scene
+from tokenprune.lab.testbed.stats import Z95, mcnemar, paired_se, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_kept_cells_reads_the_columns_that_reached_the_llm():
 @pytest.fixture(scope="module")
 def report():
     from tokenprune.spec import load_spec
-    from tokenprune.testbed.model import load
+    from tokenprune.lab.testbed.model import load
 
     model, processor = load()
     variants = [Variant("clasp", load_spec("specs/clasp.toml")),
@@ -150,8 +150,8 @@ def test_evidence_recall_is_one_when_every_token_is_kept(report):
 
 def test_tower_memo_gives_the_same_report_and_restores_the_tower():
     from tokenprune.spec import load_spec
-    from tokenprune.testbed.memo import memoized_tower
-    from tokenprune.testbed.model import load
+    from tokenprune.lab.testbed.memo import memoized_tower
+    from tokenprune.lab.testbed.model import load
 
     model, processor = load()
     variants = [Variant("clasp", load_spec("specs/clasp.toml")),
@@ -174,8 +174,8 @@ def test_tower_memo_serves_any_choice_of_hidden_states_from_one_pass():
     """A row holds every hidden state, so fusions over different layers and the unpruned forward
     share one tower pass; each call gets back exactly what the tower itself returns for its
     arguments (the states it asked for, ``None`` for the others)."""
-    from tokenprune.testbed.memo import memoized_tower
-    from tokenprune.testbed.model import load
+    from tokenprune.lab.testbed.memo import memoized_tower
+    from tokenprune.lab.testbed.model import load
 
     model, processor = load("v1")
     tower = model.model.vision_tower
@@ -199,8 +199,8 @@ def test_a_memoized_tower_is_timed_as_if_it_had_run(monkeypatch):
     """Each row's compute time is charged to every call it serves, so a forward timed with
     ``tower_cost`` reports the same tower cost whether its rows were computed or replayed (on a
     fake clock: the tower costs 1 s per image row, replaying costs nothing)."""
-    from tokenprune.testbed import memo
-    from tokenprune.testbed.model import load
+    from tokenprune.lab.testbed import memo
+    from tokenprune.lab.testbed.model import load
 
     model, processor = load("v1")
     tower = model.model.vision_tower
@@ -230,7 +230,7 @@ def test_a_memoized_tower_is_timed_as_if_it_had_run(monkeypatch):
 
 # -- make results: a plan that resumes ------------------------------------------------------------
 def _results_fixture(tmp_path):
-    from tokenprune.testbed.results import Step
+    from tokenprune.lab.testbed.results import Step
 
     model = tmp_path / "model"
     model.mkdir()
@@ -251,7 +251,7 @@ def _results_fixture(tmp_path):
 
 
 def test_results_plan_resumes_and_reruns_exactly_what_changed(tmp_path):
-    from tokenprune.testbed.results import run_plan
+    from tokenprune.lab.testbed.results import run_plan
 
     model, spec, steps, calls, run = _results_fixture(tmp_path)
     manifest = tmp_path / "manifest.json"
@@ -274,7 +274,7 @@ def test_results_plan_resumes_and_reruns_exactly_what_changed(tmp_path):
 
 
 def test_results_plan_stops_at_a_failing_step_and_names_it(tmp_path):
-    from tokenprune.testbed.results import run_plan
+    from tokenprune.lab.testbed.results import run_plan
 
     model, _, steps, calls, run = _results_fixture(tmp_path)
     manifest = tmp_path / "manifest.json"
@@ -287,7 +287,7 @@ def test_results_plan_stops_at_a_failing_step_and_names_it(tmp_path):
 
 
 def test_results_plan_covers_every_shipped_ablation():
-    from tokenprune.testbed.results import plan
+    from tokenprune.lab.testbed.results import plan
 
     names = {s.name for s in plan()}
     assert {p.stem for p in (ROOT / "specs/ablations").glob("*.toml")} <= names
@@ -302,8 +302,8 @@ def test_an_interrupted_evaluation_resumes_from_its_checkpoint_and_reports_the_s
     import json
 
     from tokenprune.spec import load_spec
-    from tokenprune.testbed import resume
-    from tokenprune.testbed.model import load
+    from tokenprune.lab.testbed import resume
+    from tokenprune.lab.testbed.model import load
 
     model, processor = load("v1")
     variants = [Variant("top-r", load_spec("specs/variants/top-r.toml"))]
@@ -347,7 +347,7 @@ def test_an_interrupted_evaluation_resumes_from_its_checkpoint_and_reports_the_s
 
 # -- docs/results.md: its tables are rendered from the committed results ----------------------------
 def test_fill_report_renders_each_marked_block_from_its_json(tmp_path):
-    from tokenprune.testbed.results import fill_report, render
+    from tokenprune.lab.testbed.results import fill_report, render
 
     results = tmp_path / "results"
     results.mkdir()
@@ -376,7 +376,7 @@ def test_fill_report_renders_each_marked_block_from_its_json(tmp_path):
 def test_the_tables_of_results_md_are_the_committed_results():
     """docs/results.md and docs/routing.md show what docs/results/*.json hold (`tokenprune
     results` re-renders them)."""
-    from tokenprune.testbed.results import _BLOCK, REPORTS, _only, render
+    from tokenprune.lab.testbed.results import _BLOCK, REPORTS, _only, render
 
     for doc in REPORTS:
         blocks = list(_BLOCK.finditer((ROOT / doc).read_text()))

@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 import tokenprune as tp
 from tokenprune.prompts import extract_question
-from tokenprune.testbed.questions import QA_CLASSES, ask
-from tokenprune.testbed.splits import scene
+from tokenprune.lab.testbed.questions import QA_CLASSES, ask
+from tokenprune.lab.testbed.splits import scene
 
 #: Chat templates as the families render one user turn with one image (the image placeholder as
 #: the processor writes it); "-skipped" forms are what a tokenizer decodes with special tokens off.
@@ -115,7 +115,7 @@ def test_a_router_may_ask_for_the_whole_prompt():
 def test_the_adapter_routes_the_question_of_a_harness_prompt_on_a_real_model():
     """Through ``tp.apply`` on the shipped testbed LLaVA: a harness suffix after the question
     leaves the routed class (and so the kept tokens) as they were."""
-    from tokenprune.testbed.model import load, prompt
+    from tokenprune.lab.testbed.model import load, prompt
 
     model, processor = load("v1")
     sc = scene("test", 1)

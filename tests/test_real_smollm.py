@@ -12,7 +12,7 @@ import torch
 
 import tokenprune as tp
 
-from tokenprune.bench import smollm
+from tokenprune.lab.bench import smollm
 
 pytestmark = pytest.mark.slow  # ~25 s; CI runs it (make test installs the weights)
 

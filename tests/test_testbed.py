@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 
 from tokenprune.classes import ClassTable
 from tokenprune.cli import main
-from tokenprune.testbed import model as tb_model
-from tokenprune.testbed.questions import QA_CLASSES, answer_words, ask, ask_all
-from tokenprune.testbed.scenes import CELL, COLORS, SHAPES, make_scene
-from tokenprune.testbed.splits import SPLITS, examples, scene
-from tokenprune.testbed.train import Packer, TrainConfig, pixels, train
+from tokenprune.lab.testbed import model as tb_model
+from tokenprune.lab.testbed.questions import QA_CLASSES, answer_words, ask, ask_all
+from tokenprune.lab.testbed.scenes import CELL, COLORS, SHAPES, make_scene
+from tokenprune.lab.testbed.splits import SPLITS, examples, scene
+from tokenprune.lab.testbed.train import Packer, TrainConfig, pixels, train
 
 REPO = Path(__file__).resolve().parent.parent
 MINI = {"vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
@@ -221,7 +221,7 @@ def _strip(report: dict) -> dict:
 
 def test_eval_cli_writes_json_png_and_matches_the_api(mini, tmp_path, capsys):
     from tokenprune.spec import load_spec
-    from tokenprune.testbed.evaluate import Variant, evaluate
+    from tokenprune.lab.testbed.evaluate import Variant, evaluate
 
     assert main(["eval", "--model", str(mini), "--scenes", "2", "--budgets", "16,64", "--quiet",
                  "--out", str(tmp_path), "--name", "r"]) == 0
@@ -282,7 +282,7 @@ def test_ablate_cli(mini, tmp_path, capsys):
 
 
 def test_every_shipped_ablation_loads():
-    from tokenprune.testbed.ablation import load_ablation
+    from tokenprune.lab.testbed.ablation import load_ablation
 
     files = sorted((REPO / "specs/ablations").glob("*.toml"))
     assert {f.stem for f in files} >= {"fusion", "scoring", "completion", "pivot-ratio", "router", "alternatives"}
@@ -292,7 +292,7 @@ def test_every_shipped_ablation_loads():
 
 
 def test_ablation_errors_name_the_variant(tmp_path):
-    from tokenprune.testbed.ablation import load_ablation
+    from tokenprune.lab.testbed.ablation import load_ablation
 
     f = tmp_path / "bad.toml"
     f.write_text(f'name = "x"\nbase = "{REPO / "specs/clasp.toml"}"\n[[variant]]\nname = "v"\n'
@@ -327,7 +327,7 @@ def test_calibrate_writes_a_table_a_spec_can_use(mini, tmp_path):
 
 
 def test_calibration_guard_keeps_the_pooled_row_unless_a_cell_beats_it_beyond_noise():
-    from tokenprune.testbed.calibrate import _guarded
+    from tokenprune.lab.testbed.calibrate import _guarded
 
     pooled = [True] * 50 + [False] * 50
     clear = [True] * 80 + [False] * 20            # +0.30 over 100 paired questions: far beyond 2 SE

@@ -26,8 +26,8 @@ from torch import nn
 
 from .adapters import Adapter, PruneRecord, UnsupportedInput, UnsupportedModel, adapter_for
 from .adapters import capture
-from .adapters.base import cache_keyword, cache_of
-from .adapters.llm_site import LlmSite
+from .adapters.base import Entry, cache_keyword, cache_of
+from .adapters.llm_site import LlmSite, Session
 from .budget import Budget, BudgetLike
 from .pipeline import Pipeline
 from .spec import PipelineSpec
@@ -37,7 +37,7 @@ __all__ = ["apply", "PruningHandle"]
 _STACK = "_tokenprune_stack"
 _SAVED = "_tokenprune_saved"
 _MISSING = object()
-_PATCHED = ("forward", "generate")
+_PATCHED: tuple[Entry, ...] = ("forward", "generate")
 
 
 def _as_pipeline(spec: Pipeline | PipelineSpec | str | Path) -> Pipeline:
@@ -109,7 +109,7 @@ class PruningHandle:
             self.site = LlmSite(adapter, pipeline.spec.llm, pipeline.spec.stage_name("llm"))
         if pipeline.spec.image_downsample:
             adapter.check_downsample()
-        self._pending = None  # a generate() prefill waiting for its first forward call
+        self._pending: Session | None = None  # a generate() prefill waiting for its first forward call
         self._removed = False
 
     def _attention_layers(self) -> set[int]:
@@ -178,7 +178,7 @@ class PruningHandle:
         return self._modules + (self.site.attention_modules() if self.site is not None else [])
 
     # -- one call ------------------------------------------------------------------------------------------
-    def _prepare(self, kwargs: dict[str, Any], prompts: Any, budget: BudgetLike | None, entry: str):
+    def _prepare(self, kwargs: dict[str, Any], prompts: Any, budget: BudgetLike | None, entry: Entry):
         new, record = self.adapter.prepare(
             kwargs, self.pipeline, self.budget if budget is None else Budget.parse(budget),
             prompts=prompts, tokenizer=self.tokenizer, entry=entry,
@@ -186,12 +186,13 @@ class PruningHandle:
         self.last = record
         return new
 
-    def _call(self, original: Any, new: dict[str, Any], entry: str) -> Any:
+    def _call(self, original: Any, new: dict[str, Any], entry: Entry) -> Any:
         """Run the pruned call; with an in-LLM pruner, inside its prefill session."""
         site = self.site
         if site is None:
             return original(**new)
         record = self.last
+        assert record is not None and record.llm_budget is not None  # _prepare ran, with an [llm] stage
         session = site.begin(new, record.kept, record.image_sample, record.llm_budget)
         if entry == "generate":  # the prefill is generate's first forward call
             if new.get("use_cache") is False:
@@ -213,7 +214,7 @@ class PruningHandle:
         self._finish(session)
         return out
 
-    def _passthrough(self, original: Any, kwargs: dict[str, Any], entry: str) -> Any:
+    def _passthrough(self, original: Any, kwargs: dict[str, Any], entry: Entry) -> Any:
         """A call without images: a generate prefill we prepared, a decode step on a pruned
         cache, or an ordinary call."""
         site = self.site
@@ -224,14 +225,15 @@ class PruningHandle:
                     out = original(**kwargs)
                 self._finish(session)
                 return out
-            session = site.session_of(cache_of(kwargs))
-            if session is not None:
-                with site.decode(session, kwargs.get("attention_mask")):
+            decoding = site.session_of(cache_of(kwargs))
+            if decoding is not None:
+                with site.decode(decoding, kwargs.get("attention_mask")):
                     return original(**kwargs)
         return original(**kwargs)
 
     def _finish(self, session: Any) -> None:
         record = self.last
+        assert record is not None
         src = record.source  # (B, S') caller's columns of the LLM input
         last = session.steps[-1] if session.steps else None
         llm_source = None if last is None else src.gather(1, last.source).masked_fill(~last.valid, -1)
@@ -254,7 +256,7 @@ def _bind(method: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _wrap(model: nn.Module, original: Any, entry: str):
+def _wrap(model: nn.Module, original: Any, entry: Entry):
     """The instance attribute that replaces ``forward`` or ``generate`` (``entry``)."""
 
     @functools.wraps(original)

@@ -92,9 +92,9 @@ def check_mask(mask: object, keep: Tensor, allowed: Tensor) -> Problem:
     if bool((mask & ~allowed).any()):
         rows = (mask & ~allowed).any(1).nonzero().flatten().tolist()
         return f"chose tokens outside its candidates (padding, or already-kept tokens) in rows {rows}"
-    got = mask.sum(1)
-    if not torch.equal(got, keep.to(mask.device)):
-        return f"chose {got.tolist()} tokens per row; the budget asks for {keep.tolist()}"
+    counts = mask.sum(1)
+    if not torch.equal(counts, keep.to(mask.device)):
+        return f"chose {counts.tolist()} tokens per row; the budget asks for {keep.tolist()}"
     return None
 
 

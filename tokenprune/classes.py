@@ -111,10 +111,9 @@ class ClassTable(BaseModel):
                 f"classes {sorted(explicit)} give explicit weights, so the table needs 'num_layers'"
             )
         for c, e in explicit.items():
-            if len(e.weights) != self.num_layers:
-                raise ValueError(
-                    f"class '{c}' has {len(e.weights)} layer weights but num_layers = {self.num_layers}"
-                )
+            n = len(e.weights or ())
+            if n != self.num_layers:
+                raise ValueError(f"class '{c}' has {n} layer weights but num_layers = {self.num_layers}")
         return self
 
     # -- loading --------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class VisualTokens:
             raise ValueError("VisualTokens.layers is empty: pass at least one encoder layer")
         if self.num_layers < 1:
             raise ValueError(f"VisualTokens.num_layers must be >= 1, got {self.num_layers}")
-        ref = None
+        ref: Tensor | None = None
         for key, h in self.layers.items():
             normalize_layer(key, self.num_layers)
             if not isinstance(h, Tensor) or h.dim() != 3:
@@ -195,6 +195,7 @@ class VisualTokens:
                     f"layer {key} features are {tuple(h.shape)} {h.dtype} on {h.device}, but other "
                     f"layers are {tuple(ref.shape)} {ref.dtype} on {ref.device}; all layers must agree"
                 )
+        assert ref is not None  # layers is not empty
         B, M, _ = ref.shape
         if self.mask is not None:
             if self.mask.shape != (B, M) or self.mask.dtype != torch.bool:

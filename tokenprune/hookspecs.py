@@ -56,6 +56,7 @@ from .stages import BudgetPolicy, Completion, Fusion, LlmPruner, Router, Scorer,
 
 if TYPE_CHECKING:
     from .adapters.base import Adapter
+    from .cli import Commands
 
 __all__ = ["hookspec", "hookimpl", "PROJECT"]
 
@@ -280,4 +281,22 @@ def register_adapters(register: Callable[[str, type[Adapter]], None]) -> None:
     may be overridden one at a time. ``docs/adapters.md`` walks through a whole family. The
     built-in families (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) are registered
     through this hook too.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def register_commands(commands: Commands) -> None:
+    """Add sub-commands to the ``tokenprune`` command line.
+
+    :param commands: call ``commands.add_parser(name, help=...)`` for each command; it returns
+        the command's own ``argparse.ArgumentParser``. Add its flags there and
+        ``parser.set_defaults(func=run)``, ``run(args) -> int`` returning the exit status.
+
+    ``tokenprune --help`` lists every registered command; a name registered twice is an error
+    naming both distributions. Import heavy modules inside ``run``, not at the top of the plugin
+    module: every ``tokenprune`` invocation loads the plugins. The lab's commands (``eval``,
+    ``bench``, ``demo``...) are registered through this hook (:mod:`tokenprune.lab.cli`).
     """

@@ -346,6 +346,15 @@ def argmax_low(score: Tensor, dtype: torch.dtype) -> Tensor:
     return (score >= top - tol).int().argmax(1)  # first true = lowest index
 
 
+def _vectors_or_matrix(x: Tensor | None, gram: Tensor | None, solver: str) -> Tensor:
+    """Whichever of the unit vectors ``x`` and their similarity matrix ``gram`` a greedy solver was
+    given (``x`` when both are), or a clear error when neither is."""
+    given = x if x is not None else gram
+    if given is None:
+        raise ValueError(f"{solver} needs the unit vectors x or their similarity matrix gram")
+    return given
+
+
 def greedy_max_min(
     x: Tensor | None, candidates: Tensor, selected: Tensor, k: Tensor, init_isolated: bool = True,
     gram: Tensor | None = None,
@@ -378,13 +387,12 @@ def greedy_max_min(
     k = k.to(dev)
     steps = int(k.max()) if B else 0
     any_sel = selected.any(1)  # (B,)
+    tie = _vectors_or_matrix(x, gram, "greedy_max_min").dtype
     if gram is None:
-        if x is None:
-            raise ValueError("greedy_max_min needs the unit vectors x or their similarity matrix gram")
+        assert x is not None
         isolated = init_isolated and not bool(any_sel.all())  # the first pick reads the whole matrix
         gram = similarity_rows(x, steps, force=True if isolated else None)
     full = None if gram is None else gram.float()
-    tie = (x if x is not None else gram).dtype
     neg_inf = torch.tensor(float("-inf"), device=dev)
     # max similarity of each token to the selected set (min distance = 1 - it)
     max_sim = torch.full((B, M), float("-inf"), device=dev)  # (B, M)
@@ -393,6 +401,7 @@ def greedy_max_min(
         if full is not None:
             sims = gather_rows(full, sel_idx).transpose(1, 2)  # (B, M, S) columns of the selected
         else:
+            assert x is not None
             sims = torch.bmm(x, gather_rows(x, sel_idx).transpose(1, 2)).float()  # (B, M, S)
         max_sim = sims.masked_fill(~sel_ok.unsqueeze(1), float("-inf")).amax(-1)  # (B, M)
     first_score: Tensor | None = None
@@ -400,6 +409,7 @@ def greedy_max_min(
         if init_isolated:
             both = candidates.unsqueeze(1) & candidates.unsqueeze(2)
             eye = torch.eye(M, dtype=torch.bool, device=dev)
+            assert full is not None  # an isolated start asks similarity_rows for the whole matrix
             nearest = full.masked_fill(~both | eye, float("-inf")).amax(-1)  # (B, M) closest other
             first_score = torch.where(candidates, -nearest, neg_inf)  # most isolated first
         else:
@@ -412,8 +422,11 @@ def greedy_max_min(
     ragged = not bool((k == steps).all())  # rows that stop early need masking
     for step in range(steps):
         choice = argmax_low(gain, tie).view(B, 1)  # (B, 1)
-        new = row_at(full, choice.view(B)) if full is not None else \
-            torch.bmm(x, row_at(x, choice.view(B)).unsqueeze(-1)).squeeze(-1).float()  # (B, M)
+        if full is not None:
+            new = row_at(full, choice.view(B))  # (B, M)
+        else:
+            assert x is not None  # no matrix: the vectors were given
+            new = torch.bmm(x, row_at(x, choice.view(B)).unsqueeze(-1)).squeeze(-1).float()  # (B, M)
         if ragged:
             active = (step < k).view(B, 1)  # (B, 1)
             picked.scatter_(1, choice, picked.gather(1, choice) | active)
@@ -493,14 +506,18 @@ def greedy_dpp_map(x: Tensor | None, quality: Tensor, candidates: Tensor, select
     """
     B, M = candidates.shape
     dev = candidates.device
-    if x is None and gram is None:
-        raise ValueError("greedy_dpp_map needs the unit vectors x or their similarity matrix gram")
-    tie = (x if x is not None else gram).dtype
+    tie = _vectors_or_matrix(x, gram, "greedy_dpp_map").dtype
     acc = accumulation_dtype(tie)
-    G = None if gram is None else gram.to(acc)
-    xf = None if G is not None else x.to(acc)
+    G: Tensor | None = None
+    xf: Tensor | None = None
+    if gram is not None:
+        G = gram.to(acc)
+        sq = G.diagonal(dim1=1, dim2=2)  # (B, M) u_i . u_i
+    else:
+        assert x is not None
+        xf = x.to(acc)
+        sq = (xf * xf).sum(-1)  # (B, M)
     q = quality.to(acc)  # (B, M)
-    sq = G.diagonal(dim1=1, dim2=2) if G is not None else (xf * xf).sum(-1)  # (B, M) u_i . u_i
     d2 = q * q * sq  # (B, M) diag of L
     fixed_index, fixed_ok = compact(selected)  # (B, P)
     P = fixed_index.shape[1]
@@ -515,8 +532,11 @@ def greedy_dpp_map(x: Tensor | None, quality: Tensor, candidates: Tensor, select
     def add(j: Tensor, on: Tensor, t: int) -> None:  # j (B,) token, on (B,) rows that take it
         flat = base + j  # (B,)
         d2j = d2.view(-1).index_select(0, flat)  # (B,)
-        sim = Gf.index_select(0, flat) if Gf is not None else \
-            torch.bmm(xf, xf.view(B * M, -1).index_select(0, flat).unsqueeze(-1)).squeeze(-1)  # (B, M)
+        if Gf is not None:
+            sim = Gf.index_select(0, flat)  # (B, M)
+        else:
+            assert xf is not None
+            sim = torch.bmm(xf, xf.view(B * M, -1).index_select(0, flat).unsqueeze(-1)).squeeze(-1)  # (B, M)
         Lj = q.view(-1).index_select(0, flat).unsqueeze(1) * q * sim  # (B, M) row j of L
         if t:
             cj = C[:, :t].gather(2, j.view(B, 1, 1).expand(B, t, 1))  # (B, t, 1) Cholesky column j

@@ -85,6 +85,8 @@ class Registry:
     )
     manager: pluggy.PluginManager | None = None
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)
+    #: id(plugin) -> (distribution, version, entry point label), for :meth:`origin`
+    origins: dict[int, tuple[str, str, str]] = field(default_factory=dict)
 
     def add(self, kind: str, name: str, cls: Any, distribution: str, version: str, plugin: str) -> None:
         base = KINDS[kind].base
@@ -141,6 +143,17 @@ class Registry:
         """How the stage class ``cls`` was registered (``None``: used without registering)."""
         found = [info for info in self.stages.get(cls.kind, {}).values() if info.cls is cls]
         return found[0] if found else None
+
+    def implementations(self, hook: str) -> list[Any]:
+        """The plugins' implementations of ``hook``, in registration order."""
+        if self.manager is None:
+            return []
+        return list(reversed(getattr(self.manager.hook, hook).get_hookimpls()))
+
+    def origin(self, plugin: object) -> str:
+        """``"distribution NAME VERSION"`` of a registered plugin (module or object)."""
+        dist, version, label = self.origins.get(id(plugin), ("?", "?", "?"))
+        return f"plugin {label}" if dist == "<local>" else f"distribution {dist} {version}".rstrip()
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.stages[kind])
@@ -200,17 +213,16 @@ def build_registry(extra_plugins: tuple[tuple[str, object], ...] = ()) -> Regist
     except pluggy.PluginValidationError as exc:
         raise RegistryError(f"a tokenprune plugin implements an unknown hook: {exc}") from exc
 
-    registry = Registry(manager=pm)
+    registry = Registry(manager=pm, origins=origin)
     for kind in KINDS.values():
-        caller = getattr(pm.hook, kind.hook)
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        for impl in registry.implementations(kind.hook):
             dist, version, label = origin.get(id(impl.plugin), ("?", "?", impl.plugin_name))
 
             def register(name: str, cls: Any, _d=dist, _v=version, _l=label, _k=kind.name) -> None:
                 registry.add(_k, name, cls, _d, _v, _l)
 
             impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
-    for impl in reversed(pm.hook.register_adapters.get_hookimpls()):
+    for impl in registry.implementations("register_adapters"):
         dist, version, label = origin.get(id(impl.plugin), ("?", "?", impl.plugin_name))
 
         def register_adapter(model_class: str, cls: Any, _d=dist, _v=version, _l=label) -> None:

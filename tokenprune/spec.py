@@ -113,7 +113,7 @@ class PipelineSpec(BaseModel):
     @field_validator(*KINDS, mode="before")
     @classmethod
     def _build_stage(cls, value: Any, info: ValidationInfo) -> Stage | None:
-        kind = info.field_name
+        kind = str(info.field_name)
         if value is None and KINDS[kind].optional:
             return None
         if isinstance(value, Stage):
@@ -172,9 +172,13 @@ class PipelineSpec(BaseModel):
         needs no budget."""
         return type(self.completion).fixed_budget is not Completion.fixed_budget
 
-    def stage(self, kind: str) -> Stage | None:
-        """The stage of kind ``kind`` (a key of :data:`tokenprune.stages.KINDS`)."""
-        return getattr(self, kind)
+    def stage(self, kind: str) -> Stage:
+        """The stage of kind ``kind`` (a key of :data:`tokenprune.stages.KINDS`); a ``KeyError`` for
+        an optional kind this spec leaves out."""
+        found = getattr(self, kind)
+        if found is None:
+            raise KeyError(f"the spec '{self.name}' has no [{kind}] stage")
+        return found
 
     def stage_name(self, kind: str, registry: Registry | None = None) -> str:
         """The registered name of the stage of kind ``kind``."""
@@ -203,7 +207,7 @@ class PipelineSpec(BaseModel):
         if self.image_downsample:
             out["image_downsample"] = True
         for kind in KINDS:
-            stage = self.stage(kind)
+            stage = getattr(self, kind)
             if stage is not None:
                 out[kind] = {"stage": self.stage_name(kind), **stage.model_dump()}
         return out
@@ -215,7 +219,7 @@ def load_spec(path: str | Path, registry: Registry | None = None, **overrides: A
     path = spec_file(path)
     data = read_toml(path, "spec file")
     data.update(overrides)
-    ctx = {"base_dir": str(path.parent)}
+    ctx: dict[str, Any] = {"base_dir": str(path.parent)}
     if registry is not None:
         ctx["registry"] = registry
     try:

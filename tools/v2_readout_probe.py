@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenprune.testbed.features import FeaturePool
-from tokenprune.testbed.model import ARCH_V2, arch_with, build
-from tokenprune.testbed.questions import QA_CLASSES, _cells, ask
-from tokenprune.testbed.scenes import COLORS, SHAPES
-from tokenprune.testbed.splits import scene as split_scene
-from tokenprune.testbed.train import Packer, _align_targets
+from tokenprune.lab.testbed.features import FeaturePool
+from tokenprune.lab.testbed.model import ARCH_V2, arch_with, build
+from tokenprune.lab.testbed.questions import QA_CLASSES, _cells, ask
+from tokenprune.lab.testbed.scenes import COLORS, SHAPES
+from tokenprune.lab.testbed.splits import scene as split_scene
+from tokenprune.lab.testbed.train import Packer, _align_targets
 
 M = 576
 

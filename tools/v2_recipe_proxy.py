@@ -43,11 +43,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenprune.testbed import train as recipe
-from tokenprune.testbed.features import FeaturePool, pool_scene
-from tokenprune.testbed.model import ARCH_V2, arch_with, build, build_processor
-from tokenprune.testbed.questions import ask, ask_aux
-from tokenprune.testbed.train_v2 import _Pools
+from tokenprune.lab.testbed import train as recipe
+from tokenprune.lab.testbed.features import FeaturePool, pool_scene
+from tokenprune.lab.testbed.model import ARCH_V2, arch_with, build, build_processor
+from tokenprune.lab.testbed.questions import ask, ask_aux
+from tokenprune.lab.testbed.train_v2 import _Pools
 
 POOL = Path("runs/v2/features")
 POOL_SIZE = 3200
@@ -109,7 +109,7 @@ def _oracle(kind, scenes, feats: torch.Tensor) -> torch.Tensor:
 def _answer_init(model, tok) -> None:
     """Start "yes" at the mean embedding of the colour and shape words and "no" at the mean of the
     background words (tied embeddings: the read-out of "an object was attended" exists from step 0)."""
-    from tokenprune.testbed.scenes import BACKGROUNDS, COLORS, SHAPES
+    from tokenprune.lab.testbed.scenes import BACKGROUNDS, COLORS, SHAPES
 
     emb = model.get_input_embeddings().weight
     ids = lambda words: [tok.convert_tokens_to_ids(w) for w in words]  # noqa: E731

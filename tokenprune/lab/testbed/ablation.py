@@ -39,9 +39,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..spec import load_spec
-from ..stages import KINDS
-from ..tomlfile import describe_problems, read_toml
+from ...spec import load_spec
+from ...stages import KINDS
+from ...tomlfile import describe_problems, read_toml
 from .evaluate import Variant
 
 __all__ = ["Ablation", "load_ablation"]

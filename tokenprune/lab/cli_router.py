@@ -47,7 +47,7 @@ def cmd_router_eval(args: argparse.Namespace) -> int:
 
 def markdown_report(reports: dict, part: str) -> str:
     """Accuracy per class (Wilson 95 % intervals) for each router, then each one's confusion matrix."""
-    from tokenprune.testbed.stats import wilson
+    from tokenprune.lab.testbed.stats import wilson
     from tokenprune_plugins.routers import ROUTED
 
     def cell(k: int, n: int) -> str:

@@ -41,9 +41,9 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from loguru import logger
 
-from ..adapters.base import UnsupportedInput
-from ..apply import PruningHandle, apply
-from ..spec import load_spec
+from ...adapters.base import UnsupportedInput
+from ...apply import PruningHandle, apply
+from ...spec import load_spec
 from .loading import load_model, torch_dtype
 
 __all__ = ["TokenPrune", "PrunedTokenCounts", "UNPRUNED_SPECS"]

@@ -83,7 +83,7 @@ def _ablation_outputs(results: Path, name: str) -> tuple[Path, ...]:
 
 def fingerprint(step: Step, model_dir: Path) -> str:
     """sha256 over the step's arguments, the model's files and every spec it resolves."""
-    from ..spec import load_spec
+    from ...spec import load_spec
     from .ablation import load_ablation
 
     h = hashlib.sha256(json.dumps(step.argv).encode())
@@ -129,7 +129,7 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
     if unknown:
         raise ValueError(f"unknown results step(s) {unknown}; the plan has {[s.name for s in steps]}")
     if run is None:
-        from ..cli import main as run
+        from ...cli import main as run
     done = read_manifest(manifest)
     for step in steps:
         if only and step.name not in only:

@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..classes import CLASSES, STRATEGIES, ClassEntry, ClassTable
-from ..spec import PipelineSpec
+from ...classes import CLASSES, STRATEGIES, ClassEntry, ClassTable
+from ...spec import PipelineSpec
 from .evaluate import Dist, Variant, evaluate
 from .memo import memoized_tower
 from .questions import QA_CLASSES
@@ -64,7 +64,7 @@ def calibrate(
 ) -> tuple[ClassTable, dict[str, Any]]:
     """Returns the fitted table and the grid of scores ``{class: {cell: {accuracy, mean_logp}}}``.
     ``checkpoint``: per class, the file its evaluation resumes from (see
-    :func:`~tokenprune.testbed.evaluate.evaluate`), so an interrupted calibration loses at most a
+    :func:`~tokenprune.lab.testbed.evaluate.evaluate`), so an interrupted calibration loses at most a
     minute of work."""
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:

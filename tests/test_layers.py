@@ -1,0 +1,148 @@
+"""The import graph keeps four layers apart: the core (with the adapters and the conformance kit),
+the plugins, and the lab on top. Read from the source (every import, at any depth of a module)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: what a stage plugin may import from tokenprune: the stage contract and its helpers
+CONTRACT = {"tokenprune", "tokenprune.stages", "tokenprune.contract", "tokenprune.classes", "tokenprune.ops",
+            "tokenprune.merging", "tokenprune.prompts", "tokenprune.packages", "tokenprune.quiet",
+            "tokenprune.checks", "tokenprune.hookspecs"}
+#: the names a plugin may take from the package itself
+PACKAGE_NAMES = {"hookimpl", "hookspec", "ops", "Routing", "Requirements", "VisualTokens", "Fused", "CLASSES",
+                 "ClassTable", "normalize_layer", "grid_positions", "Provenance"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "plugins":
+        parts[0] = "tokenprune_plugins"
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports(path: Path) -> list[tuple[str, list[str], int]]:
+    """``(absolute module, names taken, line)`` for every import in ``path``."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            out.append((base, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def _files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def _core_files() -> list[Path]:
+    return [p for p in _files("tokenprune") if "lab" not in p.relative_to(ROOT / "tokenprune").parts]
+
+
+def test_the_core_imports_nothing_from_the_lab():
+    found = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for p in _core_files()
+             for mod, names, line in imports(p)
+             if mod.startswith("tokenprune.lab") or (mod == "tokenprune" and "lab" in names)]
+    assert not found, found
+
+
+def test_plugins_import_only_the_stage_contract():
+    found = []
+    for p in _files("plugins"):
+        for mod, names, line in imports(p):
+            if not mod.startswith("tokenprune") or mod.startswith("tokenprune_plugins"):
+                continue
+            if mod not in CONTRACT or (mod == "tokenprune" and not set(names) <= PACKAGE_NAMES):
+                found.append(f"{p.relative_to(ROOT)}:{line} imports {mod} {names}")
+    assert not found, found
+
+
+def test_the_adapters_and_the_kit_do_not_reach_up():
+    """Adapters sit under apply (never import it or the CLI); the kit tests stages through the
+    contract and the registry (never through apply or an adapter)."""
+    found = []
+    for folder, banned in (("tokenprune/adapters", ("tokenprune.apply", "tokenprune.cli")),
+                           ("tokenprune/testing", ("tokenprune.apply", "tokenprune.adapters.base",
+                                                   "tokenprune.cli"))):
+        for p in _files(folder):
+            found += [f"{p.relative_to(ROOT)}:{line} imports {mod}" for mod, _, line in imports(p)
+                      if mod.startswith(banned)]
+    assert not found, found
+
+
+@pytest.mark.parametrize("bad, expected", [("from tokenprune.lab.testbed import model\n", "tokenprune.lab.testbed"),
+                                           ("def f():\n    from .lab import cli\n", "tokenprune.lab")])
+def test_the_graph_check_sees_imports_at_any_depth(tmp_path, monkeypatch, bad, expected):
+    folder = ROOT / "tokenprune"
+    probe = folder / "_probe_layers.py"
+    probe.write_text(bad)
+    try:
+        assert any(mod.startswith(expected) for mod, _, _ in imports(probe))
+        with pytest.raises(AssertionError, match="_probe_layers.py"):
+            test_the_core_imports_nothing_from_the_lab()
+    finally:
+        probe.unlink()
+
+
+def test_only_the_kit_imports_pytest_or_hypothesis():
+    found = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for p in _core_files() + _files("plugins")
+             if "testing" not in p.relative_to(ROOT).parts
+             for mod, _, line in imports(p) if mod.split(".")[0] in ("pytest", "hypothesis")]
+    assert not found, found
+
+
+HELLO = """
+    import tokenprune
+
+    def run(args):
+        print(f"hello {args.name} from a third party")
+        return 0
+
+    @tokenprune.hookimpl
+    def register_commands(commands):
+        p = commands.add_parser("hello", help="say hello")
+        p.add_argument("--name", default="world", help="who to greet")
+        p.set_defaults(func=run)
+"""
+
+CLASH = """
+    import tokenprune
+
+    @tokenprune.hookimpl
+    def register_commands(commands):
+        commands.add_parser("eval", help="a second eval")
+"""
+
+
+def test_a_third_party_command_joins_the_command_line(site, monkeypatch, capsys):
+    from helpers import make_dist
+
+    from tokenprune.cli import build_parser, main
+    from tokenprune.registry import RegistryError, build_registry
+
+    make_dist(site, "tp-thirdparty-hello", "tp_thirdparty_hello", HELLO)
+    reg = build_registry()
+    monkeypatch.setattr("tokenprune.cli.get_registry", lambda: reg)
+    assert main(["hello", "--name", "lab"]) == 0
+    assert capsys.readouterr().out == "hello lab from a third party\n"
+    assert "hello" in build_parser().format_help() and "eval" in build_parser().format_help()
+    make_dist(site, "tp-thirdparty-clash", "tp_thirdparty_clash", CLASH)
+    reg = build_registry()
+    monkeypatch.setattr("tokenprune.cli.get_registry", lambda: reg)
+    with pytest.raises(RegistryError, match="the command 'eval' is registered twice: by distribution tokenprune "
+                                            r"[\d.]+ and by distribution tp-thirdparty-clash 1.2.3"):
+        build_parser()
