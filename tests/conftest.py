@@ -40,10 +40,13 @@ def _threads():
 @pytest.fixture
 def site(tmp_path, monkeypatch):
     """A temporary ``sys.path`` entry for distributions built by ``helpers.make_dist``; their
-    modules (named ``tp_thirdparty*``) are forgotten afterwards."""
+    modules (named ``tp_thirdparty*``) and any registry that saw them are forgotten afterwards."""
+    from tokenprune.registry import get_registry
+
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     yield tmp_path
     for name in [m for m in sys.modules if m.startswith("tp_thirdparty")]:
         del sys.modules[name]
     importlib.invalidate_caches()
+    get_registry.cache_clear()  # a registry built while these distributions were installed is stale

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from hypothesis import given, settings
+from hypothesis.errors import Flaky
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -577,7 +578,12 @@ def run(sut: StageUnderTest, prop: str, device: str = "cpu", max_examples: int =
     def examples(case: Case) -> None:
         check(sut, kind, case)
 
-    examples()
+    try:
+        examples()
+    except Flaky as exc:  # failed, then passed when hypothesis replayed the case
+        first = next((e for e in getattr(exc, "exceptions", ()) if isinstance(e, ConformanceError)), exc)
+        raise ConformanceError(f"{first} -- and the same case passed when replayed: the stage's answer depends on "
+                               "something besides its inputs (an unseeded random draw, global state)") from exc
 
 
 class StageConformance:
