@@ -118,11 +118,18 @@ def test_every_hook_has_a_docs_section_headed_by_its_signature():
         assert getattr(hookspecs, name).__doc__.strip()
 
 
-def test_readme_code_runs():
-    blocks = re.findall(r"```python\n(.*?)```", Path("README.md").read_text(), re.S)
-    assert blocks
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+README_BLOCKS = re.findall(r"```python\n(.*?)```", Path("README.md").read_text(), re.S)
+
+
+def test_readme_has_python_blocks():
+    assert len(README_BLOCKS) >= 2
+
+
+@pytest.mark.parametrize("block", README_BLOCKS, ids=[f"block{i}" for i in range(len(README_BLOCKS))])
+def test_readme_code_runs(block):
+    """Each ```python block of the README, run as written, on its own (one test each, so a slow
+    or failing block is named)."""
+    exec(compile(block, "README.md", "exec"), {})
 
 
 def test_readme_network_blocks_are_complete_scripts():
