@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_dist
-from tiny_models import BOS, IMG, PAD, _clip, _text
+from tiny_models import BOS, IMG, _clip, _text, left_pad
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenprune as tp
@@ -45,14 +45,9 @@ def _model(module):
 
 def _inputs(rows: list[list[int]]) -> dict[str, torch.Tensor]:
     """Left-padded prompts, each with one 56-px image (4 pooled placeholders)."""
-    g = torch.Generator().manual_seed(1)
-    S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), PAD)
-    mask = torch.zeros(len(rows), S, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, S - len(r):] = torch.tensor(r)
-        mask[b, S - len(r):] = 1
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(len(rows), 3, 56, 56, generator=g))
+    ids, mask = left_pad(rows)
+    pixels = torch.randn(len(rows), 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
 ROWS = [[BOS, 11, 12] + [IMG] * 4 + [13, 14, 15], [BOS, 21] + [IMG] * 4 + [22]]

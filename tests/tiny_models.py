@@ -136,16 +136,22 @@ def batch(model, family: str, samples: list[Sample], seed: int = 0) -> dict[str,
         rows = [s.before + sum(([VSTART] + [IMG] * next(counts) + [VEND] for _ in s.sizes), []) + s.after
                 for s in samples]
         extra.update(pixel_values=torch.cat(patches).to(dtype), image_grid_thw=grid)
+    ids, mask = left_pad(rows)
+    out = dict(input_ids=ids, attention_mask=mask, **extra)
+    if family.startswith("qwen"):
+        out["mm_token_type_ids"] = (ids == IMG).int()
+    return out
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded with PAD into ``(B, S)`` ids and their attention mask (test set-up)."""
     S = max(len(r) for r in rows)
     ids = torch.full((len(rows), S), PAD)
     mask = torch.zeros(len(rows), S, dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, S - len(r):] = torch.tensor(r)
         mask[b, S - len(r):] = 1
-    out = dict(input_ids=ids, attention_mask=mask, **extra)
-    if family.startswith("qwen"):
-        out["mm_token_type_ids"] = (ids == IMG).int()
-    return out
+    return ids, mask
 
 
 def default_sizes(family: str) -> list[tuple[int, int]]:
