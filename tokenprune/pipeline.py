@@ -111,20 +111,8 @@ class Pipeline:
         spec = self.spec
         B, M = tokens.shape
         valid = tokens.valid()
-        budget = spec.budget_or_default(budget)
-        counts_valid = valid.sum(1)  # (B,)
         fixed = self.fixed_budget(tokens)
-        if fixed is not None:
-            R = fixed.to(counts_valid.device)
-            asked = None if budget is None or budget == KEEP_ALL else budget.counts(counts_valid)
-            if asked is not None and not torch.equal(asked, R):
-                raise ValueError(
-                    f"completion '{spec.stage_name('completion')}' decides how many tokens each image keeps "
-                    f"({R.tolist()} here), but the budget asks for {asked.tolist()}: "
-                    "leave the budget out (budget=None and no budget in the spec) for this stage"
-                )
-        else:
-            R = Budget.parse(budget).counts(counts_valid)  # (B,)
+        R = self.row_budgets(tokens, budget, fixed)  # (B,)
 
         if (problem := checks.non_finite_signals(tokens, self.signal_requirements(tokens.num_layers))) is not None:
             raise ValueError(f"{problem}: the stages would select from it. Check the pixel values, and run the "
@@ -178,26 +166,45 @@ class Pipeline:
                 extra, merged = res.mask, res.features
                 _enforce(spec, "completion", k2, pool, answer=extra)
         with tick("output"):
-            keep = pivots | extra  # (B, M)
-            indices, counts = ops.mask_to_indices(keep)  # (B, K)
-            prov = torch.where(pivots, int(Provenance.PIVOT), int(Provenance.COMPLETION)).to(torch.int8)
-            sel_prov = prov.gather(1, indices.clamp_min(0)).masked_fill(indices < 0, int(Provenance.PAD))
-            features = None
-            if merged is not None or fused.feed_llm:
-                out = Selection(indices, counts, sel_prov, routing)
-                features = out.gather(fused.decoder)  # (B, K, D)
-                if merged is not None:  # the completion's rows, gathered then picked: no (B, M, D) pass
-                    from_completion = (sel_prov == int(Provenance.COMPLETION)).unsqueeze(-1)  # (B, K, 1)
-                    features = torch.where(from_completion, out.gather(merged), features)
-        return Selection(
-            indices=indices,
-            counts=counts,
-            provenance=sel_prov,
-            routing=routing,
-            features=features,
-            alpha=fused.alpha,
-            pivot_ratio=a.float(),
-        )
+            return _selection(pivots, extra, merged, fused, routing, a)
+
+    def row_budgets(self, tokens: VisualTokens, budget: BudgetLike | None, fixed: Tensor | None) -> Tensor:
+        """``R`` ``(B,)``: the call's budget (else the spec's) per row, clipped to the row's real
+        tokens; or the counts a completion stage fixes (pooling), refusing a budget that asks
+        for others."""
+        spec = self.spec
+        parsed = spec.budget_or_default(budget)
+        counts_valid = tokens.valid().sum(1)  # (B,)
+        if fixed is None:
+            return Budget.parse(parsed).counts(counts_valid)
+        R = fixed.to(counts_valid.device)
+        asked = None if parsed is None or parsed == KEEP_ALL else parsed.counts(counts_valid)
+        if asked is not None and not torch.equal(asked, R):
+            raise ValueError(
+                f"completion '{spec.stage_name('completion')}' decides how many tokens each image keeps "
+                f"({R.tolist()} here), but the budget asks for {asked.tolist()}: "
+                "leave the budget out (budget=None and no budget in the spec) for this stage"
+            )
+        return R
+
+
+def _selection(pivots: Tensor, extra: Tensor, merged: Tensor | None, fused: Fused, routing: Routing,
+               pivot_ratio: Tensor) -> Selection:
+    """The kept tokens as sorted indices with their provenance, and the features the LLM should
+    read instead of its own (merged ones from the completion, or the fused mix), if any."""
+    keep = pivots | extra  # (B, M)
+    indices, counts = ops.mask_to_indices(keep)  # (B, K)
+    prov = torch.where(pivots, int(Provenance.PIVOT), int(Provenance.COMPLETION)).to(torch.int8)
+    sel_prov = prov.gather(1, indices.clamp_min(0)).masked_fill(indices < 0, int(Provenance.PAD))
+    features = None
+    if merged is not None or fused.feed_llm:
+        out = Selection(indices, counts, sel_prov, routing)
+        features = out.gather(fused.decoder)  # (B, K, D)
+        if merged is not None:  # the completion's rows, gathered then picked: no (B, M, D) pass
+            from_completion = (sel_prov == int(Provenance.COMPLETION)).unsqueeze(-1)  # (B, K, 1)
+            features = torch.where(from_completion, out.gather(merged), features)
+    return Selection(indices=indices, counts=counts, provenance=sel_prov, routing=routing, features=features,
+                     alpha=fused.alpha, pivot_ratio=pivot_ratio.float())
 
 
 def _check_finite(fused: Fused, tokens: VisualTokens, valid: Tensor, spec) -> None:

@@ -379,7 +379,30 @@ def cmd_lmms_table(args: argparse.Namespace) -> int:
 
 @hookimpl
 def register_commands(commands) -> None:
-    sub = commands  # the lab's commands, in the order `tokenprune --help` lists them
+    """The lab's commands, in the order ``tokenprune --help`` lists them."""
+    _bench_commands(commands)
+    _demo_command(commands)
+    _evaluation_commands(commands)
+    add_router_parser(commands)
+    _results_command(commands)
+    _lmms_commands(commands)
+    _testbed_commands(commands)
+
+
+def _testbed_args(q: argparse.ArgumentParser, split: str | None, out: str) -> None:
+    """The flags every testbed evaluation takes."""
+    q.add_argument("--split", default=split, help="train, val, calibration, test or hard")
+    q.add_argument("--scenes", type=int, help="use only the first N scenes of the split")
+    q.add_argument("--batch", type=int, default=16, help="questions per forward")
+    q.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
+    q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    q.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    q.add_argument("--out", default=out, help=f"output {'file' if out.endswith('.toml') else 'folder'} "
+                                               f"(default {out})")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _bench_commands(sub) -> None:
     bp = sub.add_parser("bench", help="benchmarks")
     bsub = bp.add_subparsers(dest="bench_command", required=True)
     bs = bsub.add_parser("stages", help="time each stage of CLASP, and every method's selection beside it")
@@ -426,6 +449,8 @@ def register_commands(commands) -> None:
     bf.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bf.set_defaults(func=cmd_bench_prefill)
 
+
+def _demo_command(sub) -> None:
     dp = sub.add_parser("demo", help="the testbed model answers questions, unpruned and pruned, with PNGs")
     dp.add_argument("--spec", help="spec file or preset name (default: specs/clasp.toml)")
     dp.add_argument("--budget", type=budget_value, default=64,
@@ -435,31 +460,22 @@ def register_commands(commands) -> None:
     dp.add_argument("--synthetic", action="store_true", help="CLASP on synthetic tensors instead (no model)")
     dp.set_defaults(func=cmd_demo)
 
-    def testbed_args(q: argparse.ArgumentParser, split: str | None, out: str) -> None:
-        q.add_argument("--split", default=split, help="train, val, calibration, test or hard")
-        q.add_argument("--scenes", type=int, help="use only the first N scenes of the split")
-        q.add_argument("--batch", type=int, default=16, help="questions per forward")
-        q.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
-        q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-        q.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-        q.add_argument("--out", default=out, help=f"output {'file' if out.endswith('.toml') else 'folder'} "
-                                                   f"(default {out})")
-        q.add_argument("--quiet", action="store_true", help="no progress bar")
 
+def _evaluation_commands(sub) -> None:
     ep = sub.add_parser("eval", help="accuracy vs budget on the testbed (JSON + PNG)")
     ep.add_argument("--spec", action="append", help="spec file or preset name; repeat to compare (default: specs/clasp.toml)")
     ep.add_argument("--budgets", type=budget_list, default=[64, 128, 192],
                     help="comma list of budgets: tokens per image (64) or ratios in (0, 1] (0.25); default 64,128,192")
     ep.add_argument("--reference", help="the variant (spec name) every other is paired against (default: the first --spec)")
     ep.add_argument("--name", help="file stem of the outputs")
-    testbed_args(ep, "test", "out/eval")
+    _testbed_args(ep, "test", "out/eval")
     ep.set_defaults(func=cmd_eval)
 
     ap = sub.add_parser("ablate", help="a grid of swapped stages x budgets (markdown + PNG + JSON)")
     ap.add_argument("file", help="an ablation file, e.g. specs/ablations/fusion.toml")
     ap.add_argument("--budgets", type=budget_list, help="override the file's budgets (tokens per image or ratios)")
     ap.add_argument("--reference", help="the variant every other is paired against (default: the file's first)")
-    testbed_args(ap, None, "out/ablate")
+    _testbed_args(ap, None, "out/ablate")
     ap.set_defaults(func=cmd_ablate)
 
     cp = sub.add_parser("calibrate", help="fit CLASP's class table on the calibration split")
@@ -471,11 +487,11 @@ def register_commands(commands) -> None:
     cp.add_argument("--ratios", default="0.25,0.5,0.75", help="pivot ratios to try (default 0.25,0.5,0.75)")
     cp.add_argument("--guard-z", type=float, default=1.96,
                     help="a class's own cell must beat the pooled row by this many paired SEs (0: no guard)")
-    testbed_args(cp, "calibration", "out/class_table.toml")
+    _testbed_args(cp, "calibration", "out/class_table.toml")
     cp.set_defaults(func=cmd_calibrate)
 
-    add_router_parser(sub)
 
+def _results_command(sub) -> None:
     rp = sub.add_parser("results", help="re-run the figures of docs/results.md that are not up to date")
     rp.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
     rp.add_argument("--force", action="store_true", help="re-run steps even where their inputs are unchanged")
@@ -483,6 +499,8 @@ def register_commands(commands) -> None:
     rp.add_argument("--list", action="store_true", help="print the steps and whether each is up to date")
     rp.set_defaults(func=cmd_results)
 
+
+def _lmms_commands(sub) -> None:
     lp = sub.add_parser("lmms-eval", help="lmms-eval integration (the model is `lmms-eval --model tokenprune`)")
     lsub = lp.add_subparsers(dest="lmms_command", required=True)
     lt = lsub.add_parser("task", help="write a local lmms-eval task from testbed scenes (offline)")
@@ -497,6 +515,8 @@ def register_commands(commands) -> None:
     lb.add_argument("--out", help="also write the markdown table to this file")
     lb.set_defaults(func=cmd_lmms_table)
 
+
+def _testbed_commands(sub) -> None:
     tp_ = sub.add_parser("testbed", help="the testbed model")
     tsub = tp_.add_subparsers(dest="testbed_command", required=True)
     tt = tsub.add_parser("train", help="train (or resume) the testbed model")
