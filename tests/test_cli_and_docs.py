@@ -303,3 +303,11 @@ def test_plugins_page_lists_every_kind_as_its_record_says():
         row = (f"| `[{k.name}]`{' (optional)' if k.optional else ''} | `tokenprune.stages.{k.base.__name__}` "
                f"| `{k.hook}` | {k.summary} |")
         assert row in doc, row
+
+
+def test_the_ops_table_names_only_public_helpers_and_all_of_them():
+    doc = Path("docs/plugins.md").read_text()
+    table = doc[doc.index("## Helpers for stage authors"):doc.index("## What the pipeline checks")]
+    named = set(re.findall(r"`(\w+)\(", table))
+    helpers = set(tp.ops.__all__) - {"KMeansResult"}  # spherical_kmeans's answer, not a helper
+    assert named == helpers, named ^ helpers

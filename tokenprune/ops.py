@@ -31,6 +31,9 @@ __all__ = [
     "spherical_kmeans",
     "cluster_medoids",
     "greedy_max_min",
+    "greedy_dpp_map",
+    "bipartite_dedup",
+    "lattice_mask",
     "argmax_low",
 ]
 
