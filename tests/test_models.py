@@ -490,3 +490,45 @@ def test_router_reads_explicit_prompts_per_sample():
         assert h.last.classes == ("counting", "ocr")
         assert torch.equal(h.last.kept, torch.tensor([5, 5]))
         assert set(h.last.selection.provenance[h.last.selection.keep_mask].tolist()) <= {1, 2}
+
+
+# -- never silently unpruned: every input kind of every family ---------------------------------------
+def _precomputed(m, family: str, inp: dict) -> dict:
+    """The call with the model's own image features given as mm_encoder_outputs instead of pixels."""
+    enc_kw = {k: v for k, v in inp.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+    if family in ONE_CROP_LLAVA:
+        enc_kw.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with torch.no_grad():
+        own = m.model.get_image_features(**enc_kw, return_dict=True)
+    rest = {k: v for k, v in inp.items() if k not in ("pixel_values", "image_sizes")}
+    return dict(rest, mm_encoder_outputs={"image": own})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_visual_input_is_pruned_with_a_record_or_refused(family):
+    """Images are pruned and recorded; text passes; precomputed features, videos and images with
+    videos are refused, in forward and in generate; none reaches the model unpruned and unreported."""
+    m = model(family)
+    inp = inputs(m, family, samples(family, 2), "cpu")
+    pre = _precomputed(m, family, inp)
+    with torch.no_grad():
+        m(**pre)  # the model itself takes precomputed features
+        with tp.apply(m, clasp(family), budget=2) as h:
+            text = {k: v for k, v in inp.items() if k in ("input_ids", "attention_mask")}
+            text["input_ids"] = text["input_ids"].masked_fill(text["input_ids"] == IMG, 11)
+            m(**text)
+            assert h.last is None  # no visual input, nothing to record
+            for call in (m, m.generate):
+                with pytest.raises(UnsupportedInput, match="precomputed mm_encoder_outputs"):
+                    call(**pre)
+            assert h.last is None
+            m(**inp)
+            assert h.last is not None and h.last.kept.tolist() == [2, 2] and bool((h.last.total > 2).all())
+            out = m.generate(**inp, max_new_tokens=2, do_sample=False)  # generate's inner calls carry our features
+            assert out.shape[1] == inp["input_ids"].shape[1] + 2
+            if family.startswith("qwen"):
+                p = _qwen_patch(family)
+                video = dict(pixel_values_videos=torch.randn(16, 3 * 2 * p * p), video_grid_thw=torch.tensor([[1, 4, 4]]))
+                for call in (m, m.generate):
+                    with pytest.raises(UnsupportedInput, match="video"):
+                        call(**inp, **video)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,11 @@ def _bind(method: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: the models whose pruned call is running now: their inner forward calls carry the pruned
+#: features (``mm_encoder_outputs``), which are refused only when the caller passes them
+_RUNNING: ContextVar[frozenset[int]] = ContextVar("tokenprune_running", default=frozenset())
+
+
 def _wrap(model: nn.Module, original: Any, entry: Entry):
     """The instance attribute that replaces ``forward`` or ``generate`` (``entry``)."""
 
@@ -270,10 +276,15 @@ def _wrap(model: nn.Module, original: Any, entry: Entry):
         if "inputs" in kwargs:  # generate(tensor) names its first argument `inputs`
             kwargs["input_ids"] = kwargs.pop("inputs")
         if kwargs.get("pixel_values") is None:  # text-only call, or a decode step: nothing to prune
-            handle.adapter.refuse_unpruned_visuals(kwargs)  # ... unless it carries visuals we cannot prune
+            if id(model) not in _RUNNING.get():  # the caller's own call (not generate's inner forward)
+                handle.adapter.refuse_unpruned_visuals(kwargs)  # ... unless it carries visuals we cannot prune
             return handle._passthrough(original, kwargs, entry)
         new = handle._prepare(kwargs, prompts, budget, entry)
-        out = handle._call(original, new, entry)
+        running = _RUNNING.set(_RUNNING.get() | {id(model)})
+        try:
+            out = handle._call(original, new, entry)
+        finally:
+            _RUNNING.reset(running)
         if entry == "generate":
             return _with_prompt(out, kwargs["input_ids"], new["input_ids"].shape[1])
         return out

@@ -314,6 +314,11 @@ class Adapter(ABC):
         for name, why in self.unsupported_inputs.items():
             if inputs.get(name) is not None:
                 raise UnsupportedInput(why)
+        if inputs.get("mm_encoder_outputs") is not None:
+            raise UnsupportedInput(
+                "the call passes precomputed mm_encoder_outputs, which bypass the vision tower, so tokenprune "
+                "cannot select from them and would pass every visual token: pass pixel_values under the "
+                "handle, or prune the features yourself with tokenprune.Pipeline")
 
     def check_inputs(self, inputs: dict[str, Any]) -> None:
         self.refuse_unpruned_visuals(inputs)
