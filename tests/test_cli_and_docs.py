@@ -311,3 +311,14 @@ def test_the_ops_table_names_only_public_helpers_and_all_of_them():
     named = set(re.findall(r"`(\w+)\(", table))
     helpers = set(tp.ops.__all__) - {"KMeansResult"}  # spherical_kmeans's answer, not a helper
     assert named == helpers, named ^ helpers
+
+
+def test_the_in_llm_pages_spec_snippets_are_valid_over_the_clasp_preset():
+    """Each ```toml block of docs/in-llm.md, laid over specs/clasp.toml, is a valid spec."""
+    blocks = re.findall(r"```toml\n(.*?)```", Path("docs/in-llm.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    base = tp.load_spec("specs/clasp.toml").resolved()
+    for block in blocks:
+        snippet = tomllib.loads(block)
+        spec = tp.PipelineSpec.model_validate({**base, **snippet})
+        assert spec.llm is not None

@@ -401,3 +401,54 @@ def test_a_hand_written_decode_loop_on_the_pruned_cache():
                      **{cache_keyword(): cache}, use_cache=True)
             nxt = step.logits[:, -1].argmax(-1, keepdim=True)
     assert torch.equal(torch.cat(got, 1), want)
+
+
+# -- 6. a pre-LLM method and an in-LLM one in one spec (pre_llm_budget) -----------------------------
+PRE = dict(completion={"stage": "divprune"}, budget_policy={"stage": "fixed", "ratio": 0.5})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_spec_may_prune_before_and_inside_the_llm(family):
+    """pre_llm_budget = P keeps P tokens per image before the LLM and the [llm] stage leaves the
+    budget R after its last layer; P = all is the in-LLM spec alone, R = P the pre-LLM spec alone;
+    the LLM keeps a subset of what entered it; batched rows equal solo runs."""
+    m = model(family)
+    inp = inputs(m, family, samples(family, 3, seed=5), "cpu")
+    both = spec("fastv").replace(**PRE, budget=3)
+    with torch.no_grad():
+        with tp.apply(m, both.replace(pre_llm_budget=6), budget=3) as h:
+            got = m(**inp).logits
+            rec = h.last
+            gen = m.generate(**inp, max_new_tokens=3, do_sample=False)
+        assert torch.equal(rec.kept, rec.total.clamp(max=6)) and bool((rec.total > 6).any())
+        assert torch.equal(rec.llm_kept[-1], rec.kept.clamp(max=3)) and gen.shape[1] == inp["input_ids"].shape[1] + 3
+        for b in range(3):
+            entered = set(rec.source[b][rec.source[b] >= 0].tolist())
+            left = rec.llm_source[b][rec.llm_source[b] >= 0].tolist()
+            assert set(left) <= entered and len(entered) - len(left) == int(rec.kept[b] - rec.llm_kept[-1][b])
+            with tp.apply(m, both.replace(pre_llm_budget=6), budget=3):
+                alone = m(**solo(inp, b, family)).logits[0]
+            torch.testing.assert_close(got[b][rec.llm_source[b] >= 0], alone, **TOL["cpu"])
+        with tp.apply(m, both.replace(pre_llm_budget=1.0), budget=3):
+            every = m(**inp).logits
+        with tp.apply(m, spec("fastv"), budget=3):
+            in_llm = m(**inp).logits
+        torch.testing.assert_close(every, in_llm, atol=1e-6, rtol=1e-6)
+        with tp.apply(m, both.replace(pre_llm_budget=4), budget=4):
+            nothing_in_llm = m(**inp).logits
+        with tp.apply(m, both.replace(pre_llm_budget=4), budget=5), pytest.raises(
+                ValueError, match=r"asks the LLM to keep 5 tokens of image \d, but the spec's pre_llm_budget \(4\) lets only 4"):
+            m(**inp)
+        with tp.apply(m, BASE.replace(**PRE), budget=4):
+            pre_only = m(**inp).logits
+        torch.testing.assert_close(nothing_in_llm, pre_only, atol=1e-6, rtol=1e-6)
+
+
+def test_pre_llm_budget_is_checked_against_the_spec():
+    with pytest.raises(ValueError, match="pre_llm_budget is what the pre-LLM stages keep when an \\[llm\\] stage"):
+        BASE.replace(pre_llm_budget=8)
+    with pytest.raises(ValueError, match="budget = 16 is what the LLM keeps .* cannot exceed pre_llm_budget = 8"):
+        spec("fastv").replace(budget=16, pre_llm_budget=8)
+    with pytest.raises(ValueError, match=r"ratio and must be in \(0, 1\]"):
+        spec("fastv").replace(pre_llm_budget=1.5)
+    assert spec("fastv").replace(pre_llm_budget=8, budget=4).resolved()["pre_llm_budget"] == 8

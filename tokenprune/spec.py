@@ -74,9 +74,12 @@ class PipelineSpec(BaseModel):
             encoder makes about ``budget`` tokens (``floor(sqrt(R))**2``), and keep them all.
             Families that cannot resize inside the model (Qwen: use the processor's
             ``max_pixels``) raise a clear error.
-        llm: optional in-LLM pruner ``{stage = name, ...params}``. With it, the pre-LLM stages
-            keep every visual token, and the budget is the count per image left after the LLM
-            pruner's last layer.
+        llm: optional in-LLM pruner ``{stage = name, ...params}``. With it, the budget is the
+            count per image left after the LLM pruner's last layer, and the pre-LLM stages keep
+            ``pre_llm_budget`` tokens per image (every token when it is not set).
+        pre_llm_budget: with an ``[llm]`` stage, the tokens per image (int) or the share of each
+            image's tokens (float in ``(0, 1]``) that the pre-LLM stages keep: a pre-LLM method and
+            an in-LLM one in one spec. Not allowed without ``[llm]``.
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
@@ -93,6 +96,7 @@ class PipelineSpec(BaseModel):
     completion: Completion
     budget_policy: BudgetPolicy
     llm: LlmPruner | None = None
+    pre_llm_budget: int | float | None = Field(None, gt=0)
     image_downsample: bool = False
 
     _stage_names: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -156,6 +160,15 @@ class PipelineSpec(BaseModel):
             raise ValueError("give at most one of 'budget' (tokens per image) and 'budget_ratio'")
         if self.image_downsample and self.llm is not None:
             raise ValueError("image_downsample and an [llm] stage each spend the whole budget: use one of them")
+        pre = self.pre_llm_budget
+        if pre is not None:
+            if self.llm is None:
+                raise ValueError("pre_llm_budget is what the pre-LLM stages keep when an [llm] stage prunes after "
+                                 "them; this spec has no [llm] stage: use 'budget' instead")
+            Budget.parse(pre)  # a float is a share in (0, 1]
+            if isinstance(pre, int) and isinstance(self.budget, int) and self.budget > pre:
+                raise ValueError(f"budget = {self.budget} is what the LLM keeps after its last pruning layer, so it "
+                                 f"cannot exceed pre_llm_budget = {pre}, what enters the LLM")
         return self
 
     # -- views ----------------------------------------------------------------------------------
@@ -206,6 +219,8 @@ class PipelineSpec(BaseModel):
         out["class_table"] = self.class_table.model_dump(exclude_none=True)
         if self.image_downsample:
             out["image_downsample"] = True
+        if self.pre_llm_budget is not None:
+            out["pre_llm_budget"] = self.pre_llm_budget
         for kind in KINDS:
             stage = getattr(self, kind)
             if stage is not None:

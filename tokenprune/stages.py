@@ -274,8 +274,9 @@ class LlmRequest:
 class LlmPruner(Stage):
     """Drops visual tokens inside the LLM at prefill. Registered through ``register_llm_pruners``.
 
-    A spec with an ``[llm]`` stage keeps every visual token before the LLM; the budget is the
-    number of visual tokens per image left after the last step of the schedule.
+    A spec with an ``[llm]`` stage keeps every visual token before the LLM (or its
+    ``pre_llm_budget``); the budget is the number of visual tokens per image left after the last
+    step of the schedule.
     """
 
     kind: ClassVar[str] = "llm"

@@ -437,11 +437,22 @@ class Adapter(ABC):
         text = self.text_embedding(batch.ids, batch.text_cols)[image_sample] if need.text_embedding else None
         tokens = dataclasses.replace(enc.tokens, text_embedding=text, prompts=[prompts[i] for i in pick.tolist()],
                                      sample_keys=_ordinal_in_prompt(image_sample))
+        spec = pipeline.spec
         llm_budget = None
-        if pipeline.spec.llm is not None:  # keep everything here; the LLM pruner spends the budget
-            llm_budget = Budget.parse(pipeline.spec.budget_or_default(budget)).counts(tokens.valid().sum(1))
-            budget = KEEP_ALL
+        if spec.llm is not None:  # the LLM pruner spends the budget; the stages here keep pre_llm_budget
+            llm_budget = Budget.parse(spec.budget_or_default(budget)).counts(tokens.valid().sum(1))
+            budget = KEEP_ALL if spec.pre_llm_budget is None else Budget.parse(spec.pre_llm_budget)
         sel = pipeline(tokens, budget=budget, routing=img_routing)
+        if llm_budget is not None:
+            entered = sel.counts.to(llm_budget.device)  # (N,)
+            short = (llm_budget > entered) & (entered < tokens.valid().sum(1).to(entered.device))
+            if bool(short.any()):
+                n = int(short.nonzero()[0])
+                raise ValueError(
+                    f"the budget asks the LLM to keep {int(llm_budget[n])} tokens of image {n}, but the spec's "
+                    f"pre_llm_budget ({spec.pre_llm_budget}) lets only {int(entered[n])} enter it: give a budget of "
+                    "at most pre_llm_budget, or raise pre_llm_budget")
+            llm_budget = torch.minimum(llm_budget, entered)  # (N,) an image smaller than the budget keeps all
         return Chosen(sel, tokens, image_sample, llm_budget)
 
     def assemble(self, inputs: dict[str, Any], batch: Batch, enc: Encoded, sel: Selection,
