@@ -40,7 +40,12 @@ PRUNERS = {
     "pyramid-drop": {"stage": "pyramid-drop", "layers": [1, 2, 3]},
     "dart": {"stage": "dart", "layer": 2, "image_pivots": 2, "text_pivots": 2},
     "dart-released": {"stage": "dart", "layer": 2, "image_pivots": 2, "text_pivots": 2, "released": True},
+    # Qwen3-VL adds deepstack features after decoder layers 0 and 1 (the tiny model's two): from layer 3 on
+    "fastv-late": {"stage": "fastv", "layer": 3},
+    "dart-late": {"stage": "dart", "layer": 3, "image_pivots": 2, "text_pivots": 2},
 }
+#: (family, pruner) pairs the site supports: Qwen3-VL only with steps after its deepstack layers
+CASES = [(f, p) for f in FAMILIES for p in PRUNERS] + [("qwen3-vl", p) for p in ("fastv-late", "dart-late")]
 
 
 def kept_counts(name: str, M: int, budget: int) -> list[int]:
@@ -93,9 +98,11 @@ def _qk(layer, h, pe):
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     Dh = attn.head_dim
-    q = attn.q_proj(x).view(1, h.shape[1], -1, Dh).transpose(1, 2)  # (1, H, S, Dh)
-    k = attn.k_proj(x).view(1, h.shape[1], -1, Dh).transpose(1, 2)  # (1, Hkv, S, Dh)
-    q, k = _rotary(attn)(q, k, *pe)
+    q = attn.q_proj(x).view(1, h.shape[1], -1, Dh)  # (1, S, H, Dh)
+    k = attn.k_proj(x).view(1, h.shape[1], -1, Dh)  # (1, S, Hkv, Dh)
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = _rotary(attn)(q.transpose(1, 2), k.transpose(1, 2), *pe)  # (1, H, S, Dh), (1, Hkv, S, Dh)
     return q, k, attn.scaling
 
 
@@ -165,7 +172,9 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
     enc = {k: v for k, v in one.items() if k in ("pixel_values", "image_grid_thw")}
     if family == "llava":
         enc.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
-    feats = torch.cat(list(m.model.get_image_features(**enc, return_dict=True).pooler_output))
+    own = m.model.get_image_features(**enc, return_dict=True)
+    feats = torch.cat(list(own.pooler_output))
+    deepstack = [torch.cat(list(d)) for d in getattr(own, "deepstack_features", None) or []]  # Qwen3-VL
     all_ids = torch.cat([ids, torch.tensor(list(extra), dtype=ids.dtype, device=ids.device)])
     h = m.get_input_embeddings()(all_ids)[None].clone()  # (1, S + E, D)
     is_img = all_ids == IMG
@@ -204,12 +213,14 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
         h_prev, cols_prev = h, list(cols)
         pe = lm.rotary_emb(h, pos[..., cols])
         h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=None)
+        if l < len(deepstack):  # Qwen3-VL adds its deepstack features after the first layers (before any step)
+            h = h.clone()
+            h[0, is_img] += deepstack[l].to(h.dtype)
     return m.lm_head(lm.norm(h))[0], kept
 
 
 # -- 1. dropping nothing reproduces the model ----------------------------------------------------
-@pytest.mark.parametrize("pruner", list(PRUNERS))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, pruner", CASES)
 def test_dropping_nothing_reproduces_unpruned_logits_and_generate(family, pruner):
     m = model(family)
     inp = inputs(m, family, samples(family, 3, seed=2), "cpu")
@@ -226,8 +237,7 @@ def test_dropping_nothing_reproduces_unpruned_logits_and_generate(family, pruner
 
 # -- 2. the pruned run equals the forward built by hand ------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("pruner", list(PRUNERS))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, pruner", CASES)
 def test_pruned_logits_equal_hand_built_reference(family, pruner, device):
     m = model(family, device)
     smp = samples(family, 3, seed=1)
@@ -250,8 +260,8 @@ def test_pruned_logits_equal_hand_built_reference(family, pruner, device):
 
 
 # -- 3. batched runs equal per-sample runs --------------------------------------------------------
-@pytest.mark.parametrize("pruner", ["fastv", "pyramid-drop", "dart"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, pruner", [(f, p) for f in FAMILIES for p in ("fastv", "pyramid-drop", "dart")]
+                         + [("qwen3-vl", "fastv-late"), ("qwen3-vl", "dart-late")])
 def test_batched_equals_per_sample_runs(family, pruner):
     m = model(family)
 
@@ -271,8 +281,7 @@ def test_batched_equals_per_sample_runs(family, pruner):
 
 # -- 4. generate with the KV cache equals a greedy loop without one --------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("pruner", list(PRUNERS))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, pruner", CASES)
 def test_generate_equals_greedy_reference_without_cache(family, pruner, device):
     m = model(family, device)
     smp = samples(family, 2, seed=4)
@@ -319,6 +328,12 @@ def test_remove_restores_and_other_instances_are_untouched():
         torch.testing.assert_close(other(**inp).logits, ref)
         h.remove()
         assert torch.equal(m(**inp).logits, ref)
+
+
+def test_qwen3_vl_prunes_only_after_its_deepstack_layers():
+    with pytest.raises(UnsupportedModel, match=r"adds visual features \(deepstack\) to the visual tokens after layers "
+                                              r"0\.\.1.*prune from layer 3 on \(\[llm\] layer = 3"):
+        tp.apply(model("qwen3-vl"), spec("fastv"), budget=3)
 
 
 def test_schedule_and_model_errors_are_clear():

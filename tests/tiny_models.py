@@ -71,7 +71,7 @@ def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", s
     elif family == "qwen3-vl":
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,
                       out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-        text = _text(head_dim=16, rope_parameters=dict(_MROPE, mrope_interleaved=True))
+        text = _text(text_layers, head_dim=16, rope_parameters=dict(_MROPE, mrope_interleaved=True))
         cfg = tf.Qwen3VLConfig(vision_config=vision, text_config=text, **_QWEN_IDS)
         cls = tf.Qwen3VLForConditionalGeneration
     else:

@@ -235,6 +235,12 @@ class Adapter(ABC):
             raise UnsupportedInput(f"{type(self.model).__name__} has no model.language_model.layers for in-LLM pruning")
         return lm
 
+    @property
+    def llm_injections(self) -> int:
+        """How many first decoder layers add visual features to the visual tokens after they run
+        (Qwen3-VL's deepstack); the in-LLM site prunes only after them. Default: none."""
+        return 0
+
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers, in order."""
         return self.language_model().layers

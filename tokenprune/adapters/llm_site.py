@@ -105,6 +105,15 @@ class LlmSite:
         self.norm: nn.Module = adapter.final_norm()
         self.label = stage_label(pruner, name or None)
         self.schedule = _checked(list(pruner.schedule(len(self.layers))), len(self.layers), self.label)
+        injected = adapter.llm_injections
+        if self.schedule[0] <= injected:  # the step reads and prunes layer K - 1's output, before an injection there
+            from .llava import UnsupportedModel
+
+            raise UnsupportedModel(
+                f"the {self.label} prunes before decoder layer {self.schedule[0]}, but this LLM adds visual features "
+                f"(deepstack) to the visual tokens after layers 0..{injected - 1}, and a step reads and prunes the "
+                f"output of the layer before it: prune from layer {injected + 1} on ([llm] layer = {injected + 1}, "
+                f"or layers >= {injected + 1})")
         types = getattr(self.config, "layer_types", None) or []
         if any(t != "full_attention" for t in types[self.schedule[0]:]):
             from .llava import UnsupportedModel

@@ -147,7 +147,13 @@ class Qwen25Adapter(QwenAdapter):
 
 class Qwen3Adapter(QwenAdapter):
     family = "qwen3-vl"
-    llm_site = False  # deepstack features are added inside the first layers
+
+    @property
+    def llm_injections(self) -> int:
+        """Decoder layers ``0..n-1`` after which the LLM adds the deepstack features to the visual
+        tokens: in-LLM pruning must start at layer ``n + 1`` or later (a step prunes the output of
+        the layer before it)."""
+        return len(self.model.config.vision_config.deepstack_visual_indexes)
 
     def encoder_output(self, features: Tensor, deepstack: list[Tensor]) -> Any:
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
