@@ -1,4 +1,4 @@
-"""The in-LLM pruning site (FastV, PyramidDrop, DART) on tiny LLaVA and Qwen2/2.5-VL models.
+"""The in-LLM pruning site (FastV, PyramidDrop, DART) on tiny LLaVA, Qwen2/2.5-VL and Qwen3-VL models.
 
 Equivalences: dropping nothing reproduces the unpruned logits and generations; the pruned run
 equals a per-sample forward built by hand (the attention row, key norms and selection computed

@@ -105,7 +105,8 @@ class PruningHandle:
             if not adapter.llm_site:
                 raise UnsupportedModel(
                     f"in-LLM pruning ([llm] stage '{pipeline.spec.stage_name('llm')}') supports LLaVA-1.5 and "
-                    f"Qwen2/2.5/3-VL; {type(model).__name__} is not supported yet: use a pre-LLM spec"
+                    f"Qwen2/2.5-VL, and Qwen3-VL after its deepstack layers; {type(model).__name__} is not "
+                    "supported yet: use a pre-LLM spec"
                 )
             self.site = LlmSite(adapter, pipeline.spec.llm, pipeline.spec.stage_name("llm"))
         if pipeline.spec.image_downsample:
