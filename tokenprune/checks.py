@@ -2,7 +2,7 @@
 
 The pipeline, the in-LLM site and the conformance kit (:mod:`tokenprune.testing`) run the same
 checks; each kind's record in :data:`tokenprune.stages.KINDS` names its check. A check never
-raises: the caller puts the stage's name in front of the problem (:func:`tokenprune.pipeline.stage_label`).
+raises: the caller puts the stage's name in front of the problem (:func:`tokenprune.registry.stage_label`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
-from .contract import Fused, Requirements, Routing, VisualTokens
+from .contract import Fused, Requirements, Routing, VisualTokens, normalize_layer
 
-__all__ = ["check_routing", "check_fused", "check_scores", "check_mask", "check_pivot_ratio",
+__all__ = ["check_routing", "check_fused", "check_scores", "check_mask", "check_pivot_ratio", "check_schedule",
            "first_non_finite", "non_finite_scores", "non_finite_signals"]
 
 Problem = str | None
@@ -98,6 +98,19 @@ def check_mask(mask: object, keep: Tensor, allowed: Tensor) -> Problem:
     return None
 
 
+def check_schedule(schedule: list[int], num_layers: int) -> Problem:
+    """An in-LLM stage's schedule for an LLM of ``num_layers`` decoder layers: strictly ascending
+    layers ``K`` in ``1..num_layers - 1``."""
+    if not schedule:
+        return "returned an empty schedule; it must name at least one layer"
+    if any(not 1 <= k < num_layers for k in schedule):
+        return (f"prunes before decoder layers {schedule}, but this LLM has {num_layers} layers: each K must be in "
+                f"1..{num_layers - 1}; set [llm] layer(s) for this model")
+    if any(b <= a for a, b in zip(schedule, schedule[1:])):
+        return f"returned layers {schedule}; they must be strictly ascending"
+    return None
+
+
 def check_pivot_ratio(ratio: object, batch: int) -> Problem:
     """A budget policy's answer: ``(B,)`` ratios in ``[0, 1]``."""
     if not isinstance(ratio, Tensor) or ratio.shape != (batch,) or not ratio.dtype.is_floating_point \
@@ -117,7 +130,7 @@ def non_finite_signals(tokens: VisualTokens, need: Requirements) -> str | None:
               ("attention_keys", tokens.attention_keys, need.attention_keys)]
     for name, table, layers in tables:
         for key, value in table.items():
-            layer = key % (tokens.num_layers + 1)
+            layer = normalize_layer(key, tokens.num_layers)
             if layer not in layers:
                 continue
             per_token = value if name == "attention_keys" else (value.sum(1) if value.dim() == 3 else value)
@@ -126,8 +139,8 @@ def non_finite_signals(tokens: VisualTokens, need: Requirements) -> str | None:
                 return (f"{name} at encoder layer {layer} is not finite (NaN or inf) at row {b}, token {m} "
                         f"({n} real tokens in the batch)")
     rows = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)
-    pooled = [(f"cls_token at encoder layer {k % (tokens.num_layers + 1)}", v) for k, v in tokens.cls_token.items()
-              if k % (tokens.num_layers + 1) in need.cls_token]
+    cls_layers = {normalize_layer(k, tokens.num_layers): v for k, v in tokens.cls_token.items()}
+    pooled = [(f"cls_token at encoder layer {layer}", v) for layer, v in cls_layers.items() if layer in need.cls_token]
     if need.text_embedding and tokens.text_embedding is not None:
         pooled.append(("text_embedding", tokens.text_embedding))
     for name, value in pooled:  # (B, D): one vector per row

@@ -215,21 +215,22 @@ def build_registry(extra_plugins: tuple[tuple[str, object], ...] = ()) -> Regist
 
     registry = Registry(manager=pm, origins=origin)
     for kind in KINDS.values():
-        for impl in registry.implementations(kind.hook):
-            dist, version, label = origin.get(id(impl.plugin), ("?", "?", impl.plugin_name))
-
-            def register(name: str, cls: Any, _d=dist, _v=version, _l=label, _k=kind.name) -> None:
-                registry.add(_k, name, cls, _d, _v, _l)
-
-            impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
-    for impl in registry.implementations("register_adapters"):
-        dist, version, label = origin.get(id(impl.plugin), ("?", "?", impl.plugin_name))
-
-        def register_adapter(model_class: str, cls: Any, _d=dist, _v=version, _l=label) -> None:
-            registry.add_adapter(model_class, cls, _d, _v, _l)
-
-        impl.function(**{arg: register_adapter for arg in impl.argnames if arg == "register"})
+        _collect(registry, kind.hook, functools.partial(registry.add, kind.name))
+    _collect(registry, "register_adapters", registry.add_adapter)
     return registry
+
+
+def _collect(registry: Registry, hook: str, add: Any) -> None:
+    """Call every implementation of the catalogue hook ``hook`` with a ``register(name, cls)``
+    callback that hands ``add(name, cls, distribution, version, plugin)`` the implementing plugin's
+    origin."""
+    for impl in registry.implementations(hook):
+        origin = registry.origins.get(id(impl.plugin), ("?", "?", impl.plugin_name))
+
+        def register(name: str, cls: Any, _origin: tuple[str, str, str] = origin) -> None:
+            add(name, cls, *_origin)
+
+        impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
 
 
 @functools.lru_cache(maxsize=1)

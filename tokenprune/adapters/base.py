@@ -444,14 +444,15 @@ class Adapter(ABC):
         tokens = dataclasses.replace(enc.tokens, text_embedding=text, prompts=[prompts[i] for i in pick.tolist()],
                                      sample_keys=_ordinal_in_prompt(image_sample))
         spec = pipeline.spec
+        real = tokens.valid().sum(1)  # (N,)
         llm_budget = None
         if spec.llm is not None:  # the LLM pruner spends the budget; the stages here keep pre_llm_budget
-            llm_budget = Budget.parse(spec.budget_or_default(budget)).counts(tokens.valid().sum(1))
+            llm_budget = Budget.parse(spec.budget_or_default(budget)).counts(real)
             budget = KEEP_ALL if spec.pre_llm_budget is None else Budget.parse(spec.pre_llm_budget)
         sel = pipeline(tokens, budget=budget, routing=img_routing)
         if llm_budget is not None:
             entered = sel.counts.to(llm_budget.device)  # (N,)
-            short = (llm_budget > entered) & (entered < tokens.valid().sum(1).to(entered.device))
+            short = (llm_budget > entered) & (entered < real.to(entered.device))
             if bool(short.any()):
                 n = int(short.nonzero()[0])
                 raise ValueError(

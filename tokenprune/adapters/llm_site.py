@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..checks import check_mask
+from ..checks import check_mask, check_schedule
 from ..registry import stage_label
 from ..stages import LlmPruner, LlmRequest
 from . import capture
@@ -315,17 +315,10 @@ class LlmSite:
 
 
 def _checked(schedule: list[int], num_layers: int, name: str) -> list[int]:
-    """A pruner's schedule, or a clear error: ascending layers ``K`` in ``1..num_layers - 1``."""
-    if not schedule:
-        raise ValueError(f"the {name} returned an empty schedule; it must name at least one layer")
-    bad = [k for k in schedule if not 1 <= k < num_layers]
-    if bad:
-        raise ValueError(
-            f"the {name} prunes before decoder layers {schedule}, but this LLM has {num_layers} "
-            f"layers: each K must be in 1..{num_layers - 1}; set [llm] layer(s) for this model"
-        )
-    if any(b <= a for a, b in zip(schedule, schedule[1:])):
-        raise ValueError(f"the {name} returned layers {schedule}; they must be strictly ascending")
+    """A pruner's schedule, or a clear error naming the stage (:func:`tokenprune.checks.check_schedule`)."""
+    problem = check_schedule(schedule, num_layers)
+    if problem is not None:
+        raise ValueError(f"the {name} {problem}")
     return schedule
 
 

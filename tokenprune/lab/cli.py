@@ -377,6 +377,9 @@ def cmd_lmms_table(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = "testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)"
+
+
 @hookimpl
 def register_commands(commands) -> None:
     """The lab's commands, in the order ``tokenprune --help`` lists them."""
@@ -394,7 +397,7 @@ def _testbed_args(q: argparse.ArgumentParser, split: str | None, out: str) -> No
     q.add_argument("--split", default=split, help="train, val, calibration, test or hard")
     q.add_argument("--scenes", type=int, help="use only the first N scenes of the split")
     q.add_argument("--batch", type=int, default=16, help="questions per forward")
-    q.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
+    q.add_argument("--model", help=MODEL_HELP)
     q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     q.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     q.add_argument("--out", default=out, help=f"output {'file' if out.endswith('.toml') else 'folder'} "
@@ -456,7 +459,7 @@ def _demo_command(sub) -> None:
     dp.add_argument("--budget", type=budget_value, default=64,
                     help="tokens per image (default 64) or a ratio in (0, 1]")
     dp.add_argument("--out", default="out/demo", help="folder for the PNGs")
-    dp.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
+    dp.add_argument("--model", help=MODEL_HELP)
     dp.add_argument("--synthetic", action="store_true", help="CLASP on synthetic tensors instead (no model)")
     dp.set_defaults(func=cmd_demo)
 
@@ -493,7 +496,7 @@ def _evaluation_commands(sub) -> None:
 
 def _results_command(sub) -> None:
     rp = sub.add_parser("results", help="re-run the figures of docs/results.md that are not up to date")
-    rp.add_argument("--model", help="testbed model: v1, v2 (the shipped weights) or a folder (default: the shipped default)")
+    rp.add_argument("--model", help=MODEL_HELP)
     rp.add_argument("--force", action="store_true", help="re-run steps even where their inputs are unchanged")
     rp.add_argument("--only", help="comma list of step names (see --list)")
     rp.add_argument("--list", action="store_true", help="print the steps and whether each is up to date")

@@ -23,6 +23,7 @@ plugin (:mod:`tokenprune.testing.plugin`) runs them from ``pytest --tokenprune-s
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from .. import ops
-from ..checks import check_fused, check_mask, check_pivot_ratio, check_routing, check_scores, non_finite_scores
+from ..checks import (check_fused, check_mask, check_pivot_ratio, check_routing, check_schedule, check_scores,
+                      non_finite_scores)
 from ..classes import CLASSES, ClassTable
 from ..contract import Fused, Requirements, Routing, VisualTokens
 from ..registry import Registry, get_registry, stage_label
@@ -177,27 +179,31 @@ def _base_fused(tokens: VisualTokens) -> Fused:
     return Fused(h, tokens.project(h) if tokens.project else h)
 
 
-class Kind:
-    """How the kit calls a stage of one kind; subclasses per kind."""
+class Kind(ABC):
+    """How the kit calls a stage of one kind; one subclass per kind."""
 
     table = ClassTable.default()
 
     def need(self, sut: StageUnderTest, case: Case) -> Requirements | None:
+        """What the batch carries (``None``: everything)."""
         return None
 
+    @abstractmethod
     def call_for(self, sut: StageUnderTest, case: Case) -> Call:
-        raise NotImplementedError
+        """The inputs of one direct call on ``case``."""
 
+    @abstractmethod
     def answer(self, sut: StageUnderTest, call: Call) -> Any:
-        raise NotImplementedError
+        """The stage's answer to ``call``."""
 
+    @abstractmethod
     def problem(self, answer: Any, call: Call) -> str | None:
-        raise NotImplementedError
+        """The contract violation in ``answer``, or ``None``."""
 
+    @abstractmethod
     def rows(self, answer: Any, call: Call) -> dict[str, Tensor]:
         """The answer as tensors whose first dimension is the batch (compared row by row);
         values on padding zeroed."""
-        raise NotImplementedError
 
     #: the rows' keys that are per-token (permuted with the tokens)
     per_token: tuple[str, ...] = ()
@@ -520,17 +526,14 @@ def _permutation(sut, kind, case):
 
 
 def _schedule(sut, kind, case):
-    from ..adapters.llm_site import _checked
-
     deep = list(sut.stage.schedule(64))
     for depth in range(2, 40):
-        asked = list(sut.stage.schedule(depth))
-        try:
-            steps = _checked(asked, depth, sut.label)
-        except ValueError as exc:
-            if asked == deep and "set [llm] layer" in str(exc):
+        steps = list(sut.stage.schedule(depth))
+        problem = check_schedule(steps, depth)
+        if problem is not None:
+            if steps == deep and "set [llm] layer" in problem:
                 continue  # fixed layer parameters a shallow LLM cannot hold: the adapter refuses them clearly
-            _fail(sut, "schedule", case, str(exc))
+            _fail(sut, "schedule", case, f"the {sut.label} {problem}")
         total = torch.tensor(list(case.valid_counts))
         budget = _counts_up_to(total, case.generator(7)).clamp_min(1).minimum(total)
         counts = sut.stage.keep_counts(total, budget, len(steps))
