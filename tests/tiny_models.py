@@ -1,5 +1,5 @@
 """Tiny random models of the five supported families, built from configs (no download), and
-batches of left-padded image prompts for them.
+batches of left-padded image and video prompts for them.
 
 Token ids: 0 pad, 1 bos, 5 image, 6 video, 7 vision start, 8 vision end; text ids are drawn
 from 10..199.
@@ -7,7 +7,7 @@ from 10..199.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,11 +82,14 @@ def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", s
 
 @dataclass
 class Sample:
-    """One prompt: text ids before/after its images and the images' sizes in pixels."""
+    """One prompt: text ids before/after its visual inputs, the images' sizes in pixels and (Qwen
+    families) the videos' ``(frames, height, width)``; the videos come before the images in the
+    prompt, so the sequence order differs from the item order (images first)."""
 
     before: list[int]
     after: list[int]
     sizes: list[tuple[int, int]]
+    videos: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def _qwen_patch(family: str) -> int:
@@ -126,21 +129,33 @@ def batch(model, family: str, samples: list[Sample], seed: int = 0) -> dict[str,
         extra.update(pixel_values=pix.to(dtype), image_sizes=image_sizes)
     else:
         p = _qwen_patch(family)
-        grids, patches = [], []
-        for s in samples:
-            for (h, w) in s.sizes:
-                grids.append([1, h // p, w // p])
-                patches.append(torch.randn((h // p) * (w // p), 3 * 2 * p * p, generator=g))
-        grid = torch.tensor(grids)
-        counts = iter((grid.prod(-1) // 4).tolist())
-        rows = [s.before + sum(([VSTART] + [IMG] * next(counts) + [VEND] for _ in s.sizes), []) + s.after
+        image = [[1, h // p, w // p] for s in samples for (h, w) in s.sizes]
+        video = [[t, h // p, w // p] for s in samples for (t, h, w) in s.videos]
+        rows = [s.before + sum((_qwen_video(family, t, h // p, w // p) for t, h, w in s.videos), [])
+                + sum(([VSTART] + [IMG] * ((h // p) * (w // p) // 4) + [VEND] for h, w in s.sizes), []) + s.after
                 for s in samples]
-        extra.update(pixel_values=torch.cat(patches).to(dtype), image_grid_thw=grid)
+        for name, grids in (("pixel_values", image), ("pixel_values_videos", video)):
+            if grids:
+                grid = torch.tensor(grids)
+                extra[name] = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * p * p, generator=g).to(dtype)
+                extra["image_grid_thw" if name == "pixel_values" else "video_grid_thw"] = grid
     ids, mask = left_pad(rows)
     out = dict(input_ids=ids, attention_mask=mask, **extra)
     if family.startswith("qwen"):
-        out["mm_token_type_ids"] = (ids == IMG).int()
+        out["mm_token_type_ids"] = (ids == IMG).int() + 2 * (ids == VID).int()
     return out
+
+
+#: a timestamp's text id: Qwen3-VL's processor writes "<t seconds>" before each frame
+TIMESTAMP = 9
+
+
+def _qwen_video(family: str, t: int, gh: int, gw: int) -> list[int]:
+    """A video's placeholder run: one block of ``t`` frames, or (Qwen3-VL) one timestamped block per frame."""
+    per_frame = gh * gw // 4
+    if family == "qwen3-vl":
+        return sum(([TIMESTAMP, VSTART] + [VID] * per_frame + [VEND] for _ in range(t)), [])
+    return [VSTART] + [VID] * (t * per_frame) + [VEND]
 
 
 def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -276,7 +276,7 @@ def _wrap(model: nn.Module, original: Any, entry: Entry):
         kwargs = _bind(original, args, kwargs)
         if "inputs" in kwargs:  # generate(tensor) names its first argument `inputs`
             kwargs["input_ids"] = kwargs.pop("inputs")
-        if kwargs.get("pixel_values") is None:  # text-only call, or a decode step: nothing to prune
+        if not handle.adapter.has_visuals(kwargs):  # text-only call, or a decode step: nothing to prune
             if id(model) not in _RUNNING.get():  # the caller's own call (not generate's inner forward)
                 handle.adapter.refuse_unpruned_visuals(kwargs)  # ... unless it carries visuals we cannot prune
             return handle._passthrough(original, kwargs, entry)
@@ -334,7 +334,8 @@ def apply(
     Inside, call ``model(**inputs)`` or ``model.generate(**inputs)`` exactly as without pruning.
     ``generate`` returns the caller's prompt followed by the new tokens; ``forward`` returns
     outputs over the pruned sequence (``handle.last.source`` maps each position back).
-    Calls without images pass through unchanged; video inputs raise a clear error.
+    Calls without images or videos pass through unchanged; a visual input the model's family
+    cannot prune raises :class:`~tokenprune.adapters.UnsupportedInput`.
     """
     pipeline = _as_pipeline(spec)
     parsed = _default_budget(budget, pipeline)

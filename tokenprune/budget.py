@@ -2,7 +2,10 @@
 
 A user gives a budget as tokens per image (``64``), a share of each image's tokens (``0.25``), or
 one count per image (``[8, 4]``, in the order the images appear in the batch: prompt by prompt,
-then image by image within a prompt). :meth:`Budget.parse` turns any of these into a
+then image by image within a prompt, then the videos). A video is one item: a count or a share
+holds for the whole clip, and :meth:`Budget.per_frame` gives a count per frame instead (``R`` tokens
+per frame, ``R * T`` for a video of ``T`` frames, chosen over all of its frames together).
+:meth:`Budget.parse` turns any of these into a
 :class:`Budget` at the API boundary (``apply``, a call's ``tokenprune_budget=``, the pipeline, a
 spec's ``budget``/``budget_ratio``); everything after that reads :meth:`Budget.counts`. "Keep
 every token" is a value too, :data:`KEEP_ALL` (the pre-LLM stages of an in-LLM spec, image
@@ -26,18 +29,19 @@ BudgetLike = Union[int, float, Sequence[int], Tensor, "Budget"]
 
 @dataclass(frozen=True)
 class Budget:
-    """Visual tokens to keep per image.
+    """Visual tokens to keep per image (or per video: a video is one item).
 
     Attributes:
-        form: ``"tokens"`` (the same count for every image), ``"ratio"`` (a share of each
-            image's tokens, ``R = max(1, round(ratio * M))``), ``"per_image"`` (one count per
-            image) or ``"all"`` (every token).
-        tokens: the count, for ``"tokens"``.
+        form: ``"tokens"`` (the same count for every item), ``"ratio"`` (a share of each
+            item's tokens, ``R = max(1, round(ratio * M))``), ``"per_image"`` (one count per
+            item), ``"per_frame"`` (``tokens`` per frame: ``tokens * T`` for a video of ``T``
+            frames, ``tokens`` for an image) or ``"all"`` (every token).
+        tokens: the count, for ``"tokens"`` and ``"per_frame"``.
         ratio: the share in ``(0, 1]``, for ``"ratio"``.
         per_image: the counts, for ``"per_image"``.
     """
 
-    form: Literal["tokens", "ratio", "per_image", "all"]
+    form: Literal["tokens", "ratio", "per_image", "per_frame", "all"]
     tokens: int = 0
     ratio: float = 1.0
     per_image: tuple[int, ...] = ()
@@ -78,6 +82,23 @@ class Budget:
             raise ValueError(f"every per-sample budget must be > 0, got {counts.tolist()}")
         return cls("per_image", per_image=tuple(int(c) for c in counts.tolist()))
 
+    @classmethod
+    def per_frame(cls, tokens: int) -> Budget:
+        """``tokens`` per frame of each video (an image is one frame): ``tokens * T`` for a video of
+        ``T`` frames (temporal patches, ``video_grid_thw[:, 0]``), selected over all its frames."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+            raise ValueError(f"a per-frame budget is a token count > 0, got {tokens!r}")
+        return cls("per_frame", tokens=tokens)
+
+    def for_frames(self, frames: Tensor | None) -> Budget:
+        """This budget for items of ``frames`` ``(N,)`` frames each (``None``: images only): a
+        per-frame budget becomes one count per item; every other form is returned unchanged."""
+        if self.form != "per_frame":
+            return self
+        if frames is None:
+            return Budget("tokens", tokens=self.tokens)
+        return Budget("per_image", per_image=tuple(int(f) * self.tokens for f in frames.tolist()))
+
     def counts(self, valid_counts: Tensor) -> Tensor:
         """``R`` ``(N,)`` int64 on ``valid_counts``' device: each image's budget, clipped to its
         ``valid_counts`` real tokens.
@@ -89,6 +110,9 @@ class Budget:
         device = valid_counts.device
         if self.form == "all":
             return valid_counts.long().clone()
+        if self.form == "per_frame":
+            raise ValueError("a per-frame budget needs each item's frame count: tokenprune.apply resolves it "
+                             "(Budget.for_frames); give a Pipeline a count, a ratio or per-item counts")
         if self.form == "ratio":
             r = torch.round(valid_counts.double() * self.ratio).long().clamp_min(1)
         elif self.form == "tokens":
@@ -104,7 +128,8 @@ class Budget:
 
     def __str__(self) -> str:
         return {"tokens": f"{self.tokens} tokens per image", "ratio": f"{self.ratio:g} of each image's tokens",
-                "per_image": f"{list(self.per_image)} tokens per image", "all": "every token"}[self.form]
+                "per_image": f"{list(self.per_image)} tokens per image", "per_frame": f"{self.tokens} tokens per frame",
+                "all": "every token"}[self.form]
 
 
 #: Keep every token (what the pre-LLM stages do under an in-LLM spec).

@@ -44,15 +44,15 @@ Entry = Literal["forward", "generate"]
 PER_TOKEN = {"attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0, "labels": -100}
 
 
-def question_columns(mask: Tensor, is_img: Tensor) -> Tensor:
-    """``(B, S)`` bool: the text the router reads, i.e. what follows a row's last image (the
+def question_columns(mask: Tensor, is_visual: Tensor) -> Tensor:
+    """``(B, S)`` bool: the text the router reads, i.e. what follows a row's last visual input (the
     question and the assistant tag in chat templates, without the system prompt), or all of the
-    row's text when nothing follows its images."""
+    row's text when nothing follows its images and videos."""
     S = mask.shape[1]
     col = torch.arange(S, device=mask.device)
-    last = torch.where(is_img, col, -1).max(1, keepdim=True).values  # (B, 1)
+    last = torch.where(is_visual, col, -1).max(1, keepdim=True).values  # (B, 1)
     after = mask & (col > last)
-    text = mask & ~is_img
+    text = mask & ~is_visual
     return torch.where(after.any(1, keepdim=True), after, text)
 
 
@@ -88,6 +88,10 @@ class Encoded:
             slots (newlines); ``None`` when slot ``j`` is token ``j``.
         deepstack: per deepstack layer, ``(N, P, D)`` features added inside the LLM (Qwen3-VL).
         layout: family-specific per-slot tensors that :meth:`Adapter.slot_keep` reads.
+        videos: how many of the ``N`` rows, the last ones, are videos (one row per whole video:
+            its frames' tokens together, so selection sees the spatio-temporal set).
+        frames: ``(N,)`` frames (temporal patches) of each row, 1 for an image; ``None`` when every
+            row is an image. A per-frame budget reads it.
     """
 
     tokens: VisualTokens
@@ -96,16 +100,27 @@ class Encoded:
     slot_token: Tensor | None = None
     deepstack: list[Tensor] = field(default_factory=list)
     layout: dict[str, Tensor] = field(default_factory=dict)
+    videos: int = 0
+    frames: Tensor | None = None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Each row's modality, ``"image"`` or ``"video"``."""
+        N = self.slots.shape[0]
+        return ("image",) * (N - self.videos) + ("video",) * self.videos
 
 
 @dataclass(frozen=True)
 class PruneRecord:
     """What the last pruned call did. ``handle.last`` holds it.
 
+    One row per visual item: every image of the batch (prompt by prompt), then every video (a whole
+    video is one row: its frames' tokens are selected together). ``modalities`` says which is which.
+
     Attributes:
-        selection: the pipeline's :class:`~tokenprune.contract.Selection`, one row per image
-            (indices into that image's visual tokens, provenance pivot/completion).
-        image_sample: ``(N,)`` the prompt (batch row) each image belongs to.
+        selection: the pipeline's :class:`~tokenprune.contract.Selection`, one row per item
+            (indices into that item's visual tokens, provenance pivot/completion).
+        image_sample: ``(N,)`` the prompt (batch row) each item belongs to.
         classes: the routed class of each prompt.
         prompts: the texts that were routed.
         kept: ``(N,)`` visual tokens kept per image; ``total``: ``(N,)`` before pruning.
@@ -118,6 +133,7 @@ class PruneRecord:
         llm_kept: per in-LLM step, ``(N,)`` visual tokens per image after it (filled after the call).
         llm_source: ``(B, S'')`` column of the caller's sequence behind each position after the
             last in-LLM step (``forward`` returns outputs over these positions), ``-1`` on padding.
+        modalities: each row's modality, ``"image"`` or ``"video"``.
     """
 
     selection: Selection
@@ -132,6 +148,7 @@ class PruneRecord:
     llm_budget: Tensor | None = None
     llm_kept: tuple[Tensor, ...] = ()
     llm_source: Tensor | None = None
+    modalities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,22 +157,37 @@ class Batch:
 
     Attributes:
         ids: ``(B, S)`` input ids; ``mask``: ``(B, S)`` attention mask (ones when not given).
-        is_img: ``(B, S)`` bool image placeholder columns.
-        text_cols: ``(B, S)`` bool the question's columns (what follows each row's last image).
+        is_visual: ``(B, S)`` bool placeholder columns of every modality (image and video).
+        text_cols: ``(B, S)`` bool the question's columns (what follows each row's last visual input).
+        columns: ``(sum P_i,)`` the flat (``b * S + s``) column of every placeholder slot, in item
+            order: the images' slots prompt by prompt, then the videos'.
+        per_modality: placeholder columns per modality, in :attr:`Adapter.modalities` order.
     """
 
     ids: Tensor
     mask: Tensor
-    is_img: Tensor
+    is_visual: Tensor
     text_cols: Tensor
+    columns: Tensor
+    per_modality: tuple[int, ...]
 
     @classmethod
-    def of(cls, inputs: dict[str, Any], image_token_id: int) -> Batch:
+    def of(cls, inputs: dict[str, Any], placeholder_ids: Sequence[int]) -> Batch:
         ids: Tensor = inputs["input_ids"]  # (B, S)
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask  # (B, S)
-        is_img = ids == image_token_id  # (B, S)
-        return cls(ids, mask, is_img, question_columns(mask.bool(), is_img))
+        is_visual, columns, per_modality = placeholder_columns(ids, mask.bool(), placeholder_ids)
+        return cls(ids, mask, is_visual, question_columns(mask.bool(), is_visual), columns, per_modality)
+
+
+def placeholder_columns(ids: Tensor, valid: Tensor, placeholder_ids: Sequence[int]) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """The placeholder columns of ``ids`` ``(B, S)`` (where ``valid``): ``(B, S)`` bool over every
+    modality, the ``(sum P,)`` flat columns in item order (one modality after the other, each
+    row-major) and the count per modality."""
+    masks = [(ids == t) & valid for t in placeholder_ids]  # per modality (B, S)
+    flat = [m.flatten().nonzero().squeeze(1) for m in masks]
+    is_visual = torch.stack(masks).any(0)
+    return is_visual, torch.cat(flat), tuple(f.numel() for f in flat)
 
 
 @dataclass(frozen=True)
@@ -197,8 +229,13 @@ class Adapter(ABC):
     has_cls: ClassVar[bool] = True
     #: whether encode supplies ``VisualTokens.cls_token`` (one [CLS] hidden state per image)
     cls_token: ClassVar[bool] = True
+    #: the modalities this family prunes, in the order their rows are numbered (images, then videos);
+    #: each has a ``<modality>_token_id`` placeholder in the model's config
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
+    #: the inputs whose presence makes a call one to prune (one per modality)
+    pixel_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     #: input names consumed by the encoder, dropped from the pruned call
-    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     #: inputs this adapter cannot prune yet
     unsupported_inputs: ClassVar[dict[str, str]] = {}
 
@@ -209,6 +246,15 @@ class Adapter(ABC):
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """The placeholder token id of each of :attr:`modalities`, in order."""
+        return tuple(int(getattr(self.model.config, f"{m}_token_id")) for m in self.modalities)
+
+    def has_visuals(self, inputs: dict[str, Any]) -> bool:
+        """Whether the call carries pixels this adapter prunes (any of :attr:`pixel_inputs`)."""
+        return any(inputs.get(name) is not None for name in self.pixel_inputs)
 
     @property
     @abstractmethod
@@ -363,7 +409,7 @@ class Adapter(ABC):
         """Turn the caller's model inputs into pruned inputs (see the module docstring): four steps
         a family overrides one at a time, each timed in ``PruneRecord.seconds``."""
         self.check_inputs(inputs)
-        batch = Batch.of(inputs, self.image_token_id)
+        batch = Batch.of(inputs, self.placeholder_ids)
         clock: dict[str, float] = {}
         with _timed(clock, "route"):
             routing, prompts = self.route(batch, pipeline, prompts, tokenizer)
@@ -377,7 +423,7 @@ class Adapter(ABC):
         record = PruneRecord(
             selection=chosen.selection, image_sample=chosen.image_sample, classes=routing.classes,
             prompts=tuple(prompts), kept=chosen.selection.counts, total=total, keep_mask=keep, source=src,
-            seconds=clock, llm_budget=chosen.llm_budget,
+            seconds=clock, llm_budget=chosen.llm_budget, modalities=enc.modalities,
         )
         return out, record
 
@@ -428,13 +474,8 @@ class Adapter(ABC):
         """Step 3: one pipeline row per image, with its prompt's class, text and ordinal; an
         in-LLM spec keeps every token here and hands its budget to the LLM site."""
         B, S = batch.ids.shape
-        slots_flat = batch.is_img.flatten().nonzero().squeeze(1)  # (sum P_i,) row-major = image order
-        if slots_flat.numel() != int(enc.slots.sum()):
-            raise UnsupportedInput(
-                f"input_ids hold {slots_flat.numel()} image placeholder tokens, but the images give "
-                f"{int(enc.slots.sum())} ({enc.slots.tolist()} per image): build input_ids with the "
-                "model's processor, which expands each image placeholder to its token count"
-            )
+        self.check_placeholders(batch, enc)
+        slots_flat = batch.columns  # (sum P_i,) item order
         starts = enc.slots.cumsum(0) - enc.slots  # (N,)
         image_sample = slots_flat[starts.to(slots_flat.device)] // S  # (N,)
         pick = image_sample.cpu()
@@ -445,6 +486,7 @@ class Adapter(ABC):
                                      sample_keys=_ordinal_in_prompt(image_sample))
         spec = pipeline.spec
         real = tokens.valid().sum(1)  # (N,)
+        budget = None if budget is None else budget.for_frames(enc.frames)
         llm_budget = None
         if spec.llm is not None:  # the LLM pruner spends the budget; the stages here keep pre_llm_budget
             llm_budget = Budget.parse(spec.budget_or_default(budget)).counts(real)
@@ -471,20 +513,44 @@ class Adapter(ABC):
         kept_features, slot_keep = self.kept_slot_features(enc, sel)  # (sum K_i, D), (N, P)
         deepstack = [d[slot_keep] for d in enc.deepstack]
         P = enc.own.shape[1]
-        slots_flat = batch.is_img.flatten().nonzero().squeeze(1)
+        slots_flat = batch.columns
         slot_valid = torch.arange(P, device=slot_keep.device) < enc.slots.to(slot_keep.device).unsqueeze(1)
-        keep = mask.bool() & ~batch.is_img  # (B, S) every text column
+        keep = mask.bool() & ~batch.is_visual  # (B, S) every text column
         keep.view(-1)[slots_flat[slot_keep[slot_valid].to(slots_flat.device)]] = True
         src, valid = left_pack(keep)  # (B, S')
-        out = {k: v for k, v in inputs.items() if k not in self.image_inputs and k not in ("position_ids", "cache_position")}
+        out = {k: v for k, v in inputs.items() if k not in self.visual_inputs and k not in ("position_ids", "cache_position")}
         out["input_ids"] = take(ids, src, valid, self.pad_id())
         for name, fill in PER_TOKEN.items():
             value = mask if name == "attention_mask" else inputs.get(name)
             if value is not None:
                 out[name] = take(value, src, valid, fill)
         out["position_ids"] = self.pruned_positions(self.positions(ids, mask, inputs, entry), src, valid, entry)
-        out["mm_encoder_outputs"] = {"image": self.encoder_output(kept_features, deepstack)}
+        out["mm_encoder_outputs"] = self.encoder_outputs(enc, slot_keep, kept_features, deepstack)
         return out, keep, src.masked_fill(~valid, -1)
+
+    def encoder_outputs(self, enc: Encoded, slot_keep: Tensor, features: Tensor,
+                        deepstack: list[Tensor]) -> dict[str, Any]:
+        """``mm_encoder_outputs``: the kept features ``(sum K_i, D)`` (item order) split into the
+        images' and the videos' (a modality without items is left out)."""
+        images = int(slot_keep[: slot_keep.shape[0] - enc.videos].sum())
+        out = {"image": (features[:images], [d[:images] for d in deepstack]),
+               "video": (features[images:], [d[images:] for d in deepstack])}
+        present = {"image": enc.videos < slot_keep.shape[0], "video": enc.videos > 0}
+        return {m: self.encoder_output(*out[m]) for m in ("image", "video") if present[m]}
+
+    def check_placeholders(self, batch: Batch, enc: Encoded) -> None:
+        """Refuse input_ids whose placeholders do not match the items' token counts, per modality."""
+        N = enc.slots.shape[0]
+        given = dict(zip(self.modalities, batch.per_modality))
+        bounds = {"image": slice(0, N - enc.videos), "video": slice(N - enc.videos, N)}
+        for modality, count in given.items():
+            want = enc.slots[bounds[modality]]
+            if count != int(want.sum()):
+                raise UnsupportedInput(
+                    f"input_ids hold {count} {modality} placeholder tokens, but the {modality}s give "
+                    f"{int(want.sum())} ({want.tolist()} per {modality}): build input_ids with the "
+                    f"model's processor, which expands each {modality} placeholder to its token count"
+                )
 
     def kept_slot_features(self, enc: Encoded, sel: Selection) -> tuple[Tensor, Tensor]:
         """The features of the kept slots, ``(sum K_i, D)`` in image order (the model's own, or the

@@ -53,7 +53,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     llm_site = True
     downsample = True
-    image_inputs = ("pixel_values", "image_sizes")
+    visual_inputs = ("pixel_values", "image_sizes")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

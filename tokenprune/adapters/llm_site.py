@@ -37,7 +37,7 @@ from ..checks import check_mask, check_schedule
 from ..registry import stage_label
 from ..stages import LlmPruner, LlmRequest
 from . import capture
-from .base import cache_of, question_columns
+from .base import cache_of, placeholder_columns, question_columns
 from .sequence import left_pack, pad_flat
 
 _ATTR = "_tokenprune_llm_session"
@@ -158,8 +158,7 @@ class LlmSite:
         B, S = ids.shape
         mask = inputs.get("attention_mask")
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        is_img = (ids == self.adapter.image_token_id) & valid  # (B, S)
-        flat = is_img.flatten().nonzero().squeeze(1)  # (sum M,) row-major = image order
+        is_img, flat, _ = placeholder_columns(ids, valid, self.adapter.placeholder_ids)  # (B, S), (sum M,) item order
         if flat.numel() != int(kept.sum()):
             raise RuntimeError(f"in-LLM pruning found {flat.numel()} visual tokens, expected {int(kept.sum())}")
         slots, ok = pad_flat(flat, kept.to(flat.device))  # (N, M)

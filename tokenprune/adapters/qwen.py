@@ -1,10 +1,15 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: images and videos.
 
 The towers have no [CLS]; every LLM token is one 2x2 merge unit of four consecutive patches.
-The pipeline sees one row per image whose token features are the four patches' encoder features
-side by side, ``(N, M, 4*Dv)``: fusion is a weighted sum, so it runs at patch level, and the
-projector is the model's own merger applied to those patches. Received attention is averaged
-over the unit's patches.
+The pipeline sees one row per image and one row per video (all of a video's frames together, so
+selection removes temporal as well as spatial redundancy), whose token features are the four
+patches' encoder features side by side, ``(N, M, 4*Dv)``: fusion is a weighted sum, so it runs at
+patch level, and the projector is the model's own merger applied to those patches. Received
+attention is averaged over the unit's patches (the towers attend within a frame). Images and
+videos go through the tower in one call (videos are images with more temporal patches).
+
+- A video token's grid position is ``(t * h + row, col)``: its frames stacked along the rows.
+- Qwen3-VL's processor separates a video's frames by timestamp text; that text is never pruned.
 
 - Qwen2.5-VL runs its blocks in window order; hidden states and attention are un-permuted with
   the tower's own ``get_vision_window_index``.
@@ -26,17 +31,17 @@ from . import capture
 from .base import Adapter, Encoded, Entry, UnsupportedInput
 from .sequence import pad_flat, take
 
-_VIDEO = ("tokenprune does not prune video inputs yet: call the model without pixel_values_videos "
-          "inside tokenprune.apply, or remove the handle for video prompts")
+#: per modality: its pixels and grid inputs
+_INPUTS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 
 
 class QwenAdapter(Adapter):
     family = "qwen2-vl"
     has_cls = False
     llm_site = True
-    image_inputs = ("pixel_values", "image_grid_thw")
-    unsupported_inputs = {"pixel_values_videos": _VIDEO, "video_grid_thw": _VIDEO}
-    windowed = False
+    modalities = ("image", "video")
+    pixel_inputs = ("pixel_values", "pixel_values_videos")
+    visual_inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -60,21 +65,24 @@ class QwenAdapter(Adapter):
 
     def check_inputs(self, inputs: dict[str, Any]) -> None:
         super().check_inputs(inputs)
-        if inputs.get("image_grid_thw") is None:
-            raise UnsupportedInput("Qwen-VL images need image_grid_thw next to pixel_values (the image processor returns both)")
+        for pixels, grid in _INPUTS.values():
+            if (inputs.get(pixels) is None) != (inputs.get(grid) is None):
+                raise UnsupportedInput(f"Qwen-VL takes {pixels} and {grid} together (the processor returns both); "
+                                       f"this call gives only {pixels if inputs.get(pixels) is not None else grid}")
         if inputs.get("mm_token_type_ids") is None and inputs.get("position_ids") is None:
             raise UnsupportedInput(
                 "Qwen-VL needs mm_token_type_ids to compute M-RoPE positions; pass what the processor "
-                "returns (or mm_token_type_ids = (input_ids == image_token_id).int())"
+                "returns (or mm_token_type_ids: 1 at image placeholders, 2 at video placeholders, 0 elsewhere)"
             )
 
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
-        grid = inputs["image_grid_thw"]  # (N, 3)
+        given = [m for m, (pixels, _) in _INPUTS.items() if inputs.get(pixels) is not None]
+        grids = {m: inputs[_INPUTS[m][1]] for m in given}
+        grid = torch.cat(list(grids.values()))  # (N, 3) images, then videos
+        pixels = torch.cat([inputs[_INPUTS[m][0]].to(self.visual.dtype) for m in given])
         L = self.num_layers
         layers = sorted(need.layers) or [L]
-        out = self.model.model.get_image_features(
-            inputs["pixel_values"], grid, output_hidden_states=layers, return_dict=True
-        )
+        out = self.model.model.get_image_features(pixels, grid, output_hidden_states=layers, return_dict=True)
         pooled = list(out.pooler_output)  # per image (M_i, D)
         counts = torch.tensor([p.shape[0] for p in pooled], device=pooled[0].device)  # (N,)
         own, valid = pad_flat(torch.cat(pooled), counts)  # (N, M, D)
@@ -98,7 +106,7 @@ class QwenAdapter(Adapter):
             k = torch.cat([c[0] for c in recorder.take(li, "keys")], 0)  # (sum patches, Dh)
             keys[li] = pad_flat(units(k).flatten(1), counts)[0]  # (N, M, unit*Dh)
 
-        # (row, col) of each token in its image's merged grid
+        # (row, col) of each token in its image's merged grid; a video's frames stacked along the rows
         side = self.visual.spatial_merge_size
         w = (grid[:, 2] // side).to(own.device)  # (N,)
         local = torch.arange(M, device=own.device).expand(N, M)
@@ -109,7 +117,8 @@ class QwenAdapter(Adapter):
         )
         deep = getattr(out, "deepstack_features", None) or []
         deepstack = [pad_flat(torch.cat(list(d)), counts)[0] for d in deep]
-        return Encoded(tokens, own, counts, deepstack=deepstack)
+        videos = grids["video"].shape[0] if "video" in grids else 0
+        return Encoded(tokens, own, counts, deepstack=deepstack, videos=videos, frames=grid[:, 0].to(own.device))
 
     def positions(self, ids: Tensor, mask: Tensor, inputs: dict[str, Any], entry: Entry) -> Tensor:
         given = inputs.get("position_ids")
@@ -119,9 +128,10 @@ class QwenAdapter(Adapter):
                     f"Qwen-VL position_ids must be (3, B, S) or (4, B, S) M-RoPE positions, got {tuple(given.shape)}"
                 )
             return given[-3:]
+        timing = {k: inputs[k] for k in ("second_per_grid_ts",) if inputs.get(k) is not None}  # Qwen2.5-VL video
         pos, _ = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=mask,
+            ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask, **timing,
         )
         return pos  # (3, B, S)
 
