@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedModel
-from tiny_models import IMG, Sample, batch, build, samples
+from tiny_models import IMG, VID, Sample, _qwen_patch, batch, build, samples
 
 from conftest import DEVICES
 
@@ -169,21 +169,27 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
     """
     ids = one["input_ids"][0]
     S = len(ids)
-    enc = {k: v for k, v in one.items() if k in ("pixel_values", "image_grid_thw")}
-    if family == "llava":
-        enc.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
-    own = m.model.get_image_features(**enc, return_dict=True)
-    feats = torch.cat(list(own.pooler_output))
-    deepstack = [torch.cat(list(d)) for d in getattr(own, "deepstack_features", None) or []]  # Qwen3-VL
     all_ids = torch.cat([ids, torch.tensor(list(extra), dtype=ids.dtype, device=ids.device)])
     h = m.get_input_embeddings()(all_ids)[None].clone()  # (1, S + E, D)
-    is_img = all_ids == IMG
-    h[0, is_img] = feats.to(h.dtype)
+    is_img = (all_ids == IMG) | (all_ids == VID)  # the sample's one image or one video
+    deepstack = []  # Qwen3-VL: added at the visual columns after the first layers
+    for token, pixels, grid in ((IMG, "pixel_values", "image_grid_thw"), (VID, "pixel_values_videos", "video_grid_thw")):
+        if pixels not in one:
+            continue
+        if family == "llava":
+            own = m.model.get_image_features(one[pixels], vision_feature_layer=-2,
+                                             vision_feature_select_strategy="default", return_dict=True)
+        else:
+            get = m.model.get_image_features if token == IMG else m.model.get_video_features
+            own = get(one[pixels], one[grid], return_dict=True)
+        h[0, all_ids == token] = torch.cat(list(own.pooler_output)).to(h.dtype)
+        deepstack = [torch.cat(list(d)) for d in getattr(own, "deepstack_features", None) or []]
     if family == "llava":
         pos = torch.arange(len(all_ids), device=ids.device)[None]
     else:
         p, _ = m.model.get_rope_index(one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"],
-                                      image_grid_thw=one["image_grid_thw"], attention_mask=one["attention_mask"])
+                                      image_grid_thw=one.get("image_grid_thw"), video_grid_thw=one.get("video_grid_thw"),
+                                      attention_mask=one["attention_mask"])
         tail = p[..., -1:] + 1 + torch.arange(len(extra), device=ids.device)
         pos = torch.cat([p, tail], -1)  # (3, 1, S + E)
     lm = m.model.language_model
@@ -254,8 +260,42 @@ def test_pruned_logits_equal_hand_built_reference(family, pruner, device):
             # the columns the LLM kept are the hand-chosen ones (caller's columns, unpadded)
             pad = int((inp["attention_mask"][b] == 0).sum())
             want = sorted(set(range(one["input_ids"].shape[1])) - {c for c in range(one["input_ids"].shape[1])
-                                                                   if one["input_ids"][0, c] == IMG} | set(kept[-1]))
+                                                                   if one["input_ids"][0, c] in (IMG, VID)} | set(kept[-1]))
             assert (rec.llm_source[b][valid] - pad).tolist() == want
+            torch.testing.assert_close(got[b][valid], ref, **TOL[device])
+
+
+def video_samples(family: str, n: int, seed: int = 0) -> list[Sample]:
+    """``n`` prompts with one video each (1 to 3 frames, two sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    s = 4 * _qwen_patch(family)
+    out = []
+    for i in range(n):
+        t = int(torch.randint(1, 4, (1,), generator=g))
+        text = torch.randint(10, 200, (5,), generator=g).tolist()
+        out.append(Sample([1] + text[:2], text[2:], [], [(t, s, s * (1 + i % 2))]))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family, pruner", [("qwen2-vl", "fastv"), ("qwen2.5-vl", "pyramid-drop"), ("qwen2-vl", "dart"),
+                                            ("qwen3-vl", "fastv-late")])
+def test_video_pruned_inside_the_llm_equals_hand_built_reference(family, pruner, device):
+    """A video's tokens, all frames together, are one item of the in-LLM pruner."""
+    from test_video import one_sample
+
+    m = model(family, device)
+    smp = video_samples(family, 3, seed=5)
+    inp = inputs(m, family, smp, device)
+    budget = 5
+    with torch.no_grad(), tp.apply(m, spec(pruner), budget=budget) as h:
+        got = m(**inp).logits
+        rec = h.last
+        assert rec.modalities == ("video",) * 3
+        assert rec.llm_kept[-1].tolist() == [kept_counts(pruner, int(M), budget)[-1] for M in rec.total]
+        for b in range(len(smp)):
+            ref, kept = hand_forward(m, family, pruner, one_sample(inp, b, smp), budget)
+            valid = rec.llm_source[b] >= 0
             torch.testing.assert_close(got[b][valid], ref, **TOL[device])
 
 

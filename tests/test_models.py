@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedInput, UnsupportedModel
 from tokenprune.adapters.base import cache_keyword
-from tiny_models import FAMILIES, IMG, ONE_CROP_LLAVA, VEND, VID, VSTART, Sample, _qwen_patch, batch, build, default_sizes, samples
+from tiny_models import FAMILIES, IMG, ONE_CROP_LLAVA, Sample, _qwen_patch, batch, build, default_sizes, samples
 
 from conftest import DEVICES
 
@@ -47,8 +47,8 @@ def clasp(family: str, feed: str = "selection", cls: str = "counting") -> tp.Pip
 
 
 @functools.lru_cache(maxsize=None)
-def model(family: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    return build(family, dtype=dtype).to(device)
+def model(family: str, device: str = "cpu", dtype: torch.dtype = torch.float32, text_layers: int = 2):
+    return build(family, dtype=dtype, text_layers=text_layers).to(device)
 
 
 def inputs(m, family: str, smp: list[Sample], device: str, seed: int = 0) -> dict:
@@ -401,12 +401,10 @@ def test_text_only_calls_pass_through_unchanged():
             assert h.last is None
 
 
-def test_video_and_bad_inputs_give_clear_errors():
+def test_bad_inputs_give_clear_errors():
     m = model("qwen2-vl")
     inp = inputs(m, "qwen2-vl", samples("qwen2-vl", 1), "cpu")
     with tp.apply(m, clasp("qwen2-vl"), budget=2):
-        with pytest.raises(UnsupportedInput, match="video"):
-            m(**inp, pixel_values_videos=torch.zeros(4, 1176), video_grid_thw=torch.tensor([[1, 2, 2]]))
         bad = dict(inp, input_ids=inp["input_ids"].masked_fill(inp["input_ids"] == IMG, 11))
         with pytest.raises(UnsupportedInput, match="placeholder"):
             m(**bad)
@@ -417,24 +415,6 @@ def test_video_and_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="tokenizer"):
         with tp.apply(model("llava"), SPEC, budget=2):  # keyword router, no tokenizer, no prompts
             model("llava")(**inputs(model("llava"), "llava", samples("llava", 1), "cpu"))
-
-
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen")])
-def test_a_video_without_images_is_refused_never_passed_through_unpruned(family):
-    m = model(family)
-    p = _qwen_patch(family)
-    ids = torch.tensor([[11, 12, VSTART] + [VID] * 4 + [VEND, 13, 14]])
-    video = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=torch.randn(16, 3 * 2 * p * p),
-                 video_grid_thw=torch.tensor([[1, 4, 4]]), mm_token_type_ids=(ids == VID).int() * 2)
-    with torch.no_grad():
-        m(**video)  # the model itself takes it
-        with tp.apply(m, clasp(family), budget=2) as h:
-            with pytest.raises(UnsupportedInput, match="does not prune video"):
-                m(**video)
-            with pytest.raises(UnsupportedInput, match="does not prune video"):
-                m.generate(**video, max_new_tokens=2, do_sample=False)
-            assert h.last is None
-            m(input_ids=ids.masked_fill(ids == VID, 11))  # a text-only call still passes
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
@@ -508,8 +488,9 @@ def _precomputed(m, family: str, inp: dict) -> dict:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_visual_input_is_pruned_with_a_record_or_refused(family):
-    """Images are pruned and recorded; text passes; precomputed features, videos and images with
-    videos are refused, in forward and in generate; none reaches the model unpruned and unreported."""
+    """Images (and Qwen videos, alone or with images) are pruned and recorded; text passes;
+    precomputed features are refused, in forward and in generate; none reaches the model unpruned
+    and unreported."""
     m = model(family)
     inp = inputs(m, family, samples(family, 2), "cpu")
     pre = _precomputed(m, family, inp)
@@ -528,9 +509,11 @@ def test_every_visual_input_is_pruned_with_a_record_or_refused(family):
             assert h.last is not None and h.last.kept.tolist() == [2, 2] and bool((h.last.total > 2).all())
             out = m.generate(**inp, max_new_tokens=2, do_sample=False)  # generate's inner calls carry our features
             assert out.shape[1] == inp["input_ids"].shape[1] + 2
-            if family.startswith("qwen"):
+            if family.startswith("qwen"):  # videos, alone or with images, are pruned and recorded
                 p = _qwen_patch(family)
-                video = dict(pixel_values_videos=torch.randn(16, 3 * 2 * p * p), video_grid_thw=torch.tensor([[1, 4, 4]]))
-                for call in (m, m.generate):
-                    with pytest.raises(UnsupportedInput, match="video"):
-                        call(**inp, **video)
+                smp = [Sample([1, 20], [30], [], [(2, 4 * p, 4 * p)]), Sample([1, 21], [31], [(4 * p, 4 * p)], [(1, 4 * p, 8 * p)])]
+                video = inputs(m, family, smp, "cpu")
+                for call in (m, functools.partial(m.generate, max_new_tokens=2, do_sample=False)):
+                    h.last = None
+                    call(**video)
+                    assert h.last.modalities == ("image", "video", "video") and h.last.kept.tolist() == [2, 2, 2]
