@@ -188,9 +188,26 @@ def test_bench_prefill_runs_and_reports_bounds(tmp_path, capsys):
     assert "roofline bound" in capsys.readouterr().out
 
 
+def test_bench_prefill_video_case_prunes_whole_clips_by_share(tmp_path):
+    """The video case: a Qwen2-VL-shaped model, one 16-frame clip per prompt, 10/25/50 % kept by
+    default; the tower is not pruned, so the roofline bound lies below the token bound."""
+    out = tmp_path / "video.json"
+    assert main(["bench", "prefill", "--model", "qwen2-vl-video", "--batch", "1", "--repeats", "1", "--new-tokens", "2",
+                 "--device", "cpu", "--quiet", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["spec"] == "specs/variants/clasp-qwen.toml"
+    rows = result["rows"]
+    assert [(r["budget"], r["kept"]) for r in rows] == [(512, 512), (0.1, 51), (0.25, 128), (0.5, 256)]
+    for r in rows[1:]:
+        T = r["text_tokens"]
+        assert r["token_bound"] == pytest.approx((T + 512) / (T + r["kept"]))
+        assert 1.0 < r["roofline_bound"] < r["token_bound"]
+        assert r["flops"] < rows[0]["flops"] and r["kv_cache_mb"] < rows[0]["kv_cache_mb"]
+
+
 # -- one budget grammar on the command line ---------------------------------------------------------
 @pytest.mark.parametrize("flag", [["eval", "--budgets"], ["ablate", "specs/ablations/fusion.toml", "--budgets"],
-                                  ["calibrate", "--budgets"], ["demo", "--budget"]])
+                                  ["calibrate", "--budgets"], ["demo", "--budget"], ["bench", "prefill", "--budgets"]])
 def test_every_budget_flag_takes_tokens_or_a_ratio_and_names_itself_on_error(flag):
     from tokenprune.cli import build_parser
 

@@ -158,8 +158,9 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     _threads(args)
+    spec = args.spec or ("specs/variants/clasp-qwen.toml" if args.model in bench.VIDEO_MODELS else _default_spec())
     result = bench.run(
-        args.model, args.spec or _default_spec(), tuple(args.batch), tuple(args.budgets),
+        args.model, spec, tuple(args.batch), tuple(args.budgets) if args.budgets else None,
         repeats=args.repeats, new_tokens=args.new_tokens, device=device, dtype=dtype,
         progress=(lambda m: print(f"  {m}", file=sys.stderr)) if not args.quiet else None,
     )
@@ -437,14 +438,19 @@ def _bench_commands(sub) -> None:
     br.set_defaults(func=cmd_bench_router)
 
     bf = bsub.add_parser("prefill", help="end-to-end prefill/decode latency and memory, unpruned vs pruned")
-    bf.add_argument("--model", default="smollm2", choices=["smollm2", "llava-1.5-7b", "tiny"],
-                    help="smollm2: real SmolLM2-135M LM in a LLaVA (CPU); llava-1.5-7b: full-size random (GPU)")
-    bf.add_argument("--spec", help="spec file or preset name (default: specs/clasp.toml)")
+    bf.add_argument("--model", default="smollm2",
+                    choices=["smollm2", "llava-1.5-7b", "tiny", "qwen2-vl-video", "qwen2-vl-2b-video"],
+                    help="smollm2: real SmolLM2-135M LM in a LLaVA (CPU); llava-1.5-7b: full-size random (GPU); "
+                         "qwen2-vl-video: a small random Qwen2-VL fed 16-frame clips (CPU); qwen2-vl-2b-video: "
+                         "Qwen2-VL-2B's architecture, random, 16-frame clips (GPU)")
+    bf.add_argument("--spec", help="spec file or preset name (default: specs/clasp.toml; "
+                                   "specs/variants/clasp-qwen.toml for the video models)")
     bf.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bf.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     bf.add_argument("--batch", type=count_list, default=[1, 8], help="batch sizes (default 1,8)")
-    bf.add_argument("--budgets", type=count_list, default=[192, 128, 64],
-                    help="visual tokens kept per image, of 576 (default 192,128,64)")
+    bf.add_argument("--budgets", type=budget_list,
+                    help="visual tokens kept per image or video, or shares in (0, 1] (default 192,128,64 of 576; "
+                         "0.1,0.25,0.5 for the video models)")
     bf.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     bf.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per token")
     bf.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")

@@ -1,6 +1,7 @@
 """``tokenprune bench prefill``: end-to-end prefill and decode, unpruned vs pruned, side by side.
 
-For each batch size and budget ``R`` (of 576 visual tokens per image) it measures, in one run:
+For each batch size and budget ``R`` (visual tokens kept per image or video, or a share of them) it
+measures, in one run:
 
 - prefill latency: the first model call (vision tower + projector + LLM over the prompt,
   ``logits_to_keep=1``), unpruned and inside :func:`tokenprune.apply`;
@@ -14,13 +15,19 @@ For each batch size and budget ``R`` (of 576 visual tokens per image) it measure
 
 Each speed-up is printed next to two bounds:
 
-- the token-count ratio ``(T + 576) / (T + R)``, ``T`` = text tokens of the prompt;
+- the token-count ratio ``(T + M) / (T + R)``, ``T`` = text tokens of the prompt, ``M`` = its
+  visual tokens (576 per LLaVA-1.5 image; a 16-frame video on the Qwen2-VL models);
 - the roofline bound: the pruned prefill can be no faster than its FLOPs at the unpruned run's
   achieved FLOP rate, nor than one read of the weights at the device's measured memory
   bandwidth, i.e. ``min(F_unpruned / F_pruned, t_unpruned / (W / BW))``.
 
 FLOPs are counted analytically from the configs (matmuls ``2 * params * tokens`` plus causal
-attention ``2 * L * d * S^2`` in the LLM and full attention ``4 * L * d * S^2`` in the tower).
+attention ``2 * L * d * S^2`` in the LLM and full attention ``4 * L * d * S^2`` in the tower, per
+frame in the Qwen2-VL tower, which attends within each temporal patch).
+
+The video case (``--model qwen2-vl-video`` on the CPU, ``qwen2-vl-2b-video`` on a GPU) is a
+Qwen2-VL-shaped model with random weights fed one 16-frame clip per prompt; its default budgets
+are 10 %, 25 % and 50 % of the clip's tokens.
 """
 
 from __future__ import annotations
@@ -36,13 +43,17 @@ import torch
 
 import tokenprune as tp
 
-MODELS = ("smollm2", "llava-1.5-7b", "tiny")
+MODELS = ("smollm2", "llava-1.5-7b", "tiny", "qwen2-vl-video", "qwen2-vl-2b-video")
+#: the video models: Qwen2-VL-shaped, one 16-frame clip per prompt
+VIDEO_MODELS = ("qwen2-vl-video", "qwen2-vl-2b-video")
+FRAMES = 16
 
 
 @dataclass
 class Row:
     batch: int
-    budget: int  # R; 576 = unpruned
+    budget: int | float  # R (tokens, or a share of each item's); M = unpruned
+    kept: int  # visual tokens per item that reached the LLM
     text_tokens: int
     prefill_ms: float
     decode_ms_per_token: float
@@ -79,6 +90,8 @@ def build_model(name: str, device: str, dtype: torch.dtype):
             return {k: v.to(device) for k, v in enc.items()}
 
         return model, make, processor
+    if name in VIDEO_MODELS:
+        return _video_model(name, device, dtype)
     if name == "llava-1.5-7b":  # the full-size architecture, random weights
         vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                      num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
@@ -112,20 +125,75 @@ def build_model(name: str, device: str, dtype: torch.dtype):
     return model, make, None
 
 
-def count_flops(model, B: int, S: int, images: int) -> float:
-    """Analytic forward FLOPs of one prefill with ``S`` LLM positions and ``images`` images."""
+def _video_model(name: str, device: str, dtype: torch.dtype):
+    """A Qwen2-VL with random weights and ``make(B)``: B prompts of one 16-frame clip each.
+    ``qwen2-vl-video`` is small enough for a CPU (224 px frames, 512 video tokens);
+    ``qwen2-vl-2b-video`` is Qwen2-VL-2B's architecture (336 px frames, 1152 video tokens)."""
+    import transformers as tf
+
+    ids = dict(image_token_id=990, video_token_id=991, vision_start_token_id=992, vision_end_token_id=993)
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    if name == "qwen2-vl-2b-video":
+        side, vocab = 336, 151936
+        vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        text = dict(vocab_size=vocab, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, rope_parameters=dict(rope, mrope_section=[16, 24, 24]))
+        ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    else:
+        side, vocab = 224, 1000
+        vision = dict(depth=4, embed_dim=128, hidden_size=256, num_heads=4, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        text = dict(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, rope_parameters=dict(rope, mrope_section=[8, 12, 12]))
+    cfg = tf.Qwen2VLConfig(vision_config=vision, text_config=dict(text, pad_token_id=0), **ids)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    model = model.eval()
+    grid = [FRAMES // 2, side // 14, side // 14]  # temporal patches of 2 frames
+    tokens = grid[0] * grid[1] * grid[2] // 4
+
+    def make(B: int) -> dict:
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(3, 900, (B, 40), generator=g)
+        seq = torch.cat([torch.ones(B, 1, dtype=torch.long), text[:, :5], torch.full((B, 1), ids["vision_start_token_id"]),
+                         torch.full((B, tokens), ids["video_token_id"]), torch.full((B, 1), ids["vision_end_token_id"]),
+                         text[:, 5:]], 1)
+        pix = torch.randn(B * 4 * tokens, 3 * 2 * 14 * 14, generator=g)
+        return {"input_ids": seq.to(device), "attention_mask": torch.ones_like(seq).to(device),
+                "pixel_values_videos": pix.to(device, dtype), "video_grid_thw": torch.tensor([grid] * B).to(device),
+                "mm_token_type_ids": (2 * (seq == ids["video_token_id"]).int()).to(device)}
+
+    return model, make, None
+
+
+def count_flops(model, B: int, S: int, inputs: dict) -> float:
+    """Analytic forward FLOPs of one prefill with ``S`` LLM positions per prompt, for the images
+    or videos of ``inputs``."""
     cfg = model.config
     lm = model.model.language_model
     tc = cfg.get_text_config()
     p_lm = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
     flops = B * (2 * p_lm * S + 2 * tc.num_hidden_layers * tc.hidden_size * S * S)
     flops += B * 2 * tc.hidden_size * tc.vocab_size  # lm_head on the last position
-    vc = cfg.vision_config
+    return float(flops) + _tower_flops(model, inputs)
+
+
+def _tower_flops(model, inputs: dict) -> float:
+    vc = model.config.vision_config
+    if hasattr(model.model, "visual"):  # Qwen2-VL: attention within each temporal patch, merger on 4-patch units
+        grid = torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]).double()
+        patches = float(grid.prod(-1).sum())
+        per_frame = float((grid[:, 0] * (grid[:, 1] * grid[:, 2]) ** 2).sum())
+        p_merger = sum(p.numel() for p in model.model.visual.merger.parameters())
+        p_rest = sum(p.numel() for p in model.model.visual.parameters()) - p_merger
+        return 2 * p_rest * patches + 2 * p_merger * patches / 4 + 4 * vc.depth * vc.embed_dim * per_frame
+    images = inputs["pixel_values"].shape[0]
     n = (vc.image_size // vc.patch_size) ** 2 + 1
     p_tower = sum(p.numel() for p in model.model.vision_tower.parameters())
     p_proj = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
-    flops += images * (2 * p_tower * n + 4 * vc.num_hidden_layers * vc.hidden_size * n * n + 2 * p_proj * (n - 1))
-    return float(flops)
+    return float(images * (2 * p_tower * n + 4 * vc.num_hidden_layers * vc.hidden_size * n * n + 2 * p_proj * (n - 1)))
 
 
 def weight_bytes(model) -> int:
@@ -187,7 +255,7 @@ def run(
     model_name: str = "smollm2",
     spec: str | Path = "specs/clasp.toml",
     batches: tuple[int, ...] = (1, 8),
-    budgets: tuple[int, ...] = (192, 128, 64),
+    budgets: tuple[int | float, ...] | None = None,
     repeats: int = 3,
     new_tokens: int = 8,
     device: str = "cpu",
@@ -195,15 +263,17 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     say = progress or (lambda m: None)
+    if budgets is None:
+        budgets = (0.1, 0.25, 0.5) if model_name in VIDEO_MODELS else (192, 128, 64)
     model, make, tokenizer = build_model(model_name, device, dtype)
     bw = bandwidth(device)
     wbytes = weight_bytes(model)
     rows: list[Row] = []
-    image_id = model.config.image_token_id
+    placeholders = tp.adapters.adapter_for(model).placeholder_ids
     for B in batches:
         inputs = make(B)
         S = inputs["input_ids"].shape[1]
-        M = int((inputs["input_ids"][0] == image_id).sum())
+        M = sum(int((inputs["input_ids"][0] == t).sum()) for t in placeholders)  # visual tokens per prompt
         T = S - M
 
         extra: dict[str, Any] = {}  # explicit prompts when the model has no tokenizer to decode with
@@ -233,8 +303,8 @@ def run(
         t0, mem0, out = _timed(prefill, device, repeats)
         kv0 = cache_mb(out)
         d0 = statistics.median(decode_ms() for _ in range(repeats))
-        f0 = count_flops(model, B, S, B)
-        rows.append(Row(B, M, T, 1e3 * t0, d0, mem0, kv0, flops=f0))
+        f0 = count_flops(model, B, S, inputs)
+        rows.append(Row(B, M, M, T, 1e3 * t0, d0, mem0, kv0, flops=f0))
         for R in budgets:
             say(f"B={B} R={R}")
             with tp.apply(model, spec, budget=R, tokenizer=tokenizer) as handle:
@@ -254,11 +324,11 @@ def run(
                 d1 = statistics.median(decode_ms() for _ in range(repeats))
                 extra.clear()
             kept = int(rec.kept[0])
-            f1 = count_flops(model, B, T + kept, B)
+            f1 = count_flops(model, B, T + kept, inputs)
             bound = min(f0 / f1, t0 / (wbytes / bw))
             speed = t0 / t1
             o = statistics.median(over[1 : repeats + 1])  # the timed calls, not the warm-up
-            rows.append(Row(B, R, T, 1e3 * t1, d1, mem1, kv1, speed, (T + M) / (T + kept),
+            rows.append(Row(B, R, kept, T, 1e3 * t1, d1, mem1, kv1, speed, (T + M) / (T + kept),
                             bound, speed / bound, 1e3 * o, o / t1, f1, pruned=True))
     meta = {
         "model": model_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
@@ -273,12 +343,12 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["meta"]
     head = (f"{m['model']} on {m['device_name']} ({m['dtype']}), weights {m['weights_MB']:.0f} MB, "
             f"measured bandwidth {m['bandwidth_GBps']:.1f} GB/s, median of {m['repeats']}\n\n")
-    lines = ["| B | R | T | prefill ms | speed-up | token bound | roofline bound | % of roofline | overhead ms | overhead % | decode ms/tok | KV cache MB | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| B | R | kept | T | prefill ms | speed-up | token bound | roofline bound | % of roofline | overhead ms | overhead % | decode ms/tok | KV cache MB | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         pruned = r["pruned"]
         lines.append(
-            f"| {r['batch']} | {r['budget'] if pruned else '576 (unpruned)'} | {r['text_tokens']} | {r['prefill_ms']:.1f} | "
+            f"| {r['batch']} | {r['budget'] if pruned else 'unpruned'} | {r['kept']} | {r['text_tokens']} | {r['prefill_ms']:.1f} | "
             + (f"{r['speedup']:.2f}x | {r['token_bound']:.2f}x | {r['roofline_bound']:.2f}x | {100 * r['share_of_roofline']:.0f} % | "
                f"{r['overhead_ms']:.1f} | {100 * r['overhead_share']:.1f} % | " if pruned else "- | - | - | - | - | - | ")
             + f"{r['decode_ms_per_token']:.1f} | {r['kv_cache_mb']:.1f} | "
