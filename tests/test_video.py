@@ -122,6 +122,16 @@ def test_full_budget_identity_reproduces_unpruned_video_logits_and_generate(fami
     assert torch.equal(gen, got_gen)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_full_budget_identity_on_video_in_half_precision(dtype):
+    m = model("qwen2-vl", "cpu", dtype)
+    inp = inputs(m, "qwen2-vl", mixed("qwen2-vl"), "cpu")
+    with torch.no_grad():
+        ref = m.generate(**inp, max_new_tokens=4, do_sample=False)
+        with tp.apply(m, IDENTITY, budget=1.0):
+            assert torch.equal(m.generate(**inp, max_new_tokens=4, do_sample=False), ref)
+
+
 # -- the hand-built reference ----------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", QWEN)
