@@ -14,9 +14,9 @@ a family may override on its own (``docs/adapters.md``):
    token's *original* position, and hand the kept features to the model through
    ``mm_encoder_outputs``.
 
-Shape letters: ``B`` prompts, ``S`` sequence, ``S'`` pruned sequence, ``N`` images, ``M`` visual
-tokens per image (padded), ``P`` placeholder slots per image (``M`` plus structural slots such as
-LLaVA-NeXT's newlines), ``D`` decoder width.
+Shape letters: ``B`` prompts, ``S`` sequence, ``S'`` pruned sequence, ``N`` items (every image,
+prompt by prompt, then every video), ``M`` visual tokens per item (padded), ``P`` placeholder
+slots per item (``M`` plus structural slots such as LLaVA-NeXT's newlines), ``D`` decoder width.
 """
 
 from __future__ import annotations
@@ -471,8 +471,8 @@ class Adapter(ABC):
 
     def select(self, batch: Batch, enc: Encoded, pipeline: Pipeline, routing: Routing, prompts: Sequence[str],
                budget: Budget | None) -> Chosen:
-        """Step 3: one pipeline row per image, with its prompt's class, text and ordinal; an
-        in-LLM spec keeps every token here and hands its budget to the LLM site."""
+        """Step 3: one pipeline row per item (image, or a whole video), with its prompt's class,
+        text and ordinal; an in-LLM spec keeps every token here and hands its budget to the LLM site."""
         B, S = batch.ids.shape
         self.check_placeholders(batch, enc)
         slots_flat = batch.columns  # (sum P_i,) item order
