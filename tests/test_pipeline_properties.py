@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from helpers import DTYPES, batches, clasp_spec, make_tokens, permute, row, snapshot
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import tokenprune as tp
@@ -108,6 +108,8 @@ def test_batch_independence(variant, device, case, dtype):
 
 @pytest.mark.parametrize("variant", PERMUTATION_INVARIANT)
 @given(case=batches(max_B=2, min_M=2), perm_seed=st.integers(0, 2**31 - 1))
+# more picks than the features' rank: the DPP's gains fall to the float32 noise of its Gram matrix
+@example(case={"B": 1, "M": 20, "valid_counts": [20], "seed": 0, "budget": 18}, perm_seed=0)
 def test_permutation_equivariance(variant, device, case, perm_seed):
     """Permuting the tokens permutes the selection (float64, so no rounding ties)."""
     spec = clasp_spec(**VARIANTS[variant])

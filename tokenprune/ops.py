@@ -492,8 +492,11 @@ def greedy_dpp_map(x: Tensor | None, quality: Tensor, candidates: Tensor, select
     ``L`` is never materialised: row ``j`` is ``q_j q * (x @ x_j)``, one ``(B, M, D) x (B, D)``
     product per pick. The loop runs over picks, never over tokens or rows.
 
-    When a row's kernel is exhausted (every ``d_i^2 <= eps``: more picks than the feature rank),
-    the remaining picks go to the highest-quality candidates [ours]. Ties go to the lower index.
+    When a row's kernel is exhausted (more picks than the feature rank: every ``d_i^2`` at or below
+    the noise floor, ``max_i L_ii * M * machine epsilon`` of the dtype the similarities were computed
+    in, as numpy's matrix rank does; float32 for a ``gram`` from :func:`cosine_matrix`, and never
+    below ``eps``), the remaining picks go to the highest-quality candidates [ours]: below the floor,
+    the gains are rounding noise and would depend on the tokens' order. Ties go to the lower index.
 
     Args:
         x: ``(B, M, D)`` unit vectors; not read when ``gram`` is given (may then be ``None``).
@@ -522,6 +525,8 @@ def greedy_dpp_map(x: Tensor | None, quality: Tensor, candidates: Tensor, select
         sq = (xf * xf).sum(-1)  # (B, M)
     q = quality.to(acc)  # (B, M)
     d2 = q * q * sq  # (B, M) diag of L
+    precision = acc if G is None else (torch.float16 if gram is not None and gram.dtype == torch.float16 else torch.float32)
+    floor = (d2.masked_fill(~(candidates | selected), 0).amax(1) * M * torch.finfo(precision).eps).clamp_min(eps)  # (B,)
     fixed_index, fixed_ok = compact(selected)  # (B, P)
     P = fixed_index.shape[1]
     k = k.to(dev)
@@ -544,7 +549,7 @@ def greedy_dpp_map(x: Tensor | None, quality: Tensor, candidates: Tensor, select
         if t:
             cj = C[:, :t].gather(2, j.view(B, 1, 1).expand(B, t, 1))  # (B, t, 1) Cholesky column j
             Lj = Lj - torch.bmm(cj.transpose(1, 2), C[:, :t]).squeeze(1)  # (B, M)
-        live = on & (d2j > eps)  # (B,) an exhausted kernel (or a finished row) adds no information
+        live = on & (d2j > floor)  # (B,) an exhausted kernel (or a finished row) adds no information
         e = Lj * (live.to(acc) / d2j.clamp_min(eps).sqrt()).unsqueeze(1)  # (B, M), zero where not live
         C[:, t] = e
         d2.addcmul_(e, e, value=-1)
@@ -555,7 +560,7 @@ def greedy_dpp_map(x: Tensor | None, quality: Tensor, candidates: Tensor, select
     fallback = (-2.0 + q / qmax).masked_fill(~candidates, float("-inf"))  # in [-2, -1]: below any real gain
     d2.masked_fill_(~candidates, float("-inf"))  # only candidates can win; a pick is closed the same way
     for step in range(steps):
-        gain = torch.where(d2 > eps, d2, fallback)  # (B, M)
+        gain = torch.where(d2 > floor.unsqueeze(1), d2, fallback)  # (B, M)
         choice = argmax_low(gain, tie).view(B, 1)  # (B, 1)
         active = (step < k).view(B, 1)  # a row stays inactive once its picks are done
         picked.scatter_(1, choice, picked.gather(1, choice) | active)
