@@ -24,7 +24,7 @@ from tiny_models import IMG, VID, Sample, _qwen_patch, batch, build, samples
 
 from conftest import DEVICES
 
-FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl")
+FAMILIES = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
 LAYERS = 4  # decoder layers of the tiny LLMs here
 TOL = {"cpu": dict(atol=1e-5, rtol=1e-5), "cuda": dict(atol=1e-4, rtol=1e-4)}
 BASE = tp.load_spec("specs/clasp.toml").replace(
@@ -76,8 +76,10 @@ def solo(inp: dict, b: int, family: str) -> dict:
     """Sample ``b`` (one image each) as its own unpadded batch of one."""
     keep = inp["attention_mask"][b].bool()
     out = {"input_ids": inp["input_ids"][b, keep][None], "attention_mask": inp["attention_mask"][b, keep][None]}
-    if family == "llava":
+    if family.startswith("llava"):
         out["pixel_values"] = inp["pixel_values"][b : b + 1]
+        if family == "llava-next":
+            out["image_sizes"] = inp["image_sizes"][b : b + 1]
     else:
         grid = inp["image_grid_thw"]
         n = grid.prod(-1)
@@ -176,15 +178,17 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
     for token, pixels, grid in ((IMG, "pixel_values", "image_grid_thw"), (VID, "pixel_values_videos", "video_grid_thw")):
         if pixels not in one:
             continue
-        if family == "llava":
+        if family.startswith("llava"):
+            sizes = {"image_sizes": one["image_sizes"]} if family == "llava-next" else {}
             own = m.model.get_image_features(one[pixels], vision_feature_layer=-2,
-                                             vision_feature_select_strategy="default", return_dict=True)
+                                             vision_feature_select_strategy="default", return_dict=True, **sizes)
         else:
             get = m.model.get_image_features if token == IMG else m.model.get_video_features
             own = get(one[pixels], one[grid], return_dict=True)
         h[0, all_ids == token] = torch.cat(list(own.pooler_output)).to(h.dtype)
         deepstack = [torch.cat(list(d)) for d in getattr(own, "deepstack_features", None) or []]
-    if family == "llava":
+    newline, grid_row = next_layout(m, one, len(all_ids)) if family == "llava-next" else (None, None)
+    if family.startswith("llava"):
         pos = torch.arange(len(all_ids), device=ids.device)[None]
     else:
         p, _ = m.model.get_rope_index(one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"],
@@ -195,7 +199,8 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
     lm = m.model.language_model
     cfg = PRUNERS[name]
     schedule = cfg.get("layers") or [cfg["layer"]]
-    M = int(is_img.sum())
+    is_tok = is_img if newline is None else is_img & ~newline  # newlines are structural, never candidates
+    M = int(is_tok.sum())
     counts = kept_counts(name, M, budget)
     last_img = int(is_img.nonzero().max())
     cols = list(range(len(all_ids)))
@@ -204,12 +209,15 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
     for l, layer in enumerate(lm.layers):
         if l in schedule:
             step = schedule.index(l)
-            img = [i for i, c in enumerate(cols) if c < S and is_img[c]]
+            img = [i for i, c in enumerate(cols) if c < S and is_tok[c]]
             text = [i for i, c in enumerate(cols) if last_img < c < S]
             if fixed is None:
                 pe_prev = lm.rotary_emb(h_prev, pos[..., cols_prev])
                 sel = _hand_select(name, lm.layers[l - 1], h_prev, h, pe_prev, img, text, counts[step], lm.norm)
                 keep_cols = {cols[i] for i in sel}
+                if newline is not None:  # a newline stays when a token of its grid row does
+                    rows = {int(grid_row[c]) for c in keep_cols if grid_row[c] >= 0}
+                    keep_cols |= {c for c in cols if c < S and newline[c] and int(grid_row[c]) in rows}
             else:
                 keep_cols = set(fixed[step])
             kept.append(sorted(keep_cols))
@@ -223,6 +231,31 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
             h = h.clone()
             h[0, is_img] += deepstack[l].to(h.dtype)
     return m.lm_head(lm.norm(h))[0], kept
+
+
+def next_layout(m, one: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaVA-NeXT by hand: which of the sample's columns are row newlines, and each placeholder's
+    grid row (-1 for the base crop). The packed order is the base crop, then each row of the
+    unpadded grid followed by its newline; the model's own packer says where the newlines are."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = m.config
+    size = one["image_sizes"][0]
+    crops = image_size_to_num_patches(image_size=size.tolist(), grid_pinpoints=cfg.image_grid_pinpoints,
+                                      patch_size=cfg.vision_config.image_size)
+    Mc = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    marks = torch.zeros(crops, Mc, 1, dtype=torch.float64)
+    packed, _ = m.model.pack_image_features([marks], one["image_sizes"], "default",
+                                            image_newline=torch.ones(1, dtype=torch.float64))
+    is_line = packed[0][:, 0] == 1  # (P,) slot j of the image is a newline
+    row = is_line.long().cumsum(0) - is_line.long()  # newlines strictly before each slot
+    row[:Mc if crops > 1 else 0] = -1  # the base crop belongs to no grid row
+    ids = one["input_ids"][0]
+    cols = (ids == IMG).nonzero().flatten().cpu()
+    newline = torch.zeros(length, dtype=torch.bool)
+    grid_row = torch.full((length,), -1, dtype=torch.long)
+    newline[cols], grid_row[cols] = is_line, row
+    return newline.to(ids.device), grid_row.to(ids.device)
 
 
 # -- 1. dropping nothing reproduces the model ----------------------------------------------------
@@ -376,7 +409,7 @@ def test_qwen3_vl_prunes_only_after_its_deepstack_layers():
         tp.apply(model("qwen3-vl"), spec("fastv"), budget=3)
 
 
-def test_schedule_and_model_errors_are_clear():
+def test_schedule_and_model_errors_are_clear(monkeypatch):
     m = model("llava")
     with pytest.raises(ValueError, match="each K must be in 1..3"):
         tp.apply(m, BASE.replace(llm={"stage": "fastv", "layer": 4}), budget=3)
@@ -391,8 +424,10 @@ def test_schedule_and_model_errors_are_clear():
 
     with pytest.raises(ValueError, match="strictly ascending"):
         LlmSite(tp.adapters.adapter_for(m), Backwards(), "backwards")
-    with pytest.raises(UnsupportedModel, match="LLaVA-1.5 and Qwen2/2.5-VL"):
-        tp.apply(build("llava-next"), BASE.replace(llm={"stage": "fastv", "layer": 1}), budget=3)
+    monkeypatch.setattr(tp.adapters.LlavaAdapter, "llm_site", False)  # a family without the in-LLM site
+    with pytest.raises(UnsupportedModel, match="LLaVA-1.5 and -NeXT, Qwen2/2.5-VL.*llava adapter of "
+                                               "LlavaForConditionalGeneration does not"):
+        tp.apply(m, BASE.replace(llm={"stage": "fastv", "layer": 1}), budget=3)
 
 
 def test_generate_without_cache_is_refused():
@@ -478,9 +513,10 @@ def test_a_spec_may_prune_before_and_inside_the_llm(family):
         assert torch.equal(rec.kept, rec.total.clamp(max=6)) and bool((rec.total > 6).any())
         assert torch.equal(rec.llm_kept[-1], rec.kept.clamp(max=3)) and gen.shape[1] == inp["input_ids"].shape[1] + 3
         for b in range(3):
+            lines = set() if rec.newline_mask is None else set(rec.newline_mask[b].nonzero().flatten().tolist())
             entered = set(rec.source[b][rec.source[b] >= 0].tolist())
-            left = rec.llm_source[b][rec.llm_source[b] >= 0].tolist()
-            assert set(left) <= entered and len(entered) - len(left) == int(rec.kept[b] - rec.llm_kept[-1][b])
+            left = set(rec.llm_source[b][rec.llm_source[b] >= 0].tolist())
+            assert left <= entered and len(entered - lines) - len(left - lines) == int(rec.kept[b] - rec.llm_kept[-1][b])
             with tp.apply(m, both.replace(pre_llm_budget=6), budget=3):
                 alone = m(**solo(inp, b, family)).logits[0]
             torch.testing.assert_close(got[b][rec.llm_source[b] >= 0], alone, **TOL["cpu"])

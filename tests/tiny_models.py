@@ -55,7 +55,7 @@ def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", s
                              image_token_id=IMG, vision_feature_layer=-2)
         cls = tf.LlavaForConditionalGeneration
     elif family == "llava-next":
-        cfg = tf.LlavaNextConfig(vision_config=_clip(28), text_config=tf.LlamaConfig(**_text()), image_token_id=IMG,
+        cfg = tf.LlavaNextConfig(vision_config=_clip(28), text_config=tf.LlamaConfig(**_text(text_layers)), image_token_id=IMG,
                                  vision_feature_layer=-2, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
         cls = tf.LlavaNextForConditionalGeneration
     elif family in ("qwen2-vl", "qwen2.5-vl"):

@@ -104,9 +104,9 @@ class PruningHandle:
         if pipeline.spec.llm is not None:
             if not adapter.llm_site:
                 raise UnsupportedModel(
-                    f"in-LLM pruning ([llm] stage '{pipeline.spec.stage_name('llm')}') supports LLaVA-1.5 and "
-                    f"Qwen2/2.5-VL, and Qwen3-VL after its deepstack layers; {type(model).__name__} is not "
-                    "supported yet: use a pre-LLM spec"
+                    f"in-LLM pruning ([llm] stage '{pipeline.spec.stage_name('llm')}') supports LLaVA-1.5 and -NeXT, "
+                    f"Qwen2/2.5-VL, and Qwen3-VL after its deepstack layers; the {adapter.family} adapter of "
+                    f"{type(model).__name__} does not (llm_site = False): use a pre-LLM spec"
                 )
             self.site = LlmSite(adapter, pipeline.spec.llm, pipeline.spec.stage_name("llm"))
         if pipeline.spec.image_downsample:
@@ -195,7 +195,8 @@ class PruningHandle:
             return original(**new)
         record = self.last
         assert record is not None and record.llm_budget is not None  # _prepare ran, with an [llm] stage
-        session = site.begin(new, record.kept, record.image_sample, record.llm_budget)
+        session = site.begin(new, record.kept, record.image_sample, record.llm_budget,
+                             *_at_columns(record.newline_mask, record.grid_row, source=record.source))
         if entry == "generate":  # the prefill is generate's first forward call
             if new.get("use_cache") is False:
                 raise UnsupportedInput(
@@ -240,6 +241,12 @@ class PruningHandle:
         last = session.steps[-1] if session.steps else None
         llm_source = None if last is None else src.gather(1, last.source).masked_fill(~last.valid, -1)
         self.last = dataclasses.replace(record, llm_kept=tuple(session.keep), llm_source=llm_source)
+
+
+def _at_columns(*per_column: torch.Tensor | None, source: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """``(B, S)`` tensors over the caller's columns, gathered at the pruned call's ``source``
+    columns ``(B, S')`` (``-1`` padding reads column 0 and is masked by the site)."""
+    return tuple(None if t is None else t.gather(1, source.clamp_min(0)) for t in per_column)
 
 
 def _top(model: nn.Module) -> PruningHandle | None:

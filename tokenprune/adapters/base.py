@@ -134,6 +134,13 @@ class PruneRecord:
         llm_source: ``(B, S'')`` column of the caller's sequence behind each position after the
             last in-LLM step (``forward`` returns outputs over these positions), ``-1`` on padding.
         modalities: each row's modality, ``"image"`` or ``"video"``.
+        newline_mask: ``(B, S)`` bool over the caller's sequence, the placeholder columns that are
+            structural slots (LLaVA-NeXT's row newlines), not visual tokens; ``None`` for families
+            without them.
+        grid_row: ``(B, S)`` the grid row (within its image) of each placeholder column, newlines
+            included; ``-1`` for the base crop and for non-placeholder columns. ``None`` with
+            ``newline_mask``. A newline is kept, before and inside the LLM, when a token of its
+            row is.
     """
 
     selection: Selection
@@ -149,6 +156,8 @@ class PruneRecord:
     llm_kept: tuple[Tensor, ...] = ()
     llm_source: Tensor | None = None
     modalities: tuple[str, ...] = ()
+    newline_mask: Tensor | None = None
+    grid_row: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -420,10 +429,12 @@ class Adapter(ABC):
         with _timed(clock, "assemble"):
             out, keep, src = self.assemble(inputs, batch, enc, chosen.selection, entry)
         total = enc.slots if pipeline.spec.image_downsample else chosen.tokens.valid().sum(1)
+        newline, row = self.structure(batch, enc) or (None, None)
         record = PruneRecord(
             selection=chosen.selection, image_sample=chosen.image_sample, classes=routing.classes,
             prompts=tuple(prompts), kept=chosen.selection.counts, total=total, keep_mask=keep, source=src,
-            seconds=clock, llm_budget=chosen.llm_budget, modalities=enc.modalities,
+            seconds=clock, llm_budget=chosen.llm_budget, modalities=enc.modalities, newline_mask=newline,
+            grid_row=row,
         )
         return out, record
 
@@ -537,6 +548,21 @@ class Adapter(ABC):
                "video": (features[images:], [d[images:] for d in deepstack])}
         present = {"image": enc.videos < slot_keep.shape[0], "video": enc.videos > 0}
         return {m: self.encoder_output(*out[m]) for m in ("image", "video") if present[m]}
+
+    def structure(self, batch: Batch, enc: Encoded) -> tuple[Tensor, Tensor] | None:
+        """``(B, S)`` newline mask and grid row of the caller's placeholder columns
+        (:attr:`PruneRecord.newline_mask`, :attr:`PruneRecord.grid_row`), from the ``"newline"`` and
+        ``"rows"`` entries of ``enc.layout``; ``None`` when the family has no structural slots."""
+        if "newline" not in enc.layout:
+            return None
+        P = enc.layout["newline"].shape[1]
+        slot_valid = torch.arange(P, device=enc.slots.device) < enc.slots.unsqueeze(1)  # (N, P)
+        cols = batch.columns.to(slot_valid.device)
+        newline = torch.zeros(batch.ids.numel(), dtype=torch.bool, device=slot_valid.device)
+        newline[cols] = enc.layout["newline"][slot_valid]
+        row = torch.full((batch.ids.numel(),), -1, dtype=torch.long, device=slot_valid.device)
+        row[cols] = enc.layout["rows"][slot_valid]
+        return newline.view_as(batch.ids), row.view_as(batch.ids)
 
     def check_placeholders(self, batch: Batch, enc: Encoded) -> None:
         """Refuse input_ids whose placeholders do not match the items' token counts, per modality."""

@@ -8,7 +8,7 @@ grid, with one ``image_newline`` slot after every grid row. The adapter pushes a
 through the model's own ``pack_image_features`` to map every packed slot back to its crop and
 patch, so no layout rule is re-implemented. The pipeline sees the visual tokens only; a row's
 newline is kept when at least one token of that grid row is kept (a budget of all tokens keeps
-all of them) and it does not count against the budget.
+all of them) and it does not count against the budget; the in-LLM site applies the same rule.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ class LlavaAdapter(Adapter):
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava-next"
-    llm_site = False  # newline slots would need their own rule
+    llm_site = True  # a newline stays inside the LLM when a token of its grid row does
     downsample = False  # anyres crops: resize with the processor's image_grid_pinpoints instead
     cls_token = False  # one [CLS] per crop, none per image
 

@@ -17,8 +17,12 @@ rides on the cache object, so every later call with that cache (``generate``'s d
 hand-written loop) gets per-layer masks built from its own 2-D attention mask: the prefill's
 kept columns plus the new ones.
 
-Shape letters: ``B`` prompts, ``S`` sequence entering the LLM, ``S'`` after a step, ``N`` images,
-``M`` visual tokens per image still in the sequence, ``T`` question tokens, ``D`` width.
+Structural slots (LLaVA-NeXT's row newlines) are never candidates: after each step a newline
+stays when a visual token of its grid row does, as before the LLM.
+
+Shape letters: ``B`` prompts, ``S`` sequence entering the LLM, ``S'`` after a step, ``N`` items
+(images, then videos), ``M`` visual tokens per item still in the sequence, ``T`` question tokens,
+``L`` newlines, ``D`` width.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class Session:
         text_slots / text_ok: ``(N, T)`` current slot of each image's question tokens.
         rows: ``(N,)`` batch row of each image.
         prefill_length: ``S``, the sequence length of the prefill call.
+        token_group: ``(N, M)`` the structural group (an image's grid row, numbered across the
+            batch) of each visual token, ``-1`` for none; ``None`` without structural slots.
+        line_rows / line_slots / line_group / line_ok: ``(L,)`` batch row, current slot, group
+            and survival of each structural slot (LLaVA-NeXT's newlines): one survives a step when
+            a token of its group does.
     """
 
     layers: list[int]
@@ -78,6 +87,11 @@ class Session:
     prefill_length: int
     steps: list[Step] = field(default_factory=list)
     prefilling: bool = True
+    token_group: Tensor | None = None
+    line_rows: Tensor | None = None
+    line_slots: Tensor | None = None
+    line_group: Tensor | None = None
+    line_ok: Tensor | None = None
 
 
 @dataclass
@@ -151,14 +165,20 @@ class LlmSite:
                 capture.unflag_module(module)
 
     # -- sessions ------------------------------------------------------------------------------------
-    def begin(self, inputs: dict[str, Any], kept: Tensor, image_sample: Tensor, budget: Tensor) -> Session:
+    def begin(self, inputs: dict[str, Any], kept: Tensor, image_sample: Tensor, budget: Tensor,
+              newline: Tensor | None = None, grid_row: Tensor | None = None) -> Session:
         """A session for the pruned call ``inputs`` (already pre-LLM pruned): ``kept`` ``(N,)``
-        visual tokens per image in it, ``budget`` ``(N,)`` after the last step."""
+        visual tokens per image in it, ``budget`` ``(N,)`` after the last step; ``newline`` and
+        ``grid_row`` ``(B, S)`` over ``inputs``' columns for a family with row newlines
+        (:attr:`~tokenprune.adapters.PruneRecord.newline_mask`)."""
         ids: Tensor = inputs["input_ids"]  # (B, S)
         B, S = ids.shape
         mask = inputs.get("attention_mask")
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        is_img, flat, _ = placeholder_columns(ids, valid, self.adapter.placeholder_ids)  # (B, S), (sum M,) item order
+        is_img, flat, _ = placeholder_columns(ids, valid, self.adapter.placeholder_ids)  # (B, S), (sum P,) item order
+        lines: dict[str, Tensor] = {}
+        if newline is not None and grid_row is not None:
+            flat, lines = _split_lines(flat, newline.flatten()[flat], grid_row.flatten()[flat], kept.to(flat.device), S)
         if flat.numel() != int(kept.sum()):
             raise RuntimeError(f"in-LLM pruning found {flat.numel()} visual tokens, expected {int(kept.sum())}")
         slots, ok = pad_flat(flat, kept.to(flat.device))  # (N, M)
@@ -172,6 +192,7 @@ class LlmSite:
             text_slots=t_slots, text_ok=t_ok, valid=valid, is_image=is_img,
             source=torch.arange(S, device=ids.device).expand(B, S),
             prompt_index=(valid.long().cumsum(1) - 1).clamp_min(0), prefill_length=S,
+            **lines,
         )
 
     @contextlib.contextmanager
@@ -251,6 +272,9 @@ class LlmSite:
             keep = s.valid & ~s.is_image  # (B, S)
             flat = (rows * S + s.image_slots)[chosen]
             keep.view(-1)[flat] = True
+            if s.line_ok is not None:  # a newline stays when a token of its grid row does
+                s.line_ok = s.line_ok & _groups_hit(s.token_group, chosen, s.line_group)
+                keep[s.line_rows[s.line_ok], s.line_slots[s.line_ok]] = True
             src, ok = left_pack(keep)  # (B, S')
             packed = hidden.gather(1, src.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, S', D)
             new_slot = torch.full((B, S + 1), -1, dtype=torch.long, device=src.device)
@@ -258,6 +282,9 @@ class LlmSite:
             new_slot.scatter_(1, torch.where(ok, src, S), cols)
             new_slot = new_slot[:, :S]  # (B, S) old slot -> new slot, -1 = dropped
             img_new = new_slot[rows, s.image_slots]  # (N, M)
+            if s.token_group is not None:
+                s.token_group, _ = _repack(s.token_group, chosen)
+                s.line_slots = new_slot[s.line_rows, s.line_slots].clamp_min(0)
             s.image_slots, s.image_ok = _repack(img_new, chosen)
             s.text_slots = new_slot[rows, s.text_slots].clamp_min(0)
             s.is_image = s.is_image.gather(1, src) & ok
@@ -319,6 +346,30 @@ def _checked(schedule: list[int], num_layers: int, name: str) -> list[int]:
     if problem is not None:
         raise ValueError(f"the {name} {problem}")
     return schedule
+
+
+def _split_lines(flat: Tensor, newline: Tensor, row: Tensor, kept: Tensor, S: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Split the placeholder columns ``flat`` ``(sum P,)`` (item order) into the visual tokens'
+    columns and the session's newline fields. A newline belongs to the item of the token before it
+    (it closes that token's grid row); a group is ``item * G + grid row``, ``G`` rows per item."""
+    token_rank = (~newline).long().cumsum(0) - 1  # (sum P,) the last token at or before each slot
+    item = torch.bucketize(token_rank.clamp_min(0), kept.cumsum(0), right=True)  # (sum P,)
+    G = int(row.max()) + 1 if row.numel() else 1
+    group = torch.where(row >= 0, item * G + row, -1)  # (sum P,)
+    token_group, ok = pad_flat(group[~newline], kept)  # (N, M)
+    lines = flat[newline]  # (L,)
+    return flat[~newline], {
+        "token_group": token_group.masked_fill(~ok, -1), "line_rows": lines // S, "line_slots": lines % S,
+        "line_group": group[newline], "line_ok": torch.ones_like(lines, dtype=torch.bool),
+    }
+
+
+def _groups_hit(token_group: Tensor, chosen: Tensor, line_group: Tensor) -> Tensor:
+    """``(L,)`` whether each newline's group has a chosen token (``token_group`` ``(N, M)``)."""
+    G = int(max(int(token_group.max()), int(line_group.max()) if line_group.numel() else -1)) + 2
+    hit = torch.zeros(G, dtype=torch.bool, device=chosen.device)
+    hit[(token_group[chosen & (token_group >= 0)])] = True
+    return hit[line_group.clamp_min(0)] & (line_group >= 0)
 
 
 def _repack(slots: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor]:
