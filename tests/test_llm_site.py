@@ -24,7 +24,9 @@ from tiny_models import IMG, VID, Sample, _qwen_patch, batch, build, samples
 
 from conftest import DEVICES
 
-FAMILIES = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
+FAMILIES = ("llava", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
+#: the LLaVA families whose images end their grid rows with newline slots
+NEWLINES = ("llava-next", "llava-onevision")
 LAYERS = 4  # decoder layers of the tiny LLMs here
 TOL = {"cpu": dict(atol=1e-5, rtol=1e-5), "cuda": dict(atol=1e-4, rtol=1e-4)}
 BASE = tp.load_spec("specs/clasp.toml").replace(
@@ -78,8 +80,10 @@ def solo(inp: dict, b: int, family: str) -> dict:
     out = {"input_ids": inp["input_ids"][b, keep][None], "attention_mask": inp["attention_mask"][b, keep][None]}
     if family.startswith("llava"):
         out["pixel_values"] = inp["pixel_values"][b : b + 1]
-        if family == "llava-next":
+        if family in NEWLINES:
             out["image_sizes"] = inp["image_sizes"][b : b + 1]
+        if family == "llava-onevision":
+            out["batch_num_images"] = inp["batch_num_images"][b : b + 1]
     else:
         grid = inp["image_grid_thw"]
         n = grid.prod(-1)
@@ -178,7 +182,10 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
     for token, pixels, grid in ((IMG, "pixel_values", "image_grid_thw"), (VID, "pixel_values_videos", "video_grid_thw")):
         if pixels not in one:
             continue
-        if family.startswith("llava"):
+        if family == "llava-onevision":  # the config's own feature layer and strategy
+            own = m.model.get_image_features(one[pixels], one["image_sizes"], batch_num_images=one["batch_num_images"],
+                                             return_dict=True)
+        elif family.startswith("llava"):
             sizes = {"image_sizes": one["image_sizes"]} if family == "llava-next" else {}
             own = m.model.get_image_features(one[pixels], vision_feature_layer=-2,
                                              vision_feature_select_strategy="default", return_dict=True, **sizes)
@@ -187,7 +194,7 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
             own = get(one[pixels], one[grid], return_dict=True)
         h[0, all_ids == token] = torch.cat(list(own.pooler_output)).to(h.dtype)
         deepstack = [torch.cat(list(d)) for d in getattr(own, "deepstack_features", None) or []]
-    newline, grid_row = next_layout(m, one, len(all_ids)) if family == "llava-next" else (None, None)
+    newline, grid_row = next_layout(m, one, len(all_ids)) if family in NEWLINES else (None, None)
     if family.startswith("llava"):
         pos = torch.arange(len(all_ids), device=ids.device)[None]
     else:
@@ -234,7 +241,7 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
 
 
 def next_layout(m, one: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """LLaVA-NeXT by hand: which of the sample's columns are row newlines, and each placeholder's
+    """LLaVA-NeXT and -OneVision by hand: which of the sample's columns are row newlines, and each placeholder's
     grid row (-1 for the base crop). The packed order is the base crop, then each row of the
     unpadded grid followed by its newline; the model's own packer says where the newlines are."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -245,8 +252,12 @@ def next_layout(m, one: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
                                       patch_size=cfg.vision_config.image_size)
     Mc = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     marks = torch.zeros(crops, Mc, 1, dtype=torch.float64)
-    packed, _ = m.model.pack_image_features([marks], one["image_sizes"], "default",
-                                            image_newline=torch.ones(1, dtype=torch.float64))
+    line = torch.ones(1, dtype=torch.float64)
+    if "batch_num_images" in one:  # LLaVA-OneVision (its grid may be resized; one image per prompt here)
+        packed, _ = m.model.pack_image_features([marks], one["image_sizes"], image_newline=line,
+                                                vision_aspect_ratio=cfg.vision_aspect_ratio)
+    else:
+        packed, _ = m.model.pack_image_features([marks], one["image_sizes"], "default", image_newline=line)
     is_line = packed[0][:, 0] == 1  # (P,) slot j of the image is a newline
     row = is_line.long().cumsum(0) - is_line.long()  # newlines strictly before each slot
     row[:Mc if crops > 1 else 0] = -1  # the base crop belongs to no grid row

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedInput, UnsupportedModel
 from tokenprune.adapters.base import cache_keyword
-from tiny_models import FAMILIES, IMG, ONE_CROP_LLAVA, Sample, _qwen_patch, batch, build, default_sizes, samples
+from tiny_models import FAMILIES, IMG, NO_CLS, ONE_CROP_LLAVA, Sample, _qwen_patch, batch, build, default_sizes, samples
 
 from conftest import DEVICES
 
@@ -41,7 +41,7 @@ IDENTITY = SPEC.replace(
 
 def clasp(family: str, feed: str = "selection", cls: str = "counting") -> tp.PipelineSpec:
     """CLASP with a fixed class; Qwen towers have no [CLS], so they score by received attention."""
-    scoring = {"stage": "received-attention" if family.startswith("qwen") else "cls-attention", "layer": -2}
+    scoring = {"stage": "received-attention" if family in NO_CLS else "cls-attention", "layer": -2}
     return SPEC.replace(router={"stage": "fixed", "class_name": cls}, scoring=scoring,
                         fusion={"stage": "class-adaptive", "feed": feed})
 
@@ -69,8 +69,10 @@ def rows_of(inp: dict, b: int, family: str, per_image: list[int]) -> dict:
     sl = slice(first, first + per_image[b])
     if family.startswith("llava"):
         out["pixel_values"] = inp["pixel_values"][sl]
-        if family == "llava-next":
+        if family in ("llava-next", "llava-onevision"):
             out["image_sizes"] = inp["image_sizes"][sl]
+        if family == "llava-onevision":
+            out["batch_num_images"] = inp["batch_num_images"][b : b + 1]
     else:
         grid = inp["image_grid_thw"]
         patches = grid.prod(-1)
@@ -119,7 +121,7 @@ def reference_logits(m, family: str, one: dict, kept_slots: list[torch.Tensor], 
     """
     ids = one["input_ids"][0]
     img_cols = (ids == IMG).nonzero().flatten().tolist()
-    enc_kw = {k: v for k, v in one.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+    enc_kw = {k: v for k, v in one.items() if k in ("pixel_values", "image_sizes", "image_grid_thw", "batch_num_images")}
     if family in ONE_CROP_LLAVA:
         enc_kw.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
     own = m.model.get_image_features(**enc_kw, return_dict=True)
@@ -265,7 +267,7 @@ def test_generate_equals_hand_written_greedy_loop(family, device):
             keep[img_cols] = False
             keep[img_cols[slots[b]]] = True
             cols = keep.nonzero().flatten()
-            enc_kw = {k: v for k, v in one.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+            enc_kw = {k: v for k, v in one.items() if k in ("pixel_values", "image_sizes", "image_grid_thw", "batch_num_images")}
             own = m.model.get_image_features(**enc_kw, return_dict=True)
             feats = own.pooler_output[0][slots[b]]
             if family == "qwen3-vl":
@@ -477,12 +479,12 @@ def test_router_reads_explicit_prompts_per_sample():
 # -- never silently unpruned: every input kind of every family ---------------------------------------
 def _precomputed(m, family: str, inp: dict) -> dict:
     """The call with the model's own image features given as mm_encoder_outputs instead of pixels."""
-    enc_kw = {k: v for k, v in inp.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+    enc_kw = {k: v for k, v in inp.items() if k in ("pixel_values", "image_sizes", "image_grid_thw", "batch_num_images")}
     if family in ONE_CROP_LLAVA:
         enc_kw.update(vision_feature_layer=-2, vision_feature_select_strategy="default")
     with torch.no_grad():
         own = m.model.get_image_features(**enc_kw, return_dict=True)
-    rest = {k: v for k, v in inp.items() if k not in ("pixel_values", "image_sizes")}
+    rest = {k: v for k, v in inp.items() if k not in ("pixel_values", "image_sizes", "batch_num_images")}
     return dict(rest, mm_encoder_outputs={"image": own})
 
 
@@ -509,9 +511,10 @@ def test_every_visual_input_is_pruned_with_a_record_or_refused(family):
             assert h.last is not None and h.last.kept.tolist() == [2, 2] and bool((h.last.total > 2).all())
             out = m.generate(**inp, max_new_tokens=2, do_sample=False)  # generate's inner calls carry our features
             assert out.shape[1] == inp["input_ids"].shape[1] + 2
-            if family.startswith("qwen"):  # videos, alone or with images, are pruned and recorded
-                p = _qwen_patch(family)
-                smp = [Sample([1, 20], [30], [], [(2, 4 * p, 4 * p)]), Sample([1, 21], [31], [(4 * p, 4 * p)], [(1, 4 * p, 8 * p)])]
+            if family.startswith("qwen") or family == "llava-onevision":  # videos, alone or with images, are pruned and recorded
+                p = 14 if family == "llava-onevision" else _qwen_patch(family)
+                second = (2, 56, 56) if family == "llava-onevision" else (1, 4 * p, 8 * p)  # OneVision: one frame count
+                smp = [Sample([1, 20], [30], [], [(2, 4 * p, 4 * p)]), Sample([1, 21], [31], [default_sizes(family)[0]], [second])]
                 video = inputs(m, family, smp, "cpu")
                 for call in (m, functools.partial(m.generate, max_new_tokens=2, do_sample=False)):
                     h.last = None

@@ -1,4 +1,5 @@
-"""Video pruning on Qwen2-VL, Qwen2.5-VL and Qwen3-VL (tiny models, CPU; CUDA too when present).
+"""Video pruning on Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision (tiny models, CPU; CUDA too
+when present).
 
 A video is one pipeline row holding all its frames' tokens; images and videos share a batch. The
 properties are those of the image path (``test_models.py``): identity at a full budget, pruned
@@ -25,15 +26,21 @@ from tokenprune.testing.inputs import make_tokens
 from tiny_models import IMG, TIMESTAMP, VID, Sample, _qwen_patch, batch, build
 
 QWEN = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+VIDEO = (*QWEN, "llava-onevision")
+OV = "llava-onevision"  # 56-px frames, one frame count per batch; images anyres (one crop each when several)
 
 
 def side(family: str, k: int = 4) -> int:
-    return k * _qwen_patch(family)
+    return 56 if family == OV else k * _qwen_patch(family)
 
 
 def mixed(family: str) -> list[Sample]:
-    """A video with an image, a video alone, an image alone: sequence order != item order."""
+    """A video with an image, a video alone, images alone: sequence order != item order."""
     s = side(family)
+    if family == OV:
+        return [Sample([1, 20, 21], [30, 31], [(56, 112)], [(2, s, s)]),
+                Sample([1, 22], [33, 34, 35], [], [(2, s, s)]),
+                Sample([1, 23, 24, 25], [36], [(112, 112), (100, 60)], [])]
     return [Sample([1, 20, 21], [30, 31], [(s, s)], [(2, s, 2 * s)]),
             Sample([1, 22], [33, 34, 35], [], [(3, s, s)]),
             Sample([1, 23, 24, 25], [36], [(s, 2 * s)], [])]
@@ -41,6 +48,8 @@ def mixed(family: str) -> list[Sample]:
 
 def videos_only(family: str) -> list[Sample]:
     s = side(family)
+    if family == OV:
+        return [Sample([1, 20], [30], [], [(4, s, s)]), Sample([1, 21, 22], [31, 32], [], [(4, s, s), (4, s, s)])]
     return [Sample([1, 20], [30], [], [(2, s, s)]), Sample([1, 21, 22], [31, 32], [], [(4, 2 * s, s)])]
 
 
@@ -51,7 +60,16 @@ def inputs(m, family: str, smp: list[Sample], device: str, seed: int = 0) -> dic
 def one_sample(inp: dict, b: int, smp: list[Sample]) -> dict:
     """The b-th prompt of a batch as its own unpadded batch of one (its images' and videos' pixels)."""
     keep = inp["attention_mask"][b].bool()
-    out = {k: inp[k][b, keep][None] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out = {k: inp[k][b, keep][None] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inp}
+    if "mm_token_type_ids" not in inp:  # LLaVA-OneVision: pixels per image / per video
+        n_img, n_vid = [len(s.sizes) for s in smp], [len(s.videos) for s in smp]
+        if n_img[b]:
+            sl = slice(sum(n_img[:b]), sum(n_img[: b + 1]))
+            out.update(pixel_values=inp["pixel_values"][sl], image_sizes=inp["image_sizes"][sl],
+                       batch_num_images=inp["batch_num_images"][b : b + 1])
+        if n_vid[b]:
+            out["pixel_values_videos"] = inp["pixel_values_videos"][sum(n_vid[:b]):sum(n_vid[: b + 1])]
+        return out
     for pixels, grid, n in (("pixel_values", "image_grid_thw", [len(s.sizes) for s in smp]),
                             ("pixel_values_videos", "video_grid_thw", [len(s.videos) for s in smp])):
         if n[b] == 0:
@@ -73,9 +91,16 @@ def hand_encoder_outputs(m, family: str, one: dict, keep: torch.Tensor) -> dict:
                                           ("video", VID, "pixel_values_videos", "video_grid_thw")):
         if pixels not in one:
             continue
+        kept = keep[ids == token]  # (placeholders,) in item order: one modality is row-major in one row
+        if family == OV:  # the packed features, newlines included; a video output is (videos, slots, D)
+            own = (m.model.get_image_features(one[pixels], one["image_sizes"], batch_num_images=one["batch_num_images"],
+                                              return_dict=True) if modality == "image"
+                   else m.model.get_video_features(one[pixels], return_dict=True))
+            feats = torch.cat(list(own.pooler_output))[kept]
+            out[modality] = BaseModelOutputWithPooling(pooler_output=[feats] if modality == "image" else feats[None])
+            continue
         get = m.model.get_image_features if modality == "image" else m.model.get_video_features
         own = get(one[pixels], one[grid], return_dict=True)
-        kept = keep[ids == token]  # (placeholders,) in item order: one modality is row-major in one row
         feats = torch.cat(list(own.pooler_output))[kept]
         if family == "qwen3-vl":
             from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
@@ -88,7 +113,10 @@ def hand_encoder_outputs(m, family: str, one: dict, keep: torch.Tensor) -> dict:
 
 
 def hand_positions(m, one: dict, cols: torch.Tensor) -> torch.Tensor:
-    """The unpruned M-RoPE positions of one sample, at the kept columns: ``(3, 1, S')``."""
+    """The unpruned positions of one sample, at the kept columns: M-RoPE ``(3, 1, S')``, or a LLaVA
+    forward's own ``0..S-1`` ``(1, S')``."""
+    if "mm_token_type_ids" not in one:
+        return cols[None]
     pos, _ = m.model.get_rope_index(one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"],
                                     image_grid_thw=one.get("image_grid_thw"), video_grid_thw=one.get("video_grid_thw"),
                                     attention_mask=one["attention_mask"])
@@ -103,7 +131,7 @@ def kept_columns(record, inp: dict, b: int) -> torch.Tensor:
 
 # -- identity -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", VIDEO)
 @pytest.mark.parametrize("compose", [mixed, videos_only])
 def test_full_budget_identity_reproduces_unpruned_video_logits_and_generate(family, device, compose):
     m = model(family, device)
@@ -134,7 +162,7 @@ def test_full_budget_identity_on_video_in_half_precision(dtype):
 
 # -- the hand-built reference ----------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", VIDEO)
 def test_pruned_video_logits_equal_hand_built_reference(family, device):
     """Only the kept image and video tokens, the model's own features (and deepstack), at the
     unpruned sequence's M-RoPE positions; every text token kept (Qwen3-VL's timestamps too)."""
@@ -145,12 +173,13 @@ def test_pruned_video_logits_equal_hand_built_reference(family, device):
         got = m(**inp).logits
     rec = h.last
     assert (rec.kept < rec.total).all()
-    assert rec.modalities == ("image", "image", "video", "video")
+    assert rec.modalities == ("image",) * sum(len(x.sizes) for x in smp) + ("video",) * sum(len(x.videos) for x in smp)
     ids = inp["input_ids"]
     placeholder = (ids == IMG) | (ids == VID)
     assert bool(rec.keep_mask[inp["attention_mask"].bool() & ~placeholder].all())  # text, timestamps included
-    # the keep mask is the selection: item i's placeholder j survives iff token j is selected
-    slots = torch.cat([rec.keep_mask[ids == IMG], rec.keep_mask[ids == VID]])
+    # the keep mask is the selection: item i's token j survives iff it is selected (newlines aside)
+    token = placeholder if rec.newline_mask is None else placeholder & ~rec.newline_mask
+    slots = torch.cat([rec.keep_mask[(ids == IMG) & token], rec.keep_mask[(ids == VID) & token]])
     items = torch.split(slots, rec.total.tolist())
     for i, kept in enumerate(items):
         assert torch.equal(kept.nonzero().flatten().cpu(), rec.selection.row(i).sort().values.cpu())
@@ -188,14 +217,19 @@ def test_a_static_video_keeps_no_frame_duplicate_under_a_diversity_selection():
 def video_batches(draw, family: str):
     s = side(family, 2)
     B = draw(st.integers(1, 3))
+    frames = draw(st.integers(1, 3))  # LLaVA-OneVision: one frame count per batch
     smp = []
     for _ in range(B):
         before = [1] + draw(st.lists(st.integers(10, 199), min_size=1, max_size=3))
         after = draw(st.lists(st.integers(10, 199), min_size=1, max_size=3))
         n_vid = draw(st.integers(0, 2))
         n_img = draw(st.integers(0 if n_vid else 1, 1))
-        videos = [(draw(st.integers(1, 3)), s * draw(st.integers(1, 2)), s * draw(st.integers(1, 2))) for _ in range(n_vid)]
-        images = [(s * draw(st.integers(1, 2)), s * draw(st.integers(1, 2))) for _ in range(n_img)]
+        if family == OV:
+            videos = [(frames, s, s)] * n_vid
+            images = [draw(st.sampled_from([(56, 112), (112, 112), (100, 60)])) for _ in range(draw(st.integers(0 if n_vid else 1, 2)))]
+        else:
+            videos = [(draw(st.integers(1, 3)), s * draw(st.integers(1, 2)), s * draw(st.integers(1, 2))) for _ in range(n_vid)]
+            images = [(s * draw(st.integers(1, 2)), s * draw(st.integers(1, 2))) for _ in range(n_img)]
         smp.append(Sample(before, after, images, videos))
     budget = draw(st.one_of(st.integers(1, 30), st.floats(0.05, 1.0), st.integers(1, 3).map(tp.Budget.per_frame)))
     cls = draw(st.sampled_from(["ocr", "counting", "spatial", "scene"]))
@@ -203,7 +237,7 @@ def video_batches(draw, family: str):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", VIDEO)
 def test_video_batched_equals_per_sample_runs(family, device):
     m = model(family, device)
 
@@ -233,7 +267,7 @@ def test_video_batched_equals_per_sample_runs(family, device):
 
 # -- generate with the cache equals a greedy loop --------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", VIDEO)
 def test_video_generate_equals_hand_written_greedy_loop(family, device):
     m = model(family, device)
     smp = mixed(family)[:2]
@@ -263,7 +297,7 @@ def test_video_generate_equals_hand_written_greedy_loop(family, device):
 
 
 # -- SDPA stays on; remove() restores ----------------------------------------------------------------
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", VIDEO)
 def test_video_keeps_sdpa_and_remove_restores_bit_for_bit(family):
     m = build(family)
     inp = inputs(m, family, mixed(family), "cpu")
@@ -275,10 +309,41 @@ def test_video_keeps_sdpa_and_remove_restores_bit_for_bit(family):
             assert m(**inp).logits.shape[1] < ref.shape[1]
             assert len(captured(m)) == 1  # exactly the scorer's layer
             assert (m.config.vision_config._attn_implementation, m.config.get_text_config()._attn_implementation) == before
-            assert h.last.kept.tolist() == [3, 3, 3, 3]
+            assert h.last.kept.tolist() == [3] * len(h.last.modalities)
         assert not captured(m) and "forward" not in m.__dict__
         assert torch.equal(m(**inp).logits, ref)
         assert torch.equal(m.generate(**inp, max_new_tokens=3, do_sample=False), gen)
+
+
+def test_onevision_videos_and_images_pruned_inside_the_llm_batched_equal_solo():
+    """In-LLM FastV on LLaVA-OneVision images and videos: dropping nothing reproduces the model, and
+    batched rows equal solo runs (a video's newline stays when any of its tokens does)."""
+    m = model(OV, "cpu", torch.float32, 4)
+    smp = mixed(OV)
+    inp = inputs(m, OV, smp, "cpu")
+    fastv = IDENTITY.replace(llm={"stage": "fastv", "layer": 2})
+    with torch.no_grad():
+        ref = m(**inp).logits
+        with tp.apply(m, fastv, budget=1.0):
+            torch.testing.assert_close(m(**inp).logits, ref, atol=1e-6, rtol=1e-6)
+        with tp.apply(m, fastv, budget=3) as h:
+            got = m(**inp).logits
+            rec = h.last
+            assert rec.llm_kept[-1].tolist() == [3] * len(rec.modalities)
+            for b in range(len(smp)):
+                solo = m(**one_sample(inp, b, smp)).logits[0]
+                torch.testing.assert_close(got[b][rec.llm_source[b] >= 0], solo, **TOL["cpu"])
+        left = rec.llm_source[rec.llm_source >= 0]
+        lines = rec.newline_mask.nonzero()  # a newline survives only beside a surviving token of its row
+        ids = inp["input_ids"]
+        for b, c in lines.tolist():  # its row: the run of tokens right before it, with its grid row
+            run, j = [], c - 1
+            while j >= 0 and ids[b, j] in (IMG, VID) and not rec.newline_mask[b, j] and rec.grid_row[b, j] == rec.grid_row[b, c]:
+                run, j = run + [j], j - 1
+            assert run, (b, c)
+            kept_any = bool(torch.isin(torch.tensor(run), rec.llm_source[b]).any())
+            assert bool(torch.isin(torch.tensor(c), rec.llm_source[b])) == kept_any, (b, c)
+        assert left.numel() > 0
 
 
 # -- errors -----------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ import torch
 
 PAD, BOS, IMG, VID, VSTART, VEND = 0, 1, 5, 6, 7, 8
 VOCAB = 200
-FAMILIES = ("llava", "llava-dinov2", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+FAMILIES = ("llava", "llava-dinov2", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+#: towers without a [CLS] token (score them by received attention)
+NO_CLS = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 #: LLaVA-1.5 with one 56-px image per prompt: a CLIP tower, or a DINOv2 tower (the testbed v2 shape).
 ONE_CROP_LLAVA = ("llava", "llava-dinov2")
 
@@ -58,6 +60,16 @@ def build(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", s
         cfg = tf.LlavaNextConfig(vision_config=_clip(28), text_config=tf.LlamaConfig(**_text(text_layers)), image_token_id=IMG,
                                  vision_feature_layer=-2, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
         cls = tf.LlavaNextForConditionalGeneration
+    elif family == "llava-onevision":  # a SigLIP tower (no [CLS]); grids above one crop's worth are resized
+        from transformers import SiglipVisionConfig
+
+        tower = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                   image_size=56, patch_size=14, vision_use_head=False)
+        cfg = tf.LlavaOnevisionConfig(vision_config=tower, text_config=tf.Qwen2Config(**_text(text_layers)),
+                                      image_token_id=IMG, video_token_id=VID, vision_feature_layer=-2,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1",
+                                      image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
+        cls = tf.LlavaOnevisionForConditionalGeneration
     elif family in ("qwen2-vl", "qwen2.5-vl"):
         vision = dict(depth=3, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2)
         if family == "qwen2-vl":
@@ -127,6 +139,8 @@ def batch(model, family: str, samples: list[Sample], seed: int = 0) -> dict[str,
         counts = iter(lens.tolist())
         rows = [s.before + sum(([IMG] * next(counts) for _ in s.sizes), []) + s.after for s in samples]
         extra.update(pixel_values=pix.to(dtype), image_sizes=image_sizes)
+    elif family == "llava-onevision":
+        rows, extra = _onevision(model, samples, g, dtype)
     else:
         p = _qwen_patch(family)
         image = [[1, h // p, w // p] for s in samples for (h, w) in s.sizes]
@@ -144,6 +158,43 @@ def batch(model, family: str, samples: list[Sample], seed: int = 0) -> dict[str,
     if family.startswith("qwen"):
         out["mm_token_type_ids"] = (ids == IMG).int() + 2 * (ids == VID).int()
     return out
+
+
+def _onevision(model, samples: list[Sample], g: torch.Generator, dtype: torch.dtype) -> tuple[list[list[int]], dict]:
+    """LLaVA-OneVision inputs: anyres crops per image (one crop used per image of a multi-image
+    prompt, as the model does with batch_num_images), videos of ``frames`` 56-px frames."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    cfg = model.config
+    sizes, crops = [], []
+    for s in samples:
+        for hw in s.sizes:
+            sizes.append(list(hw))
+            c = image_size_to_num_patches(image_size=hw, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=56)
+            crops.append(c if len(s.sizes) == 1 else 1)
+    extra: dict = {}
+    image_slots: list[int] = []
+    if sizes:
+        pix = torch.zeros(len(sizes), max(crops), 3, 56, 56)
+        for i, c in enumerate(crops):
+            pix[i, :c] = torch.randn(c, 3, 56, 56, generator=g)
+        image_sizes = torch.tensor(sizes)
+        feats = [torch.zeros(c, 16, 1) for c in crops]
+        _, lens = model.model.pack_image_features(feats, image_sizes, image_newline=torch.zeros(1),
+                                                  vision_aspect_ratio=cfg.vision_aspect_ratio)
+        image_slots = lens.tolist()
+        extra.update(pixel_values=pix.to(dtype), image_sizes=image_sizes,
+                     batch_num_images=torch.tensor([len(s.sizes) for s in samples]))
+    frames = {t for s in samples for t, _, _ in s.videos}
+    if frames:
+        assert len(frames) == 1, "one frame count per batch (pixel_values_videos is one tensor)"
+        F = frames.pop()
+        n = sum(len(s.videos) for s in samples)
+        extra["pixel_values_videos"] = torch.randn(n, F, 3, 56, 56, generator=g).to(dtype)
+    slots = iter(image_slots)
+    rows = [s.before + sum(([VID] * (t * 4 + 1) for t, _, _ in s.videos), [])
+            + sum(([IMG] * next(slots) for _ in s.sizes), []) + s.after for s in samples]
+    return rows, extra
 
 
 #: a timestamp's text id: Qwen3-VL's processor writes "<t seconds>" before each frame
@@ -175,6 +226,7 @@ def default_sizes(family: str) -> list[tuple[int, int]]:
         "llava": [(56, 56)],
         "llava-dinov2": [(56, 56)],
         "llava-next": [(28, 56), (56, 56), (56, 28)],
+        "llava-onevision": [(56, 112), (112, 112), (100, 60)],
         "qwen2-vl": [(56, 56), (56, 112), (112, 56)],
         "qwen2.5-vl": [(56, 56), (112, 112), (56, 112)],
         "qwen3-vl": [(64, 64), (64, 128), (128, 64)],

@@ -323,8 +323,9 @@ def apply(
 
     Args:
         model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
-            ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
-            ``Qwen3VLForConditionalGeneration`` (transformers 5.x).
+            ``LlavaOnevisionForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+            ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration``
+            (transformers 5.x); images, and videos on OneVision and the Qwen families.
         spec: a :class:`~tokenprune.Pipeline`, a :class:`~tokenprune.PipelineSpec`, a spec file, or a
             shipped preset by name (``"clasp"``, ``"visionzip"``: :func:`tokenprune.spec.presets`).
         budget: visual tokens kept per image (int), a ratio of each image's tokens in

@@ -12,6 +12,7 @@ from torch import nn
 from ..hookspecs import hookimpl
 from .base import Adapter, Batch, Chosen, Encoded, PruneRecord, UnsupportedInput
 from .llava import LlavaAdapter, LlavaNextAdapter, UnsupportedModel
+from .onevision import LlavaOnevisionAdapter
 from .qwen import Qwen3Adapter, Qwen25Adapter, QwenAdapter
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
 def register_adapters(register) -> None:
     register("LlavaForConditionalGeneration", LlavaAdapter)
     register("LlavaNextForConditionalGeneration", LlavaNextAdapter)
+    register("LlavaOnevisionForConditionalGeneration", LlavaOnevisionAdapter)
     register("Qwen2VLForConditionalGeneration", QwenAdapter)
     register("Qwen2_5_VLForConditionalGeneration", Qwen25Adapter)
     register("Qwen3VLForConditionalGeneration", Qwen3Adapter)

@@ -342,7 +342,9 @@ class Adapter(ABC):
         self.check_downsample()
         raise NotImplementedError(f"{type(self).__name__} sets downsample but does not implement it")
 
-    def encoder_output(self, features: Tensor, deepstack: list[Tensor]) -> Any:
+    def encoder_output(self, features: Tensor, deepstack: list[Tensor], modality: str = "image") -> Any:
+        """One ``mm_encoder_outputs`` entry: the kept features ``(K, D)`` of the call's images (or
+        videos, ``modality``) in the form the model's forward reads."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return BaseModelOutputWithPooling(pooler_output=[features])
@@ -547,7 +549,7 @@ class Adapter(ABC):
         out = {"image": (features[:images], [d[:images] for d in deepstack]),
                "video": (features[images:], [d[images:] for d in deepstack])}
         present = {"image": enc.videos < slot_keep.shape[0], "video": enc.videos > 0}
-        return {m: self.encoder_output(*out[m]) for m in ("image", "video") if present[m]}
+        return {m: self.encoder_output(*out[m], modality=m) for m in ("image", "video") if present[m]}
 
     def structure(self, batch: Batch, enc: Encoded) -> tuple[Tensor, Tensor] | None:
         """``(B, S)`` newline mask and grid row of the caller's placeholder columns

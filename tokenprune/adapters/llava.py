@@ -1,4 +1,5 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT (``LlavaNextForConditionalGeneration``).
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT (``LlavaNextForConditionalGeneration``);
+LLaVA-OneVision builds on the latter (:mod:`tokenprune.adapters.onevision`).
 
 Both run a CLIP-style tower with a [CLS] token, drop the [CLS] (``vision_feature_select_strategy
 = "default"``), project with ``multi_modal_projector`` and use plain 1-D positions.

@@ -165,7 +165,7 @@ class Qwen3Adapter(QwenAdapter):
         the layer before it)."""
         return len(self.model.config.vision_config.deepstack_visual_indexes)
 
-    def encoder_output(self, features: Tensor, deepstack: list[Tensor]) -> Any:
+    def encoder_output(self, features: Tensor, deepstack: list[Tensor], modality: str = "image") -> Any:
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
         return BaseModelOutputWithDeepstackFeatures(
