@@ -46,8 +46,9 @@ PRUNERS = {
     "fastv-late": {"stage": "fastv", "layer": 3},
     "dart-late": {"stage": "dart", "layer": 3, "image_pivots": 2, "text_pivots": 2},
 }
-#: (family, pruner) pairs the site supports: Qwen3-VL only with steps after its deepstack layers
-CASES = [(f, p) for f in FAMILIES for p in PRUNERS] + [("qwen3-vl", p) for p in ("fastv-late", "dart-late")]
+#: (family, pruner) pairs: Qwen3-VL with steps before its deepstack layers end (fastv at 2, pyramid-drop
+#: at 1) and after them (the -late ones)
+CASES = [(f, p) for f in (*FAMILIES, "qwen3-vl") for p in PRUNERS]
 
 
 def kept_counts(name: str, M: int, budget: int) -> list[int]:
@@ -213,6 +214,7 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
     cols = list(range(len(all_ids)))
     kept = []
     h_prev, cols_prev = h, list(cols)  # the input of the previous layer (a pruning layer reads it)
+    h_out = h  # the previous layer's output before its deepstack features (what a step selects from)
     for l, layer in enumerate(lm.layers):
         if l in schedule:
             step = schedule.index(l)
@@ -220,7 +222,7 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
             text = [i for i, c in enumerate(cols) if last_img < c < S]
             if fixed is None:
                 pe_prev = lm.rotary_emb(h_prev, pos[..., cols_prev])
-                sel = _hand_select(name, lm.layers[l - 1], h_prev, h, pe_prev, img, text, counts[step], lm.norm)
+                sel = _hand_select(name, lm.layers[l - 1], h_prev, h_out, pe_prev, img, text, counts[step], lm.norm)
                 keep_cols = {cols[i] for i in sel}
                 if newline is not None:  # a newline stays when a token of its grid row does
                     rows = {int(grid_row[c]) for c in keep_cols if grid_row[c] >= 0}
@@ -233,10 +235,12 @@ def hand_forward(m, family, name, one, budget, extra=(), fixed=None):
             cols = [cols[i] for i in idx]
         h_prev, cols_prev = h, list(cols)
         pe = lm.rotary_emb(h, pos[..., cols])
-        h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=None)
-        if l < len(deepstack):  # Qwen3-VL adds its deepstack features after the first layers (before any step)
+        h = h_out = layer(h, attention_mask=None, position_embeddings=pe, position_ids=None)
+        if l < len(deepstack):  # Qwen3-VL adds its deepstack features after the first layers, to the tokens still there
             h = h.clone()
-            h[0, is_img] += deepstack[l].to(h.dtype)
+            vis = [i for i, c in enumerate(cols) if c < S and is_img[c]]
+            rank = (is_img.long().cumsum(0) - 1)[[cols[i] for i in vis]]  # each kept token's row in the features
+            h[0, vis] += deepstack[l][rank].to(h.dtype)
     return m.lm_head(lm.norm(h))[0], kept
 
 
@@ -323,7 +327,7 @@ def video_samples(family: str, n: int, seed: int = 0) -> list[Sample]:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family, pruner", [("qwen2-vl", "fastv"), ("qwen2.5-vl", "pyramid-drop"), ("qwen2-vl", "dart"),
-                                            ("qwen3-vl", "fastv-late")])
+                                            ("qwen3-vl", "fastv-late"), ("qwen3-vl", "fastv")])
 def test_video_pruned_inside_the_llm_equals_hand_built_reference(family, pruner, device):
     """A video's tokens, all frames together, are one item of the in-LLM pruner."""
     from test_video import one_sample
@@ -344,7 +348,7 @@ def test_video_pruned_inside_the_llm_equals_hand_built_reference(family, pruner,
 
 
 # -- 3. batched runs equal per-sample runs --------------------------------------------------------
-@pytest.mark.parametrize("family, pruner", [(f, p) for f in FAMILIES for p in ("fastv", "pyramid-drop", "dart")]
+@pytest.mark.parametrize("family, pruner", [(f, p) for f in (*FAMILIES, "qwen3-vl") for p in ("fastv", "pyramid-drop", "dart")]
                          + [("qwen3-vl", "fastv-late"), ("qwen3-vl", "dart-late")])
 def test_batched_equals_per_sample_runs(family, pruner):
     m = model(family)
@@ -414,10 +418,24 @@ def test_remove_restores_and_other_instances_are_untouched():
         assert torch.equal(m(**inp).logits, ref)
 
 
-def test_qwen3_vl_prunes_only_after_its_deepstack_layers():
-    with pytest.raises(UnsupportedModel, match=r"adds visual features \(deepstack\) to the visual tokens after layers "
-                                              r"0\.\.1.*prune from layer 3 on \(\[llm\] layer = 3"):
+def test_qwen3_vl_without_a_named_injection_is_refused_before_its_last_deepstack_layer(monkeypatch):
+    """An adapter whose LLM injects visual features but names no method to follow them refuses
+    steps before the last injection, naming the first layer that works."""
+    monkeypatch.setattr(tp.adapters.Qwen3Adapter, "llm_injection_method", "")
+    with pytest.raises(UnsupportedModel, match=r"after layers 0\.\.1 and the qwen3-vl adapter names no "
+                                              r"llm_injection_method.*prune from layer 3 on"):
         tp.apply(model("qwen3-vl"), spec("fastv"), budget=3)
+    tp.apply(model("qwen3-vl"), spec("fastv-late"), budget=3).remove()
+
+
+def test_qwen3_vl_deepstack_follows_the_pruned_sequence_and_is_restored():
+    m = model("qwen3-vl")
+    lm = m.model.language_model
+    with tp.apply(m, spec("fastv"), budget=3), tp.apply(m, spec("pyramid-drop"), budget=3) as inner:
+        assert "_deepstack_process" in lm.__dict__
+        inner.remove()
+        assert "_deepstack_process" in lm.__dict__  # the outer handle still prunes before layer 2
+    assert "_deepstack_process" not in lm.__dict__
 
 
 def test_schedule_and_model_errors_are_clear(monkeypatch):
@@ -436,7 +454,7 @@ def test_schedule_and_model_errors_are_clear(monkeypatch):
     with pytest.raises(ValueError, match="strictly ascending"):
         LlmSite(tp.adapters.adapter_for(m), Backwards(), "backwards")
     monkeypatch.setattr(tp.adapters.LlavaAdapter, "llm_site", False)  # a family without the in-LLM site
-    with pytest.raises(UnsupportedModel, match="LLaVA-1.5 and -NeXT, Qwen2/2.5-VL.*llava adapter of "
+    with pytest.raises(UnsupportedModel, match="LLaVA-1.5, -NeXT and -OneVision and Qwen2/2.5/3-VL; the llava adapter of "
                                                "LlavaForConditionalGeneration does not"):
         tp.apply(m, BASE.replace(llm={"stage": "fastv", "layer": 1}), budget=3)
 

@@ -104,8 +104,8 @@ class PruningHandle:
         if pipeline.spec.llm is not None:
             if not adapter.llm_site:
                 raise UnsupportedModel(
-                    f"in-LLM pruning ([llm] stage '{pipeline.spec.stage_name('llm')}') supports LLaVA-1.5 and -NeXT, "
-                    f"Qwen2/2.5-VL, and Qwen3-VL after its deepstack layers; the {adapter.family} adapter of "
+                    f"in-LLM pruning ([llm] stage '{pipeline.spec.stage_name('llm')}') supports LLaVA-1.5, -NeXT and "
+                    f"-OneVision and Qwen2/2.5/3-VL; the {adapter.family} adapter of "
                     f"{type(model).__name__} does not (llm_site = False): use a pre-LLM spec"
                 )
             self.site = LlmSite(adapter, pipeline.spec.llm, pipeline.spec.stage_name("llm"))

@@ -296,6 +296,11 @@ class Adapter(ABC):
         (Qwen3-VL's deepstack); the in-LLM site prunes only after them. Default: none."""
         return 0
 
+    #: the language model's method that adds visual features at the visual positions after its
+    #: first :attr:`llm_injections` layers, called as ``(hidden, mask, embeds)``; the in-LLM site
+    #: maps its arguments onto the pruned sequence when a step comes before the last injection
+    llm_injection_method: ClassVar[str] = ""
+
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers, in order."""
         return self.language_model().layers
@@ -321,11 +326,19 @@ class Adapter(ABC):
         return take(pos, src, valid, 0)
 
     def slot_keep(self, enc: Encoded, token_keep: Tensor) -> Tensor:
-        """``(N, P)`` bool: the placeholder slots that survive, given the kept visual tokens."""
+        """``(N, P)`` bool: the placeholder slots that survive, given the kept visual tokens. With
+        newline slots (``enc.layout["newline"]`` and ``["rows"]``, the grid row of each slot, -1
+        outside the grid), a newline survives when a token of its row does."""
         if enc.slot_token is None:
             return token_keep
         at = enc.slot_token  # (N, P), -1 = no token behind the slot
-        return token_keep.gather(1, at.clamp_min(0)) & (at >= 0)
+        kept = token_keep.gather(1, at.clamp_min(0)) & (at >= 0)  # (N, P) kept token slots
+        if "newline" not in enc.layout:
+            return kept
+        rows = enc.layout["rows"]  # (N, P)
+        per_row = torch.zeros(kept.shape[0], int(rows.max()) + 2, dtype=torch.long, device=kept.device)
+        per_row.scatter_add_(1, rows + 1, (kept & (rows >= 0)).long())  # kept tokens per grid row
+        return kept | (enc.layout["newline"] & (per_row.gather(1, rows + 1) > 0))
 
     def check_downsample(self) -> None:
         """Raise a clear error unless this family implements :meth:`encode_downsampled`."""

@@ -257,12 +257,3 @@ class LlavaNextAdapter(LlavaAdapter):
                                       patch_size=cfg.vision_config.image_size)
             for s in sizes.tolist()
         ])
-
-    def slot_keep(self, enc: Encoded, token_keep: Tensor) -> Tensor:
-        kept = Adapter.slot_keep(self, enc, token_keep)  # (N, P) kept token slots
-        rows = enc.layout["rows"]  # (N, P), -1 outside the grid
-        R = int(rows.max()) + 2
-        per_row = torch.zeros(kept.shape[0], R, dtype=torch.long, device=kept.device)
-        per_row.scatter_add_(1, rows + 1, (kept & (rows >= 0)).long())  # kept tokens per grid row
-        line = enc.layout["newline"] & (per_row.gather(1, rows + 1) > 0)
-        return kept | line

@@ -119,15 +119,18 @@ class LlmSite:
         self.norm: nn.Module = adapter.final_norm()
         self.label = stage_label(pruner, name or None)
         self.schedule = _checked(list(pruner.schedule(len(self.layers))), len(self.layers), self.label)
-        injected = adapter.llm_injections
-        if self.schedule[0] <= injected:  # the step reads and prunes layer K - 1's output, before an injection there
+        #: the LLM adds visual features after its first layers (Qwen3-VL's deepstack) and a step comes
+        #: before the last of them: the injections must follow the pruned sequence
+        self.follows_injections = self.schedule[0] <= adapter.llm_injections
+        if self.follows_injections and not adapter.llm_injection_method:
             from .llava import UnsupportedModel
 
+            injected = adapter.llm_injections
             raise UnsupportedModel(
                 f"the {self.label} prunes before decoder layer {self.schedule[0]}, but this LLM adds visual features "
-                f"(deepstack) to the visual tokens after layers 0..{injected - 1}, and a step reads and prunes the "
-                f"output of the layer before it: prune from layer {injected + 1} on ([llm] layer = {injected + 1}, "
-                f"or layers >= {injected + 1})")
+                f"to the visual tokens after layers 0..{injected - 1} and the {adapter.family} adapter names no "
+                f"llm_injection_method to map onto the kept tokens: prune from layer {injected + 1} on "
+                f"([llm] layer = {injected + 1}, or layers >= {injected + 1})")
         types = getattr(self.config, "layer_types", None) or []
         if any(t != "full_attention" for t in types[self.schedule[0]:]):
             from .llava import UnsupportedModel
@@ -155,11 +158,15 @@ class LlmSite:
             self._hooks.append(self.layers[layer].register_forward_pre_hook(self._before(layer), with_kwargs=True))
         for module in self.attention_modules():
             capture.flag_module(module)
+        if self.follows_injections:
+            _follow_injections(self.adapter, +1)
 
     def remove(self, keep_flags: set[int]) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.follows_injections:
+            _follow_injections(self.adapter, -1)
         for module in self.attention_modules():
             if id(module) not in keep_flags:
                 capture.unflag_module(module)
@@ -338,6 +345,45 @@ class LlmSite:
             return args, kwargs
 
         return hook
+
+
+_INJECTION_USERS = "_tokenprune_injection_users"
+
+
+def _follow_injections(adapter: Any, delta: int) -> None:
+    """Count a site that prunes before the LLM's last visual injection (``delta`` +1 at install,
+    -1 at removal). The first one replaces the language model's injection method
+    (:attr:`Adapter.llm_injection_method`, e.g. Qwen3-VL's ``_deepstack_process(hidden, mask,
+    embeds)``) on the instance with :func:`_injection_at_kept`; the last one removed restores it."""
+    lm = adapter.language_model()
+    name = adapter.llm_injection_method
+    users = lm.__dict__.get(_INJECTION_USERS, 0) + delta
+    if users > 0 and _INJECTION_USERS not in lm.__dict__:
+        original = getattr(lm, name)
+
+        def injection(hidden: Tensor, mask: Tensor, embeds: Tensor) -> Tensor:
+            return original(hidden, *_injection_at_kept(mask, embeds))
+
+        lm.__dict__[name] = injection
+    if users > 0:
+        lm.__dict__[_INJECTION_USERS] = users
+    else:
+        lm.__dict__.pop(name, None)
+        lm.__dict__.pop(_INJECTION_USERS, None)
+
+
+def _injection_at_kept(mask: Tensor, embeds: Tensor) -> tuple[Tensor, Tensor]:
+    """The injection's ``(B, S)`` visual mask over the LLM's input and its ``(V, D)`` features
+    (row-major over the mask), mapped onto the running prefill's current sequence: the mask of
+    the visual tokens still there and their features, in the same order."""
+    call = _CALL.get()
+    if call is None or not call.session.steps or not call.session.prefilling:
+        return mask, embeds
+    s = call.session
+    rank = mask.flatten().long().cumsum(0).view_as(mask) - 1  # (B, S) each visual column's row in embeds
+    now = s.is_image & s.valid  # (B, S') visual tokens still in the sequence
+    index = rank.gather(1, s.source)[now]  # (V',) row-major, as the model reads the mask
+    return now, embeds.index_select(0, index.to(embeds.device))
 
 
 def _checked(schedule: list[int], num_layers: int, name: str) -> list[int]:

@@ -157,12 +157,13 @@ class Qwen25Adapter(QwenAdapter):
 
 class Qwen3Adapter(QwenAdapter):
     family = "qwen3-vl"
+    llm_injection_method = "_deepstack_process"
 
     @property
     def llm_injections(self) -> int:
         """Decoder layers ``0..n-1`` after which the LLM adds the deepstack features to the visual
-        tokens: in-LLM pruning must start at layer ``n + 1`` or later (a step prunes the output of
-        the layer before it)."""
+        tokens. An in-LLM step at layer ``K <= n`` prunes layer ``K - 1``'s output before that
+        layer's deepstack features are added; the later ones are added to the kept tokens only."""
         return len(self.model.config.vision_config.deepstack_visual_indexes)
 
     def encoder_output(self, features: Tensor, deepstack: list[Tensor], modality: str = "image") -> Any:
