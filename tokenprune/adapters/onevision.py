@@ -90,11 +90,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             videos = len(clips)
         return self._assemble_rows(items, need, videos)
 
-    def _signals(self, hidden: dict[int, Tensor], need: Requirements, recorder: capture.Recorder,
+    def _signals(self, tower_out: Any, need: Requirements, recorder: capture.Recorder,
                  chunk: int) -> dict[str, Tensor]:
-        """Per-patch signals of one tower call, ``(C, S, K)`` each (C crops or frames, S patches)."""
+        """Per-patch signals of one tower call, ``(C, S, K)`` each (C crops or frames, S patches):
+        the hidden states the pipeline reads (the feature layer when it reads none), the recorded
+        attention of the call ``chunk``."""
         s = self.skip
-        out = {f"layer{li}": h[:, s:] for li, h in hidden.items()}
+        layers = need.layers or {normalize_layer(self.model.config.vision_feature_layer, self.num_layers)}
+        out = {f"layer{li}": tower_out.hidden_states[li][:, s:] for li in sorted(layers)}
         for li in need.received_attention:
             out[f"received{li}"] = recorder.take(li, "received")[chunk][:, :, s:].transpose(1, 2)  # (C, S, H)
         for li in need.attention_keys:
@@ -107,8 +110,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
         cfg = self.model.config
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        hidden = {li: out.hidden_states[li] for li in (need.layers or [normalize_layer(cfg.vision_feature_layer, self.num_layers)])}
-        signals = self._signals(hidden, need, recorder, chunk)
+        signals = self._signals(out, need, recorder, chunk)
         C = next(iter(signals.values())).shape[0]
         crops = self._crop_counts(inputs, C)  # (N,)
         # patch coordinates on each image's full grid (the base crop on the grid's scale)
@@ -133,8 +135,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         cfg = self.model.config
         V, F = shape
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        hidden = {li: out.hidden_states[li] for li in (need.layers or [normalize_layer(cfg.vision_feature_layer, self.num_layers)])}
-        signals = self._signals(hidden, need, recorder, chunk)
+        signals = self._signals(out, need, recorder, chunk)
         p = torch.arange(side * side)
         frame = torch.arange(V * F).unsqueeze(1) % F
         signals["pos"] = torch.stack([frame * side + p // side, (p % side).expand(V * F, -1)], -1).float().to(
