@@ -11,7 +11,10 @@ measures, in one run:
   peak ``max_memory_allocated`` above the pre-call level. On the CPU the peak is not reported:
   sampling the resident set misses blocks that live for a millisecond;
 - the pruning overhead (route + select + assemble, from the handle's record) and its share of
-  the pruned prefill.
+  the pruned prefill;
+- the tower's part: unpruned, the vision tower and projector alone on the same pixels; pruned,
+  the record's ``encode`` step (the tower with the attention signals the spec reads). What is left
+  of a prefill after the tower and the overhead is the LLM's.
 
 Each speed-up is printed next to two bounds:
 
@@ -65,6 +68,7 @@ class Row:
     share_of_roofline: float = 1.0
     overhead_ms: float = 0.0
     overhead_share: float = 0.0
+    tower_ms: float = 0.0  # unpruned: tower + projector alone; pruned: the record's encode step
     flops: float = 0.0
     pruned: bool = False
 
@@ -144,7 +148,7 @@ def _video_model(name: str, device: str, dtype: torch.dtype):
         side, vocab = 224, 1000
         vision = dict(depth=4, embed_dim=128, hidden_size=256, num_heads=4, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
-        text = dict(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        text = dict(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=4, bos_token_id=1, eos_token_id=2,
                     num_attention_heads=4, num_key_value_heads=2, rope_parameters=dict(rope, mrope_section=[8, 12, 12]))
     cfg = tf.Qwen2VLConfig(vision_config=vision, text_config=dict(text, pad_token_id=0), **ids)
     torch.manual_seed(0)
@@ -166,6 +170,19 @@ def _video_model(name: str, device: str, dtype: torch.dtype):
                 "mm_token_type_ids": (2 * (seq == ids["video_token_id"]).int()).to(device)}
 
     return model, make, None
+
+
+def tower_call(model, inputs: dict) -> Callable[[], Any]:
+    """The vision tower and projector alone on ``inputs``' pixels: the part of a prefill that
+    pruning after the tower does not shorten."""
+    mm = model.model
+    if inputs.get("pixel_values_videos") is not None:
+        return lambda: mm.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    if inputs.get("image_grid_thw") is not None:
+        return lambda: mm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    cfg = model.config
+    return lambda: mm.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
+                                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
 
 
 def count_flops(model, B: int, S: int, inputs: dict) -> float:
@@ -304,18 +321,22 @@ def run(
         kv0 = cache_mb(out)
         d0 = statistics.median(decode_ms() for _ in range(repeats))
         f0 = count_flops(model, B, S, inputs)
-        rows.append(Row(B, M, M, T, 1e3 * t0, d0, mem0, kv0, flops=f0))
+        with torch.no_grad():
+            tower0, _, _ = _timed(tower_call(model, inputs), device, repeats)
+        rows.append(Row(B, M, M, T, 1e3 * t0, d0, mem0, kv0, flops=f0, tower_ms=1e3 * tower0))
         for R in budgets:
             say(f"B={B} R={R}")
             with tp.apply(model, spec, budget=R, tokenizer=tokenizer) as handle:
                 if tokenizer is None:
                     extra["tokenprune_prompts"] = ["How many shapes are in the picture?"] * B
                 over: list[float] = []  # route + select + assemble of each timed call
+                encode: list[float] = []  # the tower with the signals the spec reads
 
                 def pruned_prefill():
                     out = prefill()
                     s = handle.last.seconds
                     over.append(s["route"] + s["select"] + s["assemble"])
+                    encode.append(s["encode"])
                     return out
 
                 t1, mem1, out = _timed(pruned_prefill, device, repeats)
@@ -329,7 +350,8 @@ def run(
             speed = t0 / t1
             o = statistics.median(over[1 : repeats + 1])  # the timed calls, not the warm-up
             rows.append(Row(B, R, kept, T, 1e3 * t1, d1, mem1, kv1, speed, (T + M) / (T + kept),
-                            bound, speed / bound, 1e3 * o, o / t1, f1, pruned=True))
+                            bound, speed / bound, 1e3 * o, o / t1, 1e3 * statistics.median(encode[1 : repeats + 1]),
+                            f1, pruned=True))
     meta = {
         "model": model_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads",
@@ -343,12 +365,13 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["meta"]
     head = (f"{m['model']} on {m['device_name']} ({m['dtype']}), weights {m['weights_MB']:.0f} MB, "
             f"measured bandwidth {m['bandwidth_GBps']:.1f} GB/s, median of {m['repeats']}\n\n")
-    lines = ["| B | R | kept | T | prefill ms | speed-up | token bound | roofline bound | % of roofline | overhead ms | overhead % | decode ms/tok | KV cache MB | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| B | R | kept | T | prefill ms | tower ms | speed-up | token bound | roofline bound | % of roofline | overhead ms | overhead % | decode ms/tok | KV cache MB | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         pruned = r["pruned"]
         lines.append(
             f"| {r['batch']} | {r['budget'] if pruned else 'unpruned'} | {r['kept']} | {r['text_tokens']} | {r['prefill_ms']:.1f} | "
+            f"{r['tower_ms']:.1f} | "
             + (f"{r['speedup']:.2f}x | {r['token_bound']:.2f}x | {r['roofline_bound']:.2f}x | {100 * r['share_of_roofline']:.0f} % | "
                f"{r['overhead_ms']:.1f} | {100 * r['overhead_share']:.1f} % | " if pruned else "- | - | - | - | - | - | ")
             + f"{r['decode_ms_per_token']:.1f} | {r['kv_cache_mb']:.1f} | "
