@@ -185,7 +185,7 @@ def test_bench_prefill_runs_and_reports_bounds(tmp_path, capsys):
             assert 1.0 < r["roofline_bound"] <= r["token_bound"] * 1.5
             assert 0 < r["overhead_share"] < 1
             assert r["flops"] < rows[0]["flops"] * r["batch"]
-        assert 0 < r["tower_ms"] < r["prefill_ms"]
+        assert r["tower_ms"] > 0 and (not r["pruned"] or r["tower_ms"] < r["prefill_ms"])
     assert "roofline bound" in capsys.readouterr().out
 
 
@@ -204,8 +204,8 @@ def test_bench_prefill_video_case_prunes_whole_clips_by_share(tmp_path):
         assert r["token_bound"] == pytest.approx((T + 512) / (T + r["kept"]))
         assert 1.0 < r["roofline_bound"] < r["token_bound"]
         assert r["flops"] < rows[0]["flops"] and r["kv_cache_mb"] < rows[0]["kv_cache_mb"]
-    for r in rows:  # the tower runs on every frame whatever the budget; the rest is the LLM's and the overhead
-        assert 0 < r["tower_ms"] < r["prefill_ms"]
+    for r in rows:  # pruned: the encode step is part of the timed calls (unpruned: timed on its own)
+        assert r["tower_ms"] > 0 and (not r["pruned"] or r["tower_ms"] < r["prefill_ms"])
 
 
 # -- one budget grammar on the command line ---------------------------------------------------------

@@ -328,10 +328,10 @@ def apply(
             (transformers 5.x); images, and videos on OneVision and the Qwen families.
         spec: a :class:`~tokenprune.Pipeline`, a :class:`~tokenprune.PipelineSpec`, a spec file, or a
             shipped preset by name (``"clasp"``, ``"visionzip"``: :func:`tokenprune.spec.presets`).
-        budget: visual tokens kept per image (int), a ratio of each image's tokens in
-            ``(0, 1]``, or one count per image (a list, in the order the images appear in a
-            call's batch); ``None`` takes the spec's ``budget``. A call may pass
-            ``tokenprune_budget=`` in any of these forms instead.
+        budget: visual tokens kept per image or video (int), a ratio of each one's tokens in
+            ``(0, 1]``, one count per item (a list, in the order the images appear in a call's
+            batch, then the videos), or :meth:`tokenprune.Budget.per_frame`; ``None`` takes the
+            spec's ``budget``. A call may pass ``tokenprune_budget=`` in any of these forms instead.
         tokenizer: the tokenizer (or processor) that made ``input_ids``, so the router can read
             the prompt. Without it, pass ``tokenprune_prompts=[...]`` to each call, or use a router
             that reads no text (``fixed``).
