@@ -171,10 +171,10 @@ class LlavaNextAdapter(LlavaAdapter):
     llm_site = True  # a newline stays inside the LLM when a token of its grid row does
     downsample = False  # anyres crops: resize with the processor's image_grid_pinpoints instead
     cls_token = False  # one [CLS] per crop, none per image
+    #: the modeling module whose anyres helpers (crop counts, grid shapes) the family's model uses
+    modeling = "transformers.models.llava_next.modeling_llava_next"
 
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
         model = self.model.model
         cfg = self.model.config
         sizes = inputs.get("image_sizes")
@@ -223,10 +223,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 for li in layers
             }  # (C, H, 577) -> (N, H, M)
 
-        grids = torch.tensor(
-            [get_anyres_image_grid_shape(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-             for s in sizes.tolist()], device=ref.device
-        )  # (N, 2) crops high x wide of the grid
+        grids = torch.tensor([self._grid_shape(s) for s in sizes.tolist()], device=ref.device)  # (N, 2) crops high x wide
         local = token_flat % Mc
         pr, pc = torch.div(local, side, rounding_mode="floor"), local % side
         lc = torch.div(token_flat, Mc, rounding_mode="floor") - crop_start.unsqueeze(1)  # 0 = base crop
@@ -249,11 +246,18 @@ class LlavaNextAdapter(LlavaAdapter):
         return Encoded(tokens, own, slots, slot_token, layout={"rows": rows, "newline": newline})
 
     def _crops_per_image(self, sizes: Tensor) -> Tensor:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        """``(N,)`` crops of each anyres image (base crop included), by the model's own rule."""
+        import importlib
 
         cfg = self.model.config
-        return torch.tensor([
-            image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                      patch_size=cfg.vision_config.image_size)
-            for s in sizes.tolist()
-        ])
+        count = importlib.import_module(self.modeling).image_size_to_num_patches
+        return torch.tensor([count(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                   patch_size=cfg.vision_config.image_size) for s in sizes.tolist()])
+
+    def _grid_shape(self, size: list[int]) -> tuple[int, int]:
+        """Crops high x wide of an anyres image's grid (base crop not counted), by the model's own rule."""
+        import importlib
+
+        cfg = self.model.config
+        shape = importlib.import_module(self.modeling).get_anyres_image_grid_shape
+        return shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)

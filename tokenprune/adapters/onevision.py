@@ -45,6 +45,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     modalities = ("image", "video")
     pixel_inputs = ("pixel_values", "pixel_values_videos")
     visual_inputs = ("pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos", "batch_num_images")
+    modeling = "transformers.models.llava_onevision.modeling_llava_onevision"
 
     def __init__(self, model: nn.Module):  # not LlavaAdapter's: OneVision's "full" strategy has no [CLS] to drop
         Adapter.__init__(self, model)
@@ -106,8 +107,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def _images(self, out: Any, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder,
                 chunk: int) -> list[dict[str, Tensor]]:
-        from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
-
         cfg = self.model.config
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         signals = self._signals(out, need, recorder, chunk)
@@ -118,7 +117,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         pc = torch.arange(side * side) % side
         coords = []
         for size, c in zip(inputs["image_sizes"].tolist(), crops.tolist()):
-            gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) if c > 1 else (1, 1)
+            gh, gw = self._grid_shape(size) if c > 1 else (1, 1)
             k = torch.arange(c).unsqueeze(1)  # crop index, 0 = base
             row = torch.where(k == 0, pr * gh, (k - 1) // gw * side + pr)
             col = torch.where(k == 0, pc * gw, (k - 1) % gw * side + pc)
@@ -178,13 +177,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             raise UnsupportedInput(f"the tower saw {total} crops but image_sizes and batch_num_images give "
                                    f"{int(crops.sum())}: pass what the processor returns")
         return crops
-
-    def _crops_per_image(self, sizes: Tensor) -> Tensor:
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
-        cfg = self.model.config
-        return torch.tensor([image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                                       patch_size=cfg.vision_config.image_size) for s in sizes.tolist()])
 
     def _assemble_rows(self, items: list[dict[str, Tensor]], need: Requirements, videos: int) -> Encoded:
         """One padded row per item: the pipeline's tokens (non-newline slots) and the slot layout."""
