@@ -23,7 +23,7 @@ import tokenprune as tp
 from conftest import DEVICES
 from test_models import CACHE, IDENTITY, TOL, captured, clasp, gather_seq, model
 from tokenprune.testing.inputs import make_tokens
-from tiny_models import IMG, TIMESTAMP, VID, Sample, _qwen_patch, batch, build
+from tiny_models import IMG, TIMESTAMP, VID, Sample, _qwen_patch, batch, build, hand_kept
 
 QWEN = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 VIDEO = (*QWEN, "llava-onevision")
@@ -250,14 +250,7 @@ def test_video_batched_equals_per_sample_runs(family, device):
             got = m(**inp).logits
             rec = h.last
             frames = torch.tensor([1] * sum(len(x.sizes) for x in smp) + [t for x in smp for t, _, _ in x.videos])
-            M = rec.total.cpu()
-            if isinstance(budget, tp.Budget):
-                want = frames * budget.tokens
-            elif isinstance(budget, float):
-                want = torch.round(M.double() * budget).long().clamp_min(1)
-            else:
-                want = torch.full_like(M, budget)
-            assert torch.equal(rec.kept.cpu(), torch.minimum(want, M))
+            assert torch.equal(rec.kept.cpu(), hand_kept(rec.total, budget, frames))
             for b in range(len(smp)):
                 solo = m(**one_sample(inp, b, smp)).logits[0]
                 torch.testing.assert_close(got[b][rec.source[b] >= 0], solo, **TOL[device])

@@ -209,6 +209,20 @@ def _qwen_video(family: str, t: int, gh: int, gw: int) -> list[int]:
     return [VSTART] + [VID] * (t * per_frame) + [VEND]
 
 
+def hand_kept(total: torch.Tensor, budget, frames: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens each row keeps, by hand: ``round(share * M)`` (at least 1) for a float, the count for
+    an int, ``tokens * frames`` for a per-frame budget; never more than the row's ``total``."""
+    M = total.cpu()
+    if isinstance(budget, float):
+        want = torch.round(M.double() * budget).long().clamp_min(1)
+    elif isinstance(budget, int):
+        want = torch.full_like(M, budget)
+    else:  # tokenprune.Budget.per_frame
+        assert budget.form == "per_frame" and frames is not None
+        want = frames * budget.tokens
+    return torch.minimum(want, M)
+
+
 def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows left-padded with PAD into ``(B, S)`` ids and their attention mask (test set-up)."""
     S = max(len(r) for r in rows)
