@@ -127,3 +127,24 @@ def test_two_adapters_for_one_class_are_refused_naming_both(pooled):
 
     with pytest.raises(RegistryError, match="not a concrete subclass of tokenprune.adapters.Adapter"):
         build_registry(extra_plugins=(("bad", NotAnAdapter()),))
+
+
+def test_an_adapter_that_overrides_image_token_id_is_obeyed(monkeypatch):
+    """The placeholders are found through ``Adapter.image_token_id`` (the documented override), not
+    by reading the config behind the adapter's back."""
+    from test_models import IDENTITY
+    from tiny_models import batch, build, samples
+
+    m = build("llava")
+    inp = batch(m, "llava", samples("llava", 2))
+    with torch.no_grad():
+        with tp.apply(m, IDENTITY, budget=3) as h:
+            m(**inp)
+            want = h.last.keep_mask
+        monkeypatch.setattr(tp.adapters.LlavaAdapter, "image_token_id", property(lambda self: IMG))
+        m.config.image_token_id = 199  # this test's own model: its config no longer names the placeholder
+        adapter = tp.adapters.adapter_for(m)
+        assert adapter.placeholder_ids == (IMG,)
+        _, record = adapter.prepare(inp, tp.Pipeline(IDENTITY), tp.Budget.parse(3), prompts=None, tokenizer=None,
+                                    entry="forward")
+    assert torch.equal(record.keep_mask, want)

@@ -279,7 +279,7 @@ def register_adapters(register: Callable[[str, type[Adapter]], None]) -> None:
     ``num_layers``, ``attention_module``, ``decoder_layers``...); the four steps of
     ``Adapter.prepare`` (``route``, ``encode_batch``, ``select``, ``assemble``) are shared and
     may be overridden one at a time. ``docs/adapters.md`` walks through a whole family. The
-    built-in families (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) are registered
+    built-in families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) are registered
     through this hook too.
     """
 

@@ -258,8 +258,10 @@ class Adapter(ABC):
 
     @property
     def placeholder_ids(self) -> tuple[int, ...]:
-        """The placeholder token id of each of :attr:`modalities`, in order."""
-        return tuple(int(getattr(self.model.config, f"{m}_token_id")) for m in self.modalities)
+        """The placeholder token id of each of :attr:`modalities`, in order: :attr:`image_token_id`
+        for images (so an adapter that overrides it is obeyed), ``config.<modality>_token_id`` else."""
+        return tuple(self.image_token_id if m == "image" else int(getattr(self.model.config, f"{m}_token_id"))
+                     for m in self.modalities)
 
     def has_visuals(self, inputs: dict[str, Any]) -> bool:
         """Whether the call carries pixels this adapter prunes (any of :attr:`pixel_inputs`)."""
