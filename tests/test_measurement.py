@@ -17,7 +17,8 @@ from tokenprune.lab.testbed.evaluate import Variant, evaluate, kept_cells
 from tokenprune.lab.testbed.questions import QA_CLASSES, ask
 from tokenprune.lab.testbed.scenes import GRID
 from tokenprune.lab.testbed.splits import scene
-from tokenprune.lab.testbed.stats import Z95, mcnemar, paired_se, wilson
+from tokenprune.lab.testbed.stats import (Z95, bootstrap_mean, detectable, mcnemar, paired_mean_test, paired_se,
+                                          wilson)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +111,59 @@ def test_kept_cells_reads_the_columns_that_reached_the_llm():
     assert got.tolist() == [[False, True, False, True], [True, False, False, True]]
     after_llm = SimpleNamespace(source=source, llm_source=torch.tensor([[1, 5, 6], [-1, 0, 6]]))
     assert kept_cells({"input_ids": ids}, after_llm, IMG, 4).tolist() == [[False, False, False, True], [False, False, False, True]]
+
+
+# -- means of per-question quantities (KL) -------------------------------------------------------------
+def _bootstrap_by_hand(x, resamples, seed):
+    """The percentile bootstrap written as a loop over resamples, drawing the same indices."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(resamples, len(x)))
+    means = sorted(sum(x[j] for j in row) / len(x) for row in idx)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+@given(st.lists(st.floats(0, 5, allow_nan=False), min_size=1, max_size=40), st.integers(0, 3))
+@settings(max_examples=30)
+def test_bootstrap_interval_equals_the_loop_and_holds_the_mean(x, seed):
+    lo, hi = bootstrap_mean(x, resamples=200, seed=seed)
+    ref = _bootstrap_by_hand(x, 200, seed)
+    assert lo == pytest.approx(ref[0], abs=1e-9) and hi == pytest.approx(ref[1], abs=1e-9)
+    assert min(x) - 1e-12 <= lo <= hi <= max(x) + 1e-12
+    assert bootstrap_mean([2.0] * 7) == (2.0, 2.0)
+    assert all(math.isnan(v) for v in bootstrap_mean([]))
+
+
+@given(st.lists(st.tuples(st.floats(0, 3, allow_nan=False), st.floats(0, 3, allow_nan=False)), min_size=2,
+                max_size=30))
+@settings(max_examples=30)
+def test_sign_flip_test_counts_the_flips_as_written(pairs):
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
+    t = paired_mean_test(a, b, resamples=300, seed=1)
+    d = [x - y for x, y in pairs]
+    rng = np.random.default_rng(1)
+    signs = np.where(rng.random((300, len(d))) < 0.5, -1.0, 1.0)
+    observed = abs(sum(d) / len(d))
+    hits = sum(abs(sum(s * v for s, v in zip(row, d)) / len(d)) >= observed - 1e-15 for row in signs)
+    assert t["p"] == pytest.approx((1 + hits) / 301)
+    assert t["delta"] == pytest.approx(sum(d) / len(d))
+    assert t["se"] == pytest.approx(np.std(d, ddof=1) / math.sqrt(len(d)))
+    assert 0 < t["p"] <= 1
+
+
+def test_sign_flip_test_finds_a_shift_and_not_its_absence():
+    rng = np.random.default_rng(0)
+    base = rng.exponential(1.0, 400)
+    assert paired_mean_test(base + 0.3, base)["p"] < 0.001            # every pair moves the same way
+    same = paired_mean_test(base, base)
+    assert same["p"] == 1.0 and same["delta"] == 0.0
+    with pytest.raises(ValueError, match="pair the same questions"):
+        paired_mean_test([1.0], [1.0, 2.0])
+
+
+def test_detectable_difference_is_the_power_formula():
+    # (1.95996 + 0.84162) * se: the textbook 2.8 standard errors
+    assert detectable(0.01) == pytest.approx(0.0280158, abs=1e-6)
+    assert detectable(0.01, power=0.5) == pytest.approx(Z95 * 0.01)
 
 
 # -- the evaluation report -------------------------------------------------------------------------
@@ -384,3 +438,74 @@ def test_the_tables_of_results_md_are_the_committed_results():
         for m in blocks:
             assert m["body"] == render(m["name"], m["kind"], ROOT / "docs/results", _only(m)) + "\n", (
                 f"the '{m['name']} {m['kind']}' table of {doc} is stale: run `tokenprune results`")
+
+
+def test_full_budget_agrees_with_unpruned_and_moves_no_probability(report):
+    """At every token kept, the pruned model is the unpruned one: agreement 1, KL 0, and the
+    decisive questions are those whose unpruned margin is at least 0.1."""
+    full = [r for r in report["runs"] if r["budget"] == 576]
+    assert full
+    for r in full:
+        assert all(r["agree"]) and r["agreement"]["overall"] == 1.0
+        assert max(r["kl_per_question"]) < 1e-4
+    margins = report["unpruned"]["margin"]
+    assert all(0 <= m <= 1 for m in margins)
+    assert report["decisive_per_class"]["overall"] == sum(m >= 0.1 for m in margins)
+
+
+def test_kl_and_agreement_equal_a_forward_by_hand(report):
+    """The recorded KL and agreement of a pruned run equal what the public API gives: the next-token
+    distributions of the unpruned and the pruned model on the same questions."""
+    import tokenprune as tp
+    from tokenprune.lab.testbed.model import load, prompt
+    from tokenprune.lab.testbed.splits import examples
+    from tokenprune.spec import load_spec
+
+    model, processor = load()
+    exs = examples("test", 3)
+    pick = [0, 5, 17, 30]  # questions of several classes
+    inputs = processor(images=[scene("test", exs[i].index).image for i in pick],
+                       text=[prompt(exs[i].question.text) for i in pick], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(**inputs).logits[:, -1].float(), -1)
+        with tp.apply(model, load_spec("specs/variants/random.toml"), budget=32, tokenizer=processor.tokenizer):
+            got = torch.log_softmax(model(**inputs).logits[:, -1].float(), -1)
+    kl = (ref.exp() * (ref - got)).sum(-1)
+    run = next(r for r in report["runs"] if r["variant"] == "random" and r["budget"] == 32)
+    assert [run["kl_per_question"][i] for i in pick] == pytest.approx(kl.clamp_min(0).tolist(), abs=1e-4)
+    assert [run["agree"][i] for i in pick] == (got.argmax(-1) == ref.argmax(-1)).tolist()
+    top2 = ref.exp().topk(2, -1).values
+    assert [report["unpruned"]["margin"][i] for i in pick] == pytest.approx((top2[:, 0] - top2[:, 1]).tolist(), abs=1e-4)
+
+
+def test_fidelity_has_intervals_and_paired_tests_against_the_reference(report):
+    rand = next(r for r in report["runs"] if r["variant"] == "random" and r["budget"] == 32)
+    clasp = next(r for r in report["runs"] if r["variant"] == "clasp" and r["budget"] == 32)
+    for row in (rand, clasp):
+        for c, v in row["agreement"].items():
+            lo, hi = row["agreement_interval"][c]
+            assert lo <= v <= hi
+        for c, v in row["kl"].items():
+            lo, hi = row["kl_interval"][c]
+            assert lo - 1e-5 <= v <= hi + 1e-5
+    assert "fidelity_vs_reference" not in clasp
+    tests = rand["fidelity_vs_reference"]
+    both = list(zip(rand["agree"], clasp["agree"]))
+    assert tests["agreement"]["overall"]["only_this"] == sum(x and not y for x, y in both)
+    assert tests["kl"]["overall"]["delta"] == pytest.approx(rand["kl"]["overall"] - clasp["kl"]["overall"], abs=1e-4)
+    decisive = [m >= 0.1 for m in report["unpruned"]["margin"]]
+    dec = [(x, y) for (x, y), d in zip(both, decisive) if d]
+    assert tests["decisive_agreement"]["overall"]["only_reference"] == sum(y and not x for x, y in dec)
+
+
+def test_fidelity_tables_and_plot_render(report, tmp_path):
+    from tokenprune.lab.testbed.report import detectable_table, fidelity_class_table, fidelity_table, plot_fidelity
+
+    table = fidelity_table(report)
+    assert table.count("\n") == len(report["runs"]) + 1 and "| random | 32 |" in table
+    assert "ocr" in fidelity_class_table(report, "kl").splitlines()[0]
+    with pytest.raises(ValueError, match="fidelity metric"):
+        fidelity_class_table(report, "accuracy")
+    assert detectable_table(report).splitlines()[2].startswith("| accuracy |")
+    plot_fidelity(report, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 20_000

@@ -17,6 +17,7 @@ from ..hookspecs import hookimpl
 from ..outputs import announce_replacing
 from ..spec import load_spec
 from .cli_router import add_router_parser
+from .testbed.protocol import BUDGETS, CALIBRATION_BUDGETS
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -182,13 +183,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _write_report(report: dict, out: Path, stem: str, title: str) -> None:
-    from .testbed.report import plot
+    from .testbed.report import plot, plot_fidelity
 
     out.mkdir(parents=True, exist_ok=True)
-    announce_replacing(out / f"{stem}.json", out / f"{stem}.png")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    plot(report, out / f"{stem}.png", title)
-    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}", file=sys.stderr)
+    files = (out / f"{stem}.json", out / f"{stem}.png", out / f"{stem}-fidelity.png")
+    announce_replacing(*files)
+    files[0].write_text(json.dumps(report, indent=1))
+    plot(report, files[1], title)
+    plot_fidelity(report, files[2], f"{title}: fidelity to the unpruned answer" if title else "")
+    print(f"wrote {', '.join(map(str, files))}", file=sys.stderr)
 
 
 def _partial(out: str | Path, stem: str) -> Path:
@@ -222,7 +225,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from .testbed.ablation import load_ablation
     from .testbed.evaluate import Dist, evaluate, progress_bar
     from .testbed.model import check_budgets_fit, load
-    from .testbed.report import markdown_table, paired_table, recall_table
+    from .testbed.report import fidelity_table, markdown_table, paired_table, recall_table
 
     _threads(args)
     abl, variants = load_ablation(args.file)
@@ -249,7 +252,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             "Evidence recall (share of each question's evidence cells that reached the LLM)\n\n"
             + recall_table(report) + "\n\n"
             f"Paired difference from '{report['reference']}' at the same budget (exact McNemar p; ** p < 0.05)\n\n"
-            + paired_table(report) + "\n")
+            + paired_table(report) + "\n\n"
+            "Fidelity to the unpruned answer: agreement (all questions; decisive ones, where the unpruned "
+            "answer leads by 0.1 or more) and KL(unpruned || pruned) in nats, with 95 % intervals; "
+            f"paired differences from '{report['reference']}' as delta (p, ± the smallest difference "
+            "the test detects with 80 % power)\n\n" + fidelity_table(report) + "\n")
     return 0
 
 
@@ -473,8 +480,9 @@ def _demo_command(sub) -> None:
 def _evaluation_commands(sub) -> None:
     ep = sub.add_parser("eval", help="accuracy vs budget on the testbed (JSON + PNG)")
     ep.add_argument("--spec", action="append", help="spec file or preset name; repeat to compare (default: specs/clasp.toml)")
-    ep.add_argument("--budgets", type=budget_list, default=[64, 128, 192],
-                    help="comma list of budgets: tokens per image (64) or ratios in (0, 1] (0.25); default 64,128,192")
+    ep.add_argument("--budgets", type=budget_list, default=list(BUDGETS),
+                    help="comma list of budgets: tokens per image (64) or ratios in (0, 1] (0.25); "
+                         f"default {','.join(map(str, BUDGETS))}")
     ep.add_argument("--reference", help="the variant (spec name) every other is paired against (default: the first --spec)")
     ep.add_argument("--name", help="file stem of the outputs")
     _testbed_args(ep, "test", "out/eval")

@@ -5,7 +5,7 @@
     name = "fusion"
     description = "which encoder layers feed selection and the LLM"
     base = "../clasp.toml"          # relative to this file
-    budgets = [64, 128, 192]
+    budgets = [8, 16, 32, 64, 128, 192]
     split = "test"
 
     [[variant]]
@@ -43,6 +43,7 @@ from ...spec import load_spec
 from ...stages import KINDS
 from ...tomlfile import describe_problems, read_toml
 from .evaluate import Variant
+from .protocol import BUDGETS
 
 __all__ = ["Ablation", "load_ablation"]
 
@@ -65,7 +66,7 @@ class Ablation(BaseModel):
     name: str
     description: str = ""
     base: str
-    budgets: list[int] = Field(default_factory=lambda: [64, 128, 192])
+    budgets: list[int] = Field(default_factory=lambda: list(BUDGETS))
     split: str = "test"
     variant: list[VariantEntry] = Field(min_length=1)
 

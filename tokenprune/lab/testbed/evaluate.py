@@ -20,6 +20,13 @@ Uncertainty and evidence (:mod:`~tokenprune.lab.testbed.stats`):
 - every run is compared with the *reference* run at the same budget (by default the first
   variant, CLASP in the shipped specs and ablations) by an exact McNemar test on the same
   questions (``vs_reference``: accuracy difference, its paired SE, discordant counts, p);
+- **fidelity to the unpruned answer**, which ranks methods with about a tenth of the questions
+  accuracy needs: *agreement* (the pruned answer equals the unpruned one; Wilson interval, exact
+  McNemar against the reference), the same on the *decisive* questions only (the unpruned answer's
+  probability leads the runner-up by at least ``DECISIVE_MARGIN``, so near-tie flips of a model
+  at chance do not count), and *KL(unpruned || pruned)* of the next-token distribution at the
+  answer slot, in nats (bootstrap interval, paired sign-flip test against the reference); every
+  paired test also gives ``detectable``, the smallest true difference it finds with 80 % power;
 - **evidence recall**: the share of each question's evidence cells (``Question.evidence``, known
   to the generator) among the visual tokens that reached the LLM (after in-LLM pruning too), per
   class; model-free, so it ranks methods even where the model is weak. Not defined for image
@@ -42,15 +49,18 @@ import torch
 from ...pipeline import Pipeline
 from ...spec import PipelineSpec
 from .memo import memoized_tower, tower_cost
+from .protocol import BUDGETS, DECISIVE_MARGIN
 from .model import prompt
 from .questions import QA_CLASSES
 from .resume import Checkpoint, run_key
 from .splits import Example, examples, scene
-from .stats import mcnemar, wilson
+from .stats import bootstrap_mean, detectable, mcnemar, paired_mean_test, wilson
 
-__all__ = ["Variant", "Dist", "evaluate", "chance", "UNPRUNED"]
+__all__ = ["Variant", "Dist", "evaluate", "chance", "UNPRUNED", "BUDGETS", "DECISIVE_MARGIN"]
 
 UNPRUNED = "unpruned"
+#: Bumped when a batch record gains or changes a field, so an older checkpoint is not resumed.
+RECORD_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +167,56 @@ def _paired(exs: Sequence[Example], correct: Sequence[bool], ref: Sequence[bool]
     for k, idx in _groups(exs).items():
         t = mcnemar([correct[i] for i in idx], [ref[i] for i in idx])
         out[k] = {"delta": round(t["delta"], 4), "se": round(t["se"], 4), "only_this": t["a_only"],
-                  "only_reference": t["b_only"], "p": round(t["p"], 5)}
+                  "only_reference": t["b_only"], "p": round(t["p"], 5), "detectable": round(detectable(t["se"]), 4)}
+    return out
+
+
+def _decisive_groups(exs: Sequence[Example], decisive: Sequence[bool]) -> dict[str, list[int]]:
+    """:func:`_groups` restricted to the decisive questions (classes without one are left out)."""
+    out = {k: [i for i in idx if decisive[i]] for k, idx in _groups(exs).items()}
+    return {k: v for k, v in out.items() if v}
+
+
+def _share(groups: dict[str, list[int]], flags: Sequence[bool]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Per group, the share of ``flags`` set and its 95 % Wilson interval."""
+    share = {k: round(sum(flags[i] for i in idx) / len(idx), 4) for k, idx in groups.items()}
+    interval = {k: [round(x, 4) for x in wilson(sum(flags[i] for i in idx), len(idx))] for k, idx in groups.items()}
+    return share, interval
+
+
+def _mean_kl(groups: dict[str, list[int]], kl: Sequence[float]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Per group, the mean KL and its 95 % bootstrap interval."""
+    mean = {k: round(sum(kl[i] for i in idx) / len(idx), 5) for k, idx in groups.items()}
+    interval = {k: [round(x, 5) for x in bootstrap_mean([kl[i] for i in idx])] for k, idx in groups.items()}
+    return mean, interval
+
+
+def _fidelity(exs: Sequence[Example], decisive: Sequence[bool], agree: Sequence[bool],
+              kl: Sequence[float]) -> dict[str, Any]:
+    """Agreement (all and decisive questions) and KL of one run, per class and overall."""
+    agreement, agreement_iv = _share(_groups(exs), agree)
+    dec, dec_iv = _share(_decisive_groups(exs, decisive), agree)
+    mean, mean_iv = _mean_kl(_groups(exs), kl)
+    return {"agreement": agreement, "agreement_interval": agreement_iv, "decisive_agreement": dec,
+            "decisive_interval": dec_iv, "kl": mean, "kl_interval": mean_iv}
+
+
+def _paired_fidelity(exs: Sequence[Example], decisive: Sequence[bool], run: dict, ref: dict) -> dict[str, dict]:
+    """Paired tests of a run's fidelity against the reference run's, per class and overall:
+    exact McNemar on agreement (all and decisive questions), sign-flip on KL."""
+    out: dict[str, dict] = {}
+    for metric, groups in (("agreement", _groups(exs)), ("decisive_agreement", _decisive_groups(exs, decisive))):
+        out[metric] = {}
+        for k, idx in groups.items():
+            t = mcnemar([run["agree"][i] for i in idx], [ref["agree"][i] for i in idx])
+            out[metric][k] = {"delta": round(t["delta"], 4), "se": round(t["se"], 4), "only_this": t["a_only"],
+                              "only_reference": t["b_only"], "p": round(t["p"], 5),
+                              "detectable": round(detectable(t["se"]), 4)}
+    out["kl"] = {}
+    for k, idx in _groups(exs).items():
+        t = paired_mean_test([run["kl_per_question"][i] for i in idx], [ref["kl_per_question"][i] for i in idx])
+        out["kl"][k] = {"delta": round(t["delta"], 5), "se": round(t["se"], 5), "p": round(t["p"], 5),
+                        "interval": [round(x, 5) for x in t["interval"]], "detectable": round(detectable(t["se"]), 5)}
     return out
 
 
@@ -229,8 +288,7 @@ def evaluate(
 
     saved = _checkpoint(checkpoint, model, dist, split=split, scenes=scenes, classes=classes, batch_size=batch_size,
                         runs=[(v.name, v.spec.model_dump(mode="json") if v.spec else None, v.oracle_router, b)
-                              for v, b in runs])
-    results = saved.results  # run -> batch -> record
+                              for v, b in runs], record_version=RECORD_VERSION)
     todo = [bi for bi in mine if not saved.done(bi, len(runs))]
     total, done = len(runs) * len(mine), len(runs) * (len(mine) - len(todo))
     model.eval()
@@ -242,9 +300,12 @@ def evaluate(
                                return_tensors="pt", padding=True).to(device)
             truth = torch.tensor(tok.convert_tokens_to_ids([exs[i].question.answer for i in idx]), device=device)
             klass = exs[idx[0]].klass
+            reference_logp = None  # (B, V): the unpruned run's, which every pruned run is compared with
             for r, (variant, budget) in enumerate(runs):
                 use = pipeline_for(variant, klass)
-                rec = _answer(model, inputs, truth, use, variant, budget, tok, cuda, tower_stats)
+                rec, logp_all = _answer(model, inputs, truth, use, variant, budget, tok, cuda, tower_stats,
+                                        reference_logp)
+                reference_logp = logp_all if r == 0 else reference_logp
                 if "kept_cells" in rec:  # (B, M) -> evidence recall per question
                     kept = rec.pop("kept_cells")
                     rec["recall"] = [_evidence_recall(kept[j], exs[i].question.evidence) for j, i in enumerate(idx)]
@@ -254,45 +315,13 @@ def evaluate(
                     progress(done, total)
             saved.maybe_save()
     gathered: dict[int, dict[int, dict]] = {}
-    for part in dist.gather(results):
+    for part in dist.gather(saved.results):
         for r, recs in part.items():
             gathered.setdefault(r, {}).update(recs)
-
-    def run_summary(r: int) -> dict[str, Any]:
-        recs = gathered[r]
-        correct = [False] * len(exs)
-        pred = [0] * len(exs)
-        logp = [0.0] * len(exs)
-        routed: list[str | None] = [None] * len(exs)
-        recall: list[float | None] = [None] * len(exs)
-        for bi, idx in enumerate(batches):
-            for j, i in enumerate(idx):
-                correct[i] = bool(recs[bi]["correct"][j])
-                pred[i] = recs[bi]["pred"][j]
-                logp[i] = recs[bi]["logp"][j]
-                if "routed" in recs[bi]:
-                    routed[i] = recs[bi]["routed"][j]
-                if "recall" in recs[bi]:
-                    recall[i] = recs[bi]["recall"][j]
-        out: dict[str, Any] = {
-            "accuracy": _summarise(exs, correct),
-            "interval": _intervals(exs, correct),
-            "correct": correct,
-            "prefill_ms_per_example": round(1000 * sum(x["seconds"] for x in recs.values()) / len(exs), 3),
-            "mean_logp": round(sum(logp) / len(exs), 5),
-            "predictions": pred,
-        }
-        if any(x is not None for x in routed):
-            out["retained"] = round(sum(x["kept"] for x in recs.values()) / sum(x["total"] for x in recs.values()), 4)
-            out["tokens_per_image"] = round(sum(x["kept"] for x in recs.values()) / sum(x["images"] for x in recs.values()), 1)
-            out["routing_accuracy"] = round(sum(routed[i] == exs[i].klass for i in range(len(exs))) / len(exs), 4)
-            if any(x is not None for x in recall):
-                out["evidence_recall"] = _recall(exs, recall)
-        return out
-
-    unpruned = run_summary(0)
+    unpruned = _run_summary(exs, batches, gathered[0])
     saved.finish()
-    summaries = [run_summary(r) for r in range(1, len(runs))]
+    decisive = [m >= DECISIVE_MARGIN for m in unpruned["margin"]]
+    summaries = [_run_summary(exs, batches, gathered[r], decisive) for r in range(1, len(runs))]
     ref_name = reference if reference is not None else (variants[0].name if variants else None)
     if ref_name is not None and variants and ref_name not in {v.name for v in variants}:
         raise ValueError(f"reference variant '{ref_name}' is not among the variants {[v.name for v in variants]}")
@@ -302,11 +331,14 @@ def evaluate(
         summary["vs_unpruned"] = _paired(exs, summary["correct"], unpruned["correct"])
         if budget in ref_at and variant.name != ref_name:
             summary["vs_reference"] = _paired(exs, summary["correct"], ref_at[budget]["correct"])
+            summary["fidelity_vs_reference"] = _paired_fidelity(exs, decisive, summary, ref_at[budget])
     report = {
         "split": split,
         "scenes": len({e.index for e in exs}),
         "examples": len(exs),
         "per_class": dict(Counter(e.klass for e in exs)),
+        "decisive_per_class": {k: len(v) for k, v in _decisive_groups(exs, decisive).items()},
+        "decisive_margin": DECISIVE_MARGIN,
         "chance": chance(exs),
         "batch_size": batch_size,
         "processes": dist.world,
@@ -320,6 +352,50 @@ def evaluate(
     return report
 
 
+def _per_question(exs: Sequence[Example], batches: list[list[int]], recs: dict[int, dict], field: str,
+                  default: Any = None) -> list[Any]:
+    """A batch-record field put back in question order (``default`` where a record lacks it)."""
+    out = [default] * len(exs)
+    for bi, idx in enumerate(batches):
+        values = recs[bi].get(field)
+        if values is not None:
+            for j, i in enumerate(idx):
+                out[i] = values[j]
+    return out
+
+
+def _run_summary(exs: Sequence[Example], batches: list[list[int]], recs: dict[int, dict],
+                 decisive: Sequence[bool] | None = None) -> dict[str, Any]:
+    """One run's report entry from its batch records; ``decisive`` (from the unpruned run) is given
+    for a pruned run, whose fidelity to the unpruned answer is then summarised too."""
+    correct = [bool(x) for x in _per_question(exs, batches, recs, "correct")]
+    logp = _per_question(exs, batches, recs, "logp")
+    out: dict[str, Any] = {
+        "accuracy": _summarise(exs, correct),
+        "interval": _intervals(exs, correct),
+        "correct": correct,
+        "prefill_ms_per_example": round(1000 * sum(x["seconds"] for x in recs.values()) / len(exs), 3),
+        "mean_logp": round(sum(logp) / len(exs), 5),
+        "predictions": _per_question(exs, batches, recs, "pred"),
+    }
+    if decisive is None:
+        out["margin"] = [round(m, 5) for m in _per_question(exs, batches, recs, "margin")]
+        return out
+    agree = [bool(x) for x in _per_question(exs, batches, recs, "agree")]
+    kl = [round(x, 6) for x in _per_question(exs, batches, recs, "kl")]
+    out.update(_fidelity(exs, decisive, agree, kl))
+    out["agree"], out["kl_per_question"] = agree, kl
+    routed = _per_question(exs, batches, recs, "routed")
+    if any(x is not None for x in routed):
+        out["retained"] = round(sum(x["kept"] for x in recs.values()) / sum(x["total"] for x in recs.values()), 4)
+        out["tokens_per_image"] = round(sum(x["kept"] for x in recs.values()) / sum(x["images"] for x in recs.values()), 1)
+        out["routing_accuracy"] = round(sum(routed[i] == exs[i].klass for i in range(len(exs))) / len(exs), 4)
+        recall = _per_question(exs, batches, recs, "recall")
+        if any(x is not None for x in recall):
+            out["evidence_recall"] = _recall(exs, recall)
+    return out
+
+
 def _checkpoint(path: str | Path | None, model, dist: Dist, **what: Any) -> Checkpoint:
     """The evaluation's checkpoint (in memory only without ``path``; per rank with several)."""
     if path is None:
@@ -331,10 +407,14 @@ def _checkpoint(path: str | Path | None, model, dist: Dist, **what: Any) -> Chec
 
 
 def _answer(model, inputs: dict, truth: torch.Tensor, use: Pipeline | None, variant: Variant, budget,
-            tok, cuda: bool, tower_stats: dict | None = None) -> dict[str, Any]:
+            tok, cuda: bool, tower_stats: dict | None = None,
+            reference_logp: torch.Tensor | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """One run on one batch: correctness, predictions, log p of the truth, time (the tower counted
     as if it had run, when it is memoized: :func:`~tokenprune.lab.testbed.memo.tower_cost`), and for a
-    pruned run the tokens kept and the (B, M) cells that reached the LLM."""
+    pruned run the tokens kept and the (B, M) cells that reached the LLM. Also returns the ``(B, V)``
+    float32 log-probabilities of the answer slot. The unpruned run (``use`` None) records each
+    answer's probability margin over the runner-up; a run given ``reference_logp`` (the unpruned
+    run's) records whether its answer agrees and ``KL(reference || this)`` in nats."""
     import tokenprune as tp
 
     ctx = tp.apply(model, use, budget=budget, tokenizer=tok) if use is not None else nullcontext()
@@ -346,9 +426,17 @@ def _answer(model, inputs: dict, truth: torch.Tensor, use: Pipeline | None, vari
             if cuda:
                 torch.cuda.synchronize()
         seconds = timed["seconds"]
-    pred = logits.argmax(-1)
-    logp = torch.log_softmax(logits.float(), -1).gather(1, truth[:, None])[:, 0]
+    pred = logits.argmax(-1)  # (B,)
+    logp_all = torch.log_softmax(logits.float(), -1)  # (B, V)
+    logp = logp_all.gather(1, truth[:, None])[:, 0]
     rec = {"correct": (pred == truth).tolist(), "pred": pred.tolist(), "logp": logp.tolist(), "seconds": seconds}
+    if use is None:
+        top2 = logp_all.topk(2, -1).values.exp()  # (B, 2)
+        rec["margin"] = (top2[:, 0] - top2[:, 1]).tolist()
+    if reference_logp is not None:
+        rec["agree"] = (pred == reference_logp.argmax(-1)).tolist()
+        kl = (reference_logp.exp() * (reference_logp - logp_all)).sum(-1)  # (B,)
+        rec["kl"] = kl.clamp_min(0).tolist()  # float32 rounding can leave -1e-7 where the two agree
     if handle is not None:
         last = handle.last
         image_id = model.config.image_token_id
@@ -360,7 +448,7 @@ def _answer(model, inputs: dict, truth: torch.Tensor, use: Pipeline | None, vari
         rec["total"] = int(last.total.sum())
         rec["images"] = int(last.total.numel())
         rec["routed"] = list(last.classes)
-    return rec
+    return rec, logp_all
 
 
 def _evidence_recall(kept: torch.Tensor, evidence: tuple[int, ...]) -> float | None:

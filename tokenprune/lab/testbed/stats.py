@@ -1,10 +1,15 @@
-"""Uncertainty for testbed accuracies: Wilson intervals and exact McNemar tests.
+"""Uncertainty for testbed measurements: Wilson intervals and exact McNemar tests for shares
+(accuracy, agreement with the unpruned answer), bootstrap intervals and paired sign-flip tests for
+means (the answer distribution's KL), and the smallest difference a paired test can detect.
 
 Every accuracy the testbed reports is a share of ``n`` independent questions, so it carries a
 Wilson score interval (good at small ``n`` and near 0 or 1, where the normal approximation is not).
 Two methods answer the *same* questions, so they are compared by a paired test: McNemar's, on the
 questions where exactly one of them is right, computed exactly from the binomial distribution (no
-continuity correction, no large-count approximation).
+continuity correction, no large-count approximation). A mean of a per-question quantity with a
+heavy tail (KL divergence) carries a percentile bootstrap interval, and two methods' means are
+compared by a paired sign-flip permutation test on the per-question differences; both draw from a
+fixed seed, so a report is reproducible.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["Z95", "wilson", "mcnemar", "paired_se"]
+__all__ = ["Z95", "wilson", "mcnemar", "paired_se", "bootstrap_mean", "paired_mean_test", "detectable"]
 
 Z95 = 1.959963984540054
 
@@ -62,3 +67,56 @@ def paired_se(a_only: int, b_only: int, n: int) -> float:
         return 0.0
     p10, p01 = a_only / n, b_only / n
     return math.sqrt(max(0.0, p10 + p01 - (p10 - p01) ** 2) / n)
+
+
+def bootstrap_mean(values: Sequence[float], *, resamples: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (``(nan, nan)`` when empty).
+
+    ``resamples`` resamples of the questions with replacement, drawn from a fixed ``seed`` so a
+    report is reproducible; the interval is the ``(1 - level) / 2`` and ``(1 + level) / 2``
+    quantiles of the resampled means. Batched: one ``(resamples, n)`` index draw."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))  # (R, n)
+    means = x[idx].mean(1)  # (R,)
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(means, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def paired_mean_test(a: Sequence[float], b: Sequence[float], *, resamples: int = 5000,
+                     seed: int = 0) -> dict[str, float]:
+    """Paired test of ``mean(a) - mean(b)`` over the same questions (KL of two methods).
+
+    ``delta``: the mean difference; ``interval``: its 95 % percentile bootstrap interval
+    (:func:`bootstrap_mean` of the differences); ``p``: two-sided sign-flip permutation p-value
+    under "the differences are symmetric about 0" (``resamples`` random flips from ``seed``, plus
+    the observed one, so p is never 0); ``se``: the paired standard error of ``delta``."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"paired_mean_test: the two methods have {len(a)} and {len(b)} values; pair the same questions")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)  # (n,)
+    n = d.size
+    if n == 0:
+        return {"delta": 0.0, "se": 0.0, "p": 1.0, "interval": [math.nan, math.nan]}
+    observed = abs(d.mean())
+    signs = np.where(np.random.default_rng(seed).random((resamples, n)) < 0.5, -1.0, 1.0)  # (R, n)
+    flipped = np.abs(signs @ d) / n  # (R,)
+    p = (1 + int((flipped >= observed - 1e-15).sum())) / (resamples + 1)
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return {"delta": float(d.mean()), "se": se, "p": p, "interval": list(bootstrap_mean(d, seed=seed))}
+
+
+def detectable(se: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true paired difference a two-sided test at ``alpha`` detects with ``power``,
+    given the paired standard error ``se`` of the observed difference (the normal approximation:
+    ``(z_{1 - alpha/2} + z_power) * se``)."""
+    from statistics import NormalDist
+
+    z = NormalDist()
+    return (z.inv_cdf(1 - alpha / 2) + z.inv_cdf(power)) * se
