@@ -3,6 +3,7 @@ and the tower memo that makes many-run evaluations affordable."""
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -325,6 +326,42 @@ def test_results_plan_resumes_and_reruns_exactly_what_changed(tmp_path):
     assert calls[5:] == ["two"]
     run_plan(steps, model, force=True, **kw)
     assert calls[6:] == ["one", "two"]
+
+
+def test_results_plan_reruns_every_step_when_the_code_changes(tmp_path):
+    """A change to a source file of the packages (the DPP rule, say) marks each step to run again,
+    and ``stale_because`` says it was the code; an untouched tree re-runs nothing."""
+    from tokenprune.lab.testbed.results import code_digest, run_plan, stale_because
+
+    model, spec, steps, calls, run = _results_fixture(tmp_path)
+    src = tmp_path / "src" / "pkg"
+    (src / "sub").mkdir(parents=True)
+    (src / "ops.py").write_text("def pick(): return 1\n")
+    (src / "sub" / "stage.py").write_text("X = 1\n")
+    kw = dict(manifest=tmp_path / "manifest.json", run=run, log=lambda s: None)
+    before = code_digest([src])
+    run_plan(steps, model, code=before, **kw)
+    assert calls == ["one", "two"]
+    run_plan(steps, model, code=code_digest([src]), **kw)
+    assert calls == ["one", "two"]
+    (src / "sub" / "stage.py").write_text("X = 2\n")  # a nested module changes
+    after = code_digest([src])
+    assert after != before
+    done = json.loads((tmp_path / "manifest.json").read_text())
+    assert stale_because(steps[0], model, done, after) == "the code changed since it ran"
+    assert stale_because(steps[0], model, done, before) is None
+    run_plan(steps, model, code=after, **kw)
+    assert calls[2:] == ["one", "two"]
+    (src / "sub" / "stage.py").rename(src / "stage2.py")  # a moved file is a change too
+    assert code_digest([src]) != after
+
+
+def test_the_code_digest_covers_the_installed_packages_and_the_plugins():
+    from tokenprune.lab.testbed.results import code_roots
+
+    names = {p.name for p in code_roots()}
+    assert names == {"tokenprune", "plugins"} or names == {"tokenprune", "tokenprune_plugins"}
+    assert any((r / "completion.py").exists() for r in code_roots())
 
 
 def test_results_plan_stops_at_a_failing_step_and_names_it(tmp_path):

@@ -17,7 +17,7 @@ from ..hookspecs import hookimpl
 from ..outputs import announce_replacing
 from ..spec import load_spec
 from .cli_router import add_router_parser
-from .testbed.protocol import BUDGETS, CALIBRATION_BUDGETS
+from .testbed.protocol import BUDGETS
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -298,7 +298,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from .testbed.model import resolve_dir
-    from .testbed.results import is_current, plan, read_manifest, run_plan
+    from .testbed.results import plan, read_manifest, run_plan, stale_because
 
     if not Path("specs/ablations").is_dir() or not Path("docs").is_dir():
         raise ValueError("tokenprune results rewrites docs/results/ of a checkout: run it from the repository root")
@@ -307,8 +307,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.list:
         done = read_manifest()
         for s in steps:
-            state = "up to date" if is_current(s, model_dir, done) else "to run"
-            print(f"{s.name:<13} {state:<11} tokenprune {' '.join(s.argv)}")
+            why = stale_because(s, model_dir, done)
+            print(f"{s.name:<13} {'up to date' if why is None else 'to run':<11} tokenprune {' '.join(s.argv)}"
+                  + ("" if why is None else f"   ({why})"))
         return 0
     only = [x for x in (args.only or "").split(",") if x]
     try:

@@ -2,14 +2,18 @@
 
 Each step is one ``tokenprune`` command (calibrate, eval or ablate) with its outputs. After a step
 succeeds, its *fingerprint* goes into ``docs/results/manifest.json``: a hash of its arguments, the
-model's weights and config, and every resolved spec it runs (stages, parameters and the class
-table they read). A later ``tokenprune results`` skips a step whose outputs exist and whose
+model's weights and config, every resolved spec it runs (stages, parameters and the class
+table they read) and the code that ran it (:func:`code_digest`: every source file of the
+``tokenprune`` and ``tokenprune_plugins`` packages, the lab included, so a change to a stage's
+implementation or to the evaluation marks the figures it made as stale). A later ``tokenprune results`` skips a step whose outputs exist and whose
 fingerprint is unchanged, so an interrupted run (a session that ends, a ``Ctrl-C``) resumes at the
 first step not done, and a new class table re-runs every step that reads it. The manifest is
 committed beside the figures, so a fresh clone knows which figures match its inputs.
 
-What the fingerprint does not see is the code: after a change to a stage's implementation, run
-``tokenprune results --force`` (or ``--only NAME`` for one step).
+The code digest is deliberately coarse: any edit of any source file, a comment included, marks
+every step to run again. A finer rule (which modules a step imports) would miss a change that
+reaches a step through a registry lookup; ``--list`` says when only the code changed, and
+``--only NAME`` re-runs one step.
 
 The tables of ``docs/results.md`` (and the testbed table of ``docs/routing.md``: :data:`REPORTS`)
 are not copied by hand: the page marks each one with
@@ -32,7 +36,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["Step", "plan", "fingerprint", "read_manifest", "is_current", "run_plan", "fill_report", "render"]
+__all__ = ["Step", "plan", "code_digest", "fingerprint", "read_manifest", "is_current", "stale_because", "run_plan",
+           "fill_report", "render"]
 
 RESULTS = Path("docs/results")
 TABLE = Path("tokenprune/data/class_table.toml")
@@ -81,12 +86,35 @@ def _ablation_outputs(results: Path, name: str) -> tuple[Path, ...]:
     return tuple(results / f"ablation-{name}.{ext}" for ext in ("json", "md", "png"))
 
 
-def fingerprint(step: Step, model_dir: Path) -> str:
-    """sha256 over the step's arguments, the model's files and every spec it resolves."""
+def code_roots() -> tuple[Path, ...]:
+    """The source folders whose files a step's code digest covers: the installed ``tokenprune``
+    and ``tokenprune_plugins`` packages (the checkout's folders under an editable install)."""
+    import tokenprune
+    import tokenprune_plugins
+
+    return tuple(Path(m.__file__).resolve().parent for m in (tokenprune, tokenprune_plugins))
+
+
+def code_digest(roots: Sequence[Path] | None = None) -> str:
+    """sha256 over every ``.py`` file under ``roots`` (default :func:`code_roots`): each file's
+    path relative to its root and its bytes, in sorted order."""
+    h = hashlib.sha256()
+    for root in roots if roots is not None else code_roots():
+        for f in sorted(root.rglob("*.py")):
+            if "__pycache__" not in f.parts:
+                h.update(f"{root.name}/{f.relative_to(root).as_posix()}\0".encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def fingerprint(step: Step, model_dir: Path, code: str | None = None) -> str:
+    """sha256 over the step's arguments, the model's files, every spec it resolves and ``code``
+    (default :func:`code_digest` of the installed packages)."""
     from ...spec import load_spec
     from .ablation import load_ablation
 
     h = hashlib.sha256(json.dumps(step.argv).encode())
+    h.update((code if code is not None else code_digest()).encode())
     for f in ("config.json", "model.safetensors", "tokenizer.json"):
         h.update(_file_digest(model_dir / f).encode())
     resolved = [_resolved(load_spec(p)) for p in step.specs]
@@ -115,26 +143,47 @@ def read_manifest(manifest: Path = RESULTS / "manifest.json") -> dict:
     return json.loads(manifest.read_text()) if manifest.exists() else {}
 
 
-def is_current(step: Step, model_dir: Path, done: dict) -> bool:
-    """Whether ``step`` finished with its present inputs and its outputs are all there."""
-    return (done.get(step.name, {}).get("fingerprint") == fingerprint(step, model_dir)
-            and all(o.exists() for o in step.outputs))
+def is_current(step: Step, model_dir: Path, done: dict, code: str | None = None) -> bool:
+    """Whether ``step`` finished with its present inputs and code and its outputs are all there."""
+    return stale_because(step, model_dir, done, code) is None
+
+
+def stale_because(step: Step, model_dir: Path, done: dict, code: str | None = None) -> str | None:
+    """Why ``step`` must run again (``None``: it is up to date): never run, an output missing, the
+    code changed since it ran, or its inputs (arguments, model, specs, class table) did."""
+    code = code if code is not None else code_digest()
+    last = done.get(step.name)
+    if last is None:
+        return "never run"
+    missing = [str(o) for o in step.outputs if not o.exists()]
+    if missing:
+        return f"output missing: {', '.join(missing)}"
+    if last.get("fingerprint") == fingerprint(step, model_dir, code):
+        return None
+    if "code" not in last:
+        return "it ran before its code was fingerprinted"
+    if last["code"] != code:
+        return "the code changed since it ran"
+    return "its inputs changed (arguments, model, specs or class table)"
 
 
 def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str] = (), force: bool = False,
              only: Sequence[str] = (), manifest: Path = RESULTS / "manifest.json",
-             run: Callable[[list[str]], int] | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run the steps not done (all with ``force``; just ``only`` when given) and return the manifest."""
+             run: Callable[[list[str]], int] | None = None, log: Callable[[str], None] = print,
+             code: str | None = None) -> dict:
+    """Run the steps not done (all with ``force``; just ``only`` when given) and return the manifest.
+    ``code``: the code digest to record (default :func:`code_digest`, read once, at the start)."""
     unknown = sorted(set(only) - {s.name for s in steps})
     if unknown:
         raise ValueError(f"unknown results step(s) {unknown}; the plan has {[s.name for s in steps]}")
     if run is None:
         from ...cli import main as run
     done = read_manifest(manifest)
+    code = code if code is not None else code_digest()
     for step in steps:
         if only and step.name not in only:
             continue
-        if is_current(step, model_dir, done) and not force:
+        if is_current(step, model_dir, done, code) and not force:
             log(f"results: {step.name} is up to date ({done[step.name]['finished']}); --force re-runs it")
             continue
         log(f"results: {step.name}: tokenprune {' '.join(step.argv)}")
@@ -143,8 +192,8 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
         if rc:
             raise RuntimeError(f"results step '{step.name}' failed (exit {rc}): tokenprune {' '.join(step.argv)}; "
                                "fix it and run `tokenprune results` again to resume from this step")
-        fp = fingerprint(step, model_dir)  # calibrate rewrites the table: record what now stands
-        done[step.name] = {"fingerprint": fp, "argv": list(step.argv),
+        fp = fingerprint(step, model_dir, code)  # calibrate rewrites the table: record what now stands
+        done[step.name] = {"fingerprint": fp, "code": code, "argv": list(step.argv),
                            "seconds": round(time.perf_counter() - t0, 1),
                            "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         manifest.parent.mkdir(parents=True, exist_ok=True)
