@@ -13,10 +13,11 @@ from tokenprune.stages import BudgetPolicy
 
 
 class ClassTablePolicy(BudgetPolicy):
-    """CLASP: the routed class's ``a_c`` from the pipeline's class table."""
+    """CLASP: the routed class's ``a_c`` from the pipeline's class table (the cell of the row's
+    budget band, when the table has bands)."""
 
     def pivot_ratio(self, routing: Routing, table: ClassTable) -> Tensor:
-        return table.pivot_ratio(routing.classes)  # (B,)
+        return table.pivot_ratio(routing.classes, routing.budgets)  # (B,)
 
 
 class FixedPolicy(BudgetPolicy):

@@ -55,10 +55,14 @@ class ClassAdaptiveFusion(Fusion):
                                           "'selection': they only steer selection")
 
     def _alpha(self, routing: Routing, table: ClassTable, num_layers: int) -> Tensor:
-        return table.alpha(routing.classes, num_layers, self.min_weight)  # (B, L)
+        return table.alpha(routing.classes, num_layers, self.min_weight, routing.budgets)  # (B, L)
 
     def requirements(self, routing: Routing, table: ClassTable, num_layers: int) -> Requirements:
         alpha = self._alpha(routing, table, num_layers)
+        if routing.budgets is None and table.has_bands:  # the budgets are not known yet: every band's layers
+            B = len(routing.classes)
+            alpha = torch.cat([alpha, *(table.alpha(routing.classes, num_layers, self.min_weight,
+                                                    torch.full((B,), edge)) for edge in table.band_edges())])
         used = (alpha > 0).any(0).nonzero().flatten() + 1  # column l-1 -> hidden state l
         return Requirements(layers=frozenset(used.tolist()))
 

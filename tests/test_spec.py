@@ -279,3 +279,50 @@ def test_a_budget_is_parsed_once_into_one_value():
         tp.Budget.parse([[1, 2]])
     spec = clasp_spec()
     assert spec.budget_or_default(None) == tp.Budget.parse(spec.budget) and spec.budget_or_default(0.25).ratio == 0.25
+
+
+# -- budget bands of the class table ([ours]) --------------------------------------------------------
+def _banded(ocr_bands, **ocr):
+    rows = {c: {"strategy": "B", "pivot_ratio": 0.5} for c in CLASSES}
+    rows["ocr"] = {"strategy": "B", "pivot_ratio": 0.5, **ocr, "bands": ocr_bands}
+    return ClassTable.model_validate({"classes": rows})
+
+
+def test_a_band_serves_the_budgets_up_to_its_edge_and_the_row_serves_the_rest():
+    table = _banded([{"up_to": 8, "strategy": "E", "pivot_ratio": 0.0}, {"up_to": 32, "strategy": "B", "pivot_ratio": 0.25}])
+    budgets = torch.tensor([1, 8, 9, 32, 33, 576])
+    got = table.pivot_ratio(("ocr",) * 6, budgets).tolist()
+    assert got == [0.0, 0.0, 0.25, 0.25, 0.5, 0.5]
+    assert table.pivot_ratio(("ocr",), None).tolist() == [0.5]      # budgets unknown: the row's own cell
+    assert table.pivot_ratio(("scene",) * 2, torch.tensor([8, 64])).tolist() == [0.5, 0.5]  # no bands
+    deep = table.alpha(("ocr", "ocr"), 12, budgets=torch.tensor([8, 64]))  # (2, 12)
+    assert int(deep[0].argmax()) == 11 and int(deep[1].argmax()) == 4  # E peaks at the last layer, B near 0.45
+    assert table.band_edges() == (8, 32) and table.has_bands
+    with pytest.raises(ValueError, match="one budget per row"):
+        table.pivot_ratio(("ocr", "ocr"), torch.tensor([8]))
+
+
+def test_bands_out_of_order_or_with_wrong_weights_are_refused():
+    with pytest.raises(ValidationError, match=r"strictly increasing up_to, got \[32, 8\]"):
+        _banded([{"up_to": 32, "strategy": "B", "pivot_ratio": 0.1}, {"up_to": 8, "strategy": "B", "pivot_ratio": 0.1}])
+    with pytest.raises(ValidationError, match="'ocr' gives explicit weights, so the table needs 'num_layers'"):
+        _banded([{"up_to": 8, "weights": [0.0, 1.0], "pivot_ratio": 0.1}])
+    with pytest.raises(ValidationError, match="up_to"):
+        _banded([{"up_to": 0, "strategy": "B", "pivot_ratio": 0.1}])
+
+
+def test_a_banded_table_steers_the_pipeline_by_each_rows_budget():
+    """Rows of one batch with budgets in different bands get their own band's pivot ratio, and a
+    fusion's requirements (asked before the budgets are known) cover the layers of every band."""
+    table = _banded([{"up_to": 4, "strategy": "E", "pivot_ratio": 0.0}])
+    spec = clasp_spec(L=12, class_table=table.model_dump(), router={"stage": "fixed", "class_name": "ocr"},
+                      fusion={"stage": "class-adaptive", "min_weight": 0.01, "feed": "selection"})
+    tokens = make_tokens(2, 16, L=12, grid=(4, 4))
+    pipe = tp.Pipeline(spec)
+    sel = pipe(tokens, budget=torch.tensor([4, 8]))
+    assert sel.pivot_ratio.tolist() == [0.0, 0.5]
+    assert (sel.provenance[0] == int(tp.Provenance.PIVOT)).sum() == 0 and (sel.provenance[1] == int(tp.Provenance.PIVOT)).sum() == 4
+    routing = pipe.route(tokens.prompts)
+    union = pipe.requirements(routing, 12).layers
+    own = tp.Pipeline(spec.replace(class_table=_banded([]).model_dump())).requirements(routing, 12).layers
+    assert 12 in union and 12 not in own and own < union

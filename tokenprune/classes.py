@@ -4,6 +4,11 @@ ratio ``a_c`` per class), as validated data.
 A class row is either an explicit weight vector ``w_c`` of length ``L`` (``-inf`` switches a layer
 off) or a named layer *strategy*, ``A`` (shallow-heavy) to ``E`` (deep-heavy), that is defined on
 relative depth and so fits any encoder depth. ``alpha = softmax(tau * w_c)`` (CLASP eq. 25).
+
+**Budget bands** ([ours], an extension of the paper, whose table has one cell per class): a class
+row may hold ``bands``, each a cell of its own for the budgets up to its ``up_to``
+(``R <= up_to``, above the previous band's ``up_to``); a budget above the last band, or a call
+whose budgets are unknown, uses the row's own cell. Without bands the table is the paper's.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import Tensor
 
 from .tomlfile import read_toml
 
-__all__ = ["CLASSES", "STRATEGIES", "ClassEntry", "ClassTable", "strategy_row"]
+__all__ = ["CLASSES", "STRATEGIES", "Cell", "Band", "ClassEntry", "ClassTable", "strategy_row"]
 
 #: Every router class, in a fixed order; ``general`` is the fallback.
 CLASSES: tuple[str, ...] = (
@@ -46,8 +51,8 @@ def strategy_row(strategy: str, num_layers: int) -> Tensor:
     return -(((depth - STRATEGIES[strategy]) / STRATEGY_WIDTH) ** 2)
 
 
-class ClassEntry(BaseModel):
-    """One class's row of the table."""
+class Cell(BaseModel):
+    """One cell of the table: a layer weighting and a pivot ratio."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,7 +66,7 @@ class ClassEntry(BaseModel):
     pivot_ratio: float = Field(ge=0, le=1, description="a_c: share of the budget given to pivots")
 
     @model_validator(mode="after")
-    def _one_source(self) -> ClassEntry:
+    def _one_source(self) -> Cell:
         if (self.strategy is None) == (self.weights is None):
             raise ValueError("give exactly one of 'strategy' (A..E) or 'weights' (a list of L scores)")
         if self.weights is not None:
@@ -76,6 +81,39 @@ class ClassEntry(BaseModel):
         if self.strategy is not None:
             return strategy_row(self.strategy, num_layers)
         return torch.tensor(self.weights, dtype=torch.float32)
+
+    def as_cell(self) -> Cell:
+        """The cell alone (a band or a row without its budget range or bands)."""
+        return Cell(strategy=self.strategy, weights=self.weights, temperature=self.temperature,
+                    pivot_ratio=self.pivot_ratio)
+
+
+class Band(Cell):
+    """A cell for the budgets up to ``up_to`` tokens per image (above the previous band's)."""
+
+    up_to: int = Field(ge=1, description="the largest budget R (tokens per image) this cell serves")
+
+
+class ClassEntry(Cell):
+    """One class's row of the table: its own cell, and optionally cells per budget band."""
+
+    bands: tuple[Band, ...] = Field((), description="cells for budgets up to each band's up_to, "
+                                                    "in increasing order ([ours]; empty: the paper's one cell)")
+
+    @model_validator(mode="after")
+    def _bands_in_order(self) -> ClassEntry:
+        edges = [b.up_to for b in self.bands]
+        if edges != sorted(set(edges)):
+            raise ValueError(f"bands must have strictly increasing up_to, got {edges}")
+        return self
+
+    def cell(self, budget: int | None) -> Cell:
+        """The cell serving ``budget`` tokens per image (``None``: the row's own cell)."""
+        if budget is not None:
+            for band in self.bands:
+                if budget <= band.up_to:
+                    return band
+        return self
 
 
 class ClassTable(BaseModel):
@@ -110,10 +148,13 @@ class ClassTable(BaseModel):
             raise ValueError(
                 f"classes {sorted(explicit)} give explicit weights, so the table needs 'num_layers'"
             )
-        for c, e in explicit.items():
-            n = len(e.weights or ())
-            if n != self.num_layers:
-                raise ValueError(f"class '{c}' has {n} layer weights but num_layers = {self.num_layers}")
+        for c, e in self.classes.items():
+            for cell in (e, *e.bands):
+                if cell.weights is not None and self.num_layers is None:
+                    raise ValueError(f"class '{c}' gives explicit weights, so the table needs 'num_layers'")
+                n = len(cell.weights or ())
+                if cell.weights is not None and n != self.num_layers:
+                    raise ValueError(f"class '{c}' has {n} layer weights but num_layers = {self.num_layers}")
         return self
 
     # -- loading --------------------------------------------------------------------------------
@@ -132,7 +173,7 @@ class ClassTable(BaseModel):
     def check_layers(self, num_layers: int) -> None:
         """Raise if explicit rows were written for a different encoder depth."""
         if self.num_layers is not None and self.num_layers != num_layers and any(
-            e.weights is not None for e in self.classes.values()
+            cell.weights is not None for e in self.classes.values() for cell in (e, *e.bands)
         ):
             raise ValueError(
                 f"the class table has explicit weights for {self.num_layers} encoder layers, but this "
@@ -140,24 +181,43 @@ class ClassTable(BaseModel):
                 "or use strategy rows, which fit any depth"
             )
 
-    def alpha(self, classes: tuple[str, ...], num_layers: int, min_weight: float = 0.0) -> Tensor:
-        """Layer weights ``softmax(tau * w_c)`` per sample, ``(B, L)`` float32 (rows sum to 1).
+    @property
+    def has_bands(self) -> bool:
+        """Whether any class holds cells per budget band."""
+        return any(e.bands for e in self.classes.values())
+
+    def band_edges(self) -> tuple[int, ...]:
+        """Every band's ``up_to`` over the table, sorted: a budget at each edge (and ``None``)
+        reaches every cell of the table."""
+        return tuple(sorted({b.up_to for e in self.classes.values() for b in e.bands}))
+
+    def cells(self, classes: tuple[str, ...], budgets: Tensor | None = None) -> list[Cell]:
+        """Each row's cell: its class's, for its budget ``budgets[b]`` (``None``: the own cells)."""
+        if budgets is None:
+            return [self.classes[c] for c in classes]
+        if len(budgets) != len(classes):
+            raise ValueError(f"{len(budgets)} budgets for {len(classes)} rows; give one budget per row")
+        return [self.classes[c].cell(int(r)) for c, r in zip(classes, budgets.tolist())]
+
+    def alpha(self, classes: tuple[str, ...], num_layers: int, min_weight: float = 0.0,
+              budgets: Tensor | None = None) -> Tensor:
+        """Layer weights ``softmax(tau * w_c)`` per sample, ``(B, L)`` float32 (rows sum to 1);
+        ``budgets`` ``(B,)``: each row's budget, which picks its band's cell.
 
         Weights below ``min_weight`` are set to exactly zero and the row renormalised, so those
         layers need not be computed at all.
         """
         self.check_layers(num_layers)
-        rows = {c: self.classes[c] for c in set(classes)}
-        table = {
-            c: torch.softmax(e.temperature * e.row(num_layers), 0) for c, e in rows.items()
-        }  # class -> (L,)
-        alpha = torch.stack([table[c] for c in classes]) if classes else torch.zeros(0, num_layers)
+        cells = self.cells(classes, budgets)
+        rows = {id(e): torch.softmax(e.temperature * e.row(num_layers), 0) for e in cells}  # cell -> (L,)
+        alpha = torch.stack([rows[id(e)] for e in cells]) if cells else torch.zeros(0, num_layers)
         if min_weight > 0:
             keep = (alpha >= min_weight) | (alpha == alpha.amax(-1, keepdim=True))  # (B, L)
             alpha = torch.where(keep, alpha, 0.0)
             alpha = alpha / alpha.sum(-1, keepdim=True)
         return alpha  # (B, L)
 
-    def pivot_ratio(self, classes: tuple[str, ...]) -> Tensor:
-        """``a_c`` per sample, ``(B,)`` float32."""
-        return torch.tensor([self.classes[c].pivot_ratio for c in classes], dtype=torch.float32)
+    def pivot_ratio(self, classes: tuple[str, ...], budgets: Tensor | None = None) -> Tensor:
+        """``a_c`` per sample, ``(B,)`` float32; ``budgets`` ``(B,)``: each row's budget, which
+        picks its band's cell."""
+        return torch.tensor([e.pivot_ratio for e in self.cells(classes, budgets)], dtype=torch.float32)

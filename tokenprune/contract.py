@@ -80,11 +80,15 @@ class Routing:
         questions: what the router read for each prompt (the question taken out of its chat
             template and harness instructions, :func:`tokenprune.prompts.extract_question`);
             filled in by :meth:`tokenprune.Pipeline.route`, ``None`` from a router called alone.
+        budgets: ``(B,)`` int64, each row's budget ``R`` in this call, set by the pipeline before
+            fusion, so that a class table with budget bands picks each row's cell; ``None`` where
+            the budgets are not known yet (a router's own answer, the requirements step).
     """
 
     classes: tuple[str, ...]
     confidence: Tensor
     questions: tuple[str, ...] | None = None
+    budgets: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.confidence.shape != (len(self.classes),):
@@ -92,6 +96,9 @@ class Routing:
                 f"Routing.confidence has shape {tuple(self.confidence.shape)}; "
                 f"expected ({len(self.classes)},), one value per prompt"
             )
+        if self.budgets is not None and self.budgets.shape != (len(self.classes),):
+            raise ValueError(f"Routing.budgets has shape {tuple(self.budgets.shape)}; "
+                             f"expected ({len(self.classes)},), one budget per prompt")
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,7 @@ class Pipeline:
                 routing = self.route(tokens.prompts)
             elif len(routing.classes) != B:
                 raise ValueError(f"routing has {len(routing.classes)} entries for a batch of {B}")
+            routing = dataclasses.replace(routing, budgets=R.cpu())  # a banded class table reads them
         with tick("fusion"):
             with _inside(spec, "fusion"):
                 fused = spec.fusion.fuse(tokens, routing, self.table)
