@@ -307,18 +307,22 @@ def test_ablation_errors_name_the_variant(tmp_path):
         load_ablation(f)
 
 
-def test_calibrate_writes_a_table_a_spec_can_use(mini, tmp_path):
+@pytest.mark.parametrize("objective", ["agreement", "accuracy", "kl"])
+def test_calibrate_writes_a_table_a_spec_can_use(mini, tmp_path, objective):
     out = tmp_path / "table.toml"
     assert main(["calibrate", "--model", str(mini), "--scenes", "1", "--budgets", "32", "--strategies", "A,E",
-                 "--ratios", "0.25,0.75", "--quiet", "--out", str(out), "--guard-z", "0"]) == 0
+                 "--ratios", "0.25,0.75", "--quiet", "--out", str(out), "--guard-z", "0",
+                 "--objective", objective]) == 0
     table = ClassTable.load(out)
     grid = json.loads(out.with_suffix(".json").read_text())["grid"]
+    rank = {"accuracy": lambda m: (m["accuracy"], m["mean_logp"]), "agreement": lambda m: (m["agreement"], -m["kl"]),
+            "kl": lambda m: (-m["kl"], m["agreement"])}[objective]
     for c in QA_CLASSES:
         cells = {k: v for k, v in grid[c].items() if k != "unpruned"}
         assert set(cells) == {"A/0.25", "A/0.75", "E/0.25", "E/0.75"}
-        best = max(cells, key=lambda k: (cells[k]["accuracy"], cells[k]["mean_logp"]))
+        best = max(cells, key=lambda k: rank(cells[k]))
         e = table.classes[c]
-        assert f"{e.strategy}/{e.pivot_ratio:g}" == best
+        assert f"{e.strategy}/{e.pivot_ratio:g}" == best and e.bands == ()  # one budget: no bands
     spec = tmp_path / "spec.toml"
     spec.write_text((REPO / "specs/clasp.toml").read_text().replace('class_table = "default"', 'class_table = "table.toml"'))
     from tokenprune.spec import load_spec
@@ -337,6 +341,38 @@ def test_calibration_guard_keeps_the_pooled_row_unless_a_cell_beats_it_beyond_no
     keep = _guarded("A/0.5", "E/0.25", {"A/0.5": noise, "E/0.25": pooled}, 1.96)
     assert keep["chosen"] == "E/0.25" and "pooled row kept" in keep["why"]
     assert _guarded("A/0.5", "E/0.25", {"A/0.5": noise, "E/0.25": pooled}, 0)["chosen"] == "A/0.5"  # no guard
+
+
+def test_bands_are_one_per_budget_up_to_the_last_that_differs_and_merge_equal_neighbours():
+    from tokenprune.lab.testbed.calibrate import _bands
+
+    def decided(*cells):
+        return [{"budget": b, "chosen": c} for b, c in zip((8, 16, 32, 64), cells)]
+
+    assert _bands(decided("X", "X", "own", "own"), "own") == [(16, "X")]
+    assert _bands(decided("X", "own", "Y", "own"), "own") == [(8, "X"), (16, "own"), (32, "Y")]
+    assert _bands(decided("own", "own", "own", "own"), "own") == []
+    assert _bands(decided("own", "own", "own", "Z"), "own") == [(32, "own"), (64, "Z")]
+
+
+def test_calibrate_fits_bands_where_a_budget_prefers_another_cell(mini, tmp_path):
+    """Without the guard, every budget's best cell is its band (unless it is the own cell), the
+    table round-trips through TOML, and a spec that reads it gets each budget's band."""
+    out = tmp_path / "table.toml"
+    assert main(["calibrate", "--model", str(mini), "--scenes", "2", "--budgets", "8,32", "--strategies", "A,E",
+                 "--ratios", "0,1", "--quiet", "--out", str(out), "--guard-z", "0"]) == 0
+    table = ClassTable.load(out)
+    grid = json.loads(out.with_suffix(".json").read_text())
+    for c in QA_CLASSES:
+        own = grid["guard"][c]["chosen"]
+        best = {d["budget"]: d["best"] for d in grid["bands"][c]}
+        assert [d["chosen"] for d in grid["bands"][c]] == [best[8], best[32]]
+        e = table.classes[c]
+        for b in (8, 32):
+            cell = e.cell(b)
+            assert f"{cell.strategy}/{cell.pivot_ratio:g}" == best[b]
+        assert f"{e.cell(None).strategy}/{e.cell(None).pivot_ratio:g}" == own
+    assert table.classes["general"].bands == ()
 
 
 def test_calibrate_with_the_guard_records_each_decision(mini, tmp_path):

@@ -17,7 +17,7 @@ from ..hookspecs import hookimpl
 from ..outputs import announce_replacing
 from ..spec import load_spec
 from .cli_router import add_router_parser
-from .testbed.protocol import BUDGETS
+from .testbed.protocol import BUDGETS, CALIBRATION_BUDGETS, CALIBRATION_RATIOS, OBJECTIVES
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -261,7 +261,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .testbed.calibrate import calibrate, table_toml
+    from .testbed.calibrate import calibrate, calibration_table, table_toml
     from .testbed.evaluate import Dist, progress_bar
     from .testbed.model import check_budgets_fit, load
 
@@ -273,26 +273,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_budgets_fit(budgets, model, "--budgets")
     ratios = [float(x) for x in args.ratios.split(",")]
     source = (f"calibrated by `tokenprune calibrate --split {args.split}` ({args.scenes or 'all'} scenes, "
-              f"budgets {budgets}, strategies {args.strategies}, pivot ratios {ratios}) on the testbed model")
+              f"budgets {budgets}, strategies {args.strategies}, pivot ratios {ratios}, objective {args.objective}"
+              f"{', budget bands' if args.bands else ''}) on the testbed model")
     table, grid = calibrate(model, processor, base, split=args.split, scenes=args.scenes, budgets=budgets,
                             strategies=args.strategies.split(","), ratios=ratios, batch_size=args.batch,
-                            dist=dist, source=source, guard_z=args.guard_z,
+                            dist=dist, source=source, guard_z=args.guard_z, objective=args.objective,
+                            bands=args.bands,
                             progress=None if args.quiet else (lambda c: progress_bar(f"calibrate {c}")),
                             checkpoint=lambda c: _partial(Path(args.out).parent, f"{Path(args.out).stem}-{c}"))
     if dist.rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        grid_path = Path(args.grid) if args.grid else out.with_suffix(".json")
         header = ("CLASP class table fitted by `tokenprune calibrate` (see docs/results.md).\n"
                   "Per class: the layer strategy (A shallow-heavy .. E deep-heavy) and pivot ratio with the\n"
-                  "best mean accuracy over the budgets on the calibration split, true class routed, kept only\n"
-                  f"if it beats the pooled (general) row by more than {args.guard_z:g} paired SEs.")
-        announce_replacing(out, out.with_suffix(".json"))
+                  f"best {args.objective} over the budgets on the calibration split, true class routed, kept only\n"
+                  f"if it beats the pooled (general) row by more than {args.guard_z:g} paired SEs"
+                  + (";\nbands: a budget's own best cell where it beats the row's cell there by as much." if args.bands
+                     else "."))
+        announce_replacing(out, grid_path)
         out.write_text(table_toml(table, header))
-        out.with_suffix(".json").write_text(json.dumps(grid, indent=1))
-        for c, e in table.classes.items():
-            why = grid["guard"][c]["why"] if c in grid["guard"] else "the best cell pooled over all classes"
-            print(f"{c:<10} strategy {e.strategy}  pivot ratio {e.pivot_ratio}   ({why})")
-        print(f"wrote {out} (and the grid to {out.with_suffix('.json')})", file=sys.stderr)
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        grid_path.write_text(json.dumps(grid, indent=1))
+        print(calibration_table(grid))
+        print(f"wrote {out} (and the grid to {grid_path})", file=sys.stderr)
     return 0
 
 
@@ -498,11 +502,20 @@ def _evaluation_commands(sub) -> None:
 
     cp = sub.add_parser("calibrate", help="fit CLASP's class table on the calibration split")
     cp.add_argument("--spec", help="base spec file or preset name (default: specs/clasp.toml)")
-    cp.add_argument("--budgets", type=budget_list, default=[64, 128],
-                    help="budgets each cell is scored at, tokens per image or ratios (default 64,128)")
+    cp.add_argument("--budgets", type=budget_list, default=list(CALIBRATION_BUDGETS),
+                    help="budgets each cell is scored at, tokens per image or ratios "
+                         f"(default {','.join(map(str, CALIBRATION_BUDGETS))})")
     cp.add_argument("--strategies", default="A,B,C,D,E",
                     help="layer strategies to try, A (shallow-heavy) .. E (deep-heavy); default all")
-    cp.add_argument("--ratios", default="0.25,0.5,0.75", help="pivot ratios to try (default 0.25,0.5,0.75)")
+    cp.add_argument("--ratios", default=",".join(f"{r:g}" for r in CALIBRATION_RATIOS),
+                    help="pivot ratios to try (default 0 to 1 in steps of 0.125)")
+    cp.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0],
+                    help="what a cell is scored by: agreement with the unpruned answer (default), accuracy, "
+                         "or the answer distribution's KL")
+    cp.add_argument("--bands", action=argparse.BooleanOptionalAction, default=True,
+                    help="fit a cell per calibration budget where one beats the class's own cell beyond noise "
+                         "(default; --no-bands: the paper's one cell per class)")
+    cp.add_argument("--grid", help="where the grid of scores goes (default: beside --out, .json)")
     cp.add_argument("--guard-z", type=float, default=1.96,
                     help="a class's own cell must beat the pooled row by this many paired SEs (0: no guard)")
     _testbed_args(cp, "calibration", "out/class_table.toml")
