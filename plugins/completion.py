@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,6 +57,11 @@ class ClaspCompletion(Completion):
     4. Keep each cluster's medoid ``argmax_{t in S_k} u_t . mu_k`` (rounding-level ties to the
        lower ``rho``, then the lower index [ours]); if fewer than ``K2`` distinct tokens result,
        fill with the lowest-``rho`` pool tokens not yet kept ([ours]).
+       ``representative = "novel"`` ([ours]) keeps instead each cluster's member least redundant
+       with the pivots, ``argmin_{t in S_k} rho_t`` (rounding-level ties to the higher
+       ``u_t . mu_k``, then the lower index); a medoid is a cluster's most typical token, so at
+       4-8 clusters a small distinct region (the testbed's number box) absorbed into a large
+       cluster is never kept. Rows without pivots keep medoids.
 
     The work runs on the full ``(B, M, D)`` feature tensor with the pool as a mask, so the pool
     is never copied out; pivots and seeds (``K`` rows each) are gathered.
@@ -70,6 +76,13 @@ class ClaspCompletion(Completion):
         "updated", description="medoids (eq. 41) against the centres updated from the final clusters (eq. 40, "
         "as the paper orders them) or 'assigning': against the centres that made the final assignment "
         "(tokenprune's order before the testbed v2 figures)"
+    )
+
+    representative: Literal["medoid", "novel"] = Field(
+        "medoid", description="the token kept from each cluster: 'medoid' (eq. 41, the paper), or 'novel' "
+        "([ours]): the member least redundant with the pivots (lowest rho), so a small distinct region "
+        "absorbed into a large cluster is kept instead of the cluster's most typical token; rows without "
+        "pivots keep medoids"
     )
 
     def plan(self, req: CompletionRequest, trace: bool = False) -> ClaspPlan:
@@ -105,6 +118,10 @@ class ClaspCompletion(Completion):
                                   final_update=self.medoid_centres == "updated")
         # 4. medoids (eq. 41), then fill to exactly K2
         med = ops.cluster_medoids(x, pool, km, tiebreak=rho)  # (B, K2max), M = none
+        if self.representative == "novel":  # lowest rho per cluster; ties to the more typical, then the lower index
+            novel = ops.cluster_medoids(x, pool, dataclasses.replace(km, score=-rho),
+                                        tiebreak=-_centre_similarity(x, km, acc))  # (B, K2max)
+            med = torch.where(has_pivots.unsqueeze(1), novel, med)
         chosen = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device).scatter_(1, med, True)[:, :M]
         missing = k2 - chosen.sum(1)  # (B,)
         chosen = chosen | ops.topk_mask(rho, missing, pool & ~chosen, largest=False)
@@ -112,6 +129,15 @@ class ClaspCompletion(Completion):
 
     def complete(self, req: CompletionRequest) -> CompletionResult:
         return CompletionResult(self.plan(req).chosen)
+
+
+def _centre_similarity(x: Tensor, km: ops.KMeansResult, acc: torch.dtype) -> Tensor:
+    """``(B, M)`` each token's similarity to its own cluster's centre (``u_t . mu_{a_t}``)."""
+    if km.score is not None:
+        return km.score.to(acc)
+    K = km.centres.shape[1]
+    own = ops.gather_rows(km.centres, km.assign.clamp_max(max(K - 1, 0)))  # (B, M, D)
+    return (x * own).sum(-1, dtype=acc)
 
 
 class NoCompletion(Completion):

@@ -81,10 +81,11 @@ def test_medoids_are_members_and_result_is_exact(device, case, dtype):
     assert not (mask & ~req.pool).any()
 
 
-def _reference_clasp(u, pivots, pool, k2, iterations=10, medoid_centres="updated"):
+def _reference_clasp(u, pivots, pool, k2, iterations=10, medoid_centres="updated", representative="medoid"):
     """CLASP stage 4 for one sample, written directly from eqs. 36-41 with Python loops: T rounds
     of assignment (39) then update (40), stopping early when an assignment repeats, then medoids
-    (41) against the centres of the final clusters. ``"assigning"``: the last round skips (40)."""
+    (41) against the centres of the final clusters. ``"assigning"``: the last round skips (40).
+    ``representative="novel"``: each cluster keeps its member of lowest rho instead."""
     P = pivots.nonzero().flatten().tolist()
     U = pool.nonzero().flatten().tolist()
     rho = {t: max(float(u[t] @ u[j]) for j in P) for t in U}
@@ -106,7 +107,11 @@ def _reference_clasp(u, pivots, pool, k2, iterations=10, medoid_centres="updated
     chosen = set()
     for k in range(k2):
         members = [t for t in U if assign[t] == k]
-        if members:
+        if members and representative == "novel":
+            low = min(rho[t] for t in members)
+            tied = [t for t in members if rho[t] <= low + 8 * 2.3e-16 * max(1, abs(low))]
+            chosen.add(min(tied, key=lambda t: (-float(u[t] @ mu[k]), t)))
+        elif members:
             top = max(float(u[t] @ mu[k]) for t in members)
             tied = [t for t in members if float(u[t] @ mu[k]) >= top - 8 * 2.3e-16 * max(1, abs(top))]
             chosen.add(min(tied, key=lambda t: (rho[t], t)))
@@ -118,14 +123,14 @@ def _reference_clasp(u, pivots, pool, k2, iterations=10, medoid_centres="updated
 
 
 @given(case=requests(max_M=24, min_k1=1), iterations=st.sampled_from([1, 2, 10]),
-       medoid_centres=st.sampled_from(["updated", "assigning"]))
-def test_clasp_completion_equals_hand_written_reference(device, case, iterations, medoid_centres):
+       medoid_centres=st.sampled_from(["updated", "assigning"]), representative=st.sampled_from(["medoid", "novel"]))
+def test_clasp_completion_equals_hand_written_reference(device, case, iterations, medoid_centres, representative):
     req = build_request(case, torch.float64, device)
-    stage = ClaspCompletion(iterations=iterations, medoid_centres=medoid_centres)
+    stage = ClaspCompletion(iterations=iterations, medoid_centres=medoid_centres, representative=representative)
     mask = stage.complete(req).mask.cpu()
     for b in range(case["B"]):
         ref = _reference_clasp(req.unit[b].cpu(), req.pivots[b].cpu(), req.pool[b].cpu(), case["k2"][b],
-                               iterations, medoid_centres)
+                               iterations, medoid_centres, representative)
         assert set(mask[b].nonzero().flatten().tolist()) == ref
 
 
@@ -232,3 +237,28 @@ def test_greedy_max_min_matches_reference(device, B, M, seed, k):
             else:
                 picked.append(best(rest, lambda i: min(d(i, j) for j in S + picked)))
         assert set(got[b].nonzero().flatten().tolist()) == set(picked)
+
+
+def test_novel_representative_keeps_a_small_distinct_region_that_a_medoid_misses():
+    """K2 = 2 clusters: one far token, and a large background (20 tokens near one direction) that
+    absorbs the two tokens of a small region, seeded there because the region is unlike the pivot.
+    The centre moves to the background, so the medoid is a background token; the novel
+    representative is a token of the small region."""
+    pivot = torch.tensor([1.0, 0.0, 0.0])
+    far = torch.tensor([-0.9, -0.44, 0.0])                        # rho -0.9: the first seed
+    region = torch.tensor([0.0, 0.8, 0.6])                        # rho 0: the second seed
+    background = [torch.tensor([0.6, 0.8, 0.01 * i]) for i in range(20)]  # rho about 0.6
+    u = torch.nn.functional.normalize(torch.stack([pivot, far, region, region + 0.001, *background]), dim=-1).double()
+    M = u.shape[0]
+    pivots = torch.zeros(M, dtype=torch.bool)
+    pivots[0] = True
+    medoid = _reference_clasp(u, pivots, ~pivots, 2)
+    novel = _reference_clasp(u, pivots, ~pivots, 2, representative="novel")
+    assert 1 in medoid and not medoid & {2, 3}
+    assert novel == {1, 2}
+    tokens = make_tokens(1, M, D=3, seed=0)
+    req = CompletionRequest(torch.zeros(1, M), pivots[None], torch.tensor([2]), torch.ones(1, M, dtype=torch.bool),
+                            tokens, tp.Fused(u[None], u[None]), u[None])
+    for representative, want in (("medoid", medoid), ("novel", novel)):
+        got = ClaspCompletion(representative=representative).complete(req).mask[0].nonzero().flatten().tolist()
+        assert set(got) == want, representative

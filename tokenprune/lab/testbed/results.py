@@ -18,7 +18,8 @@ reaches a step through a registry lookup; ``--list`` says when only the code cha
 The tables of ``docs/results.md`` (and the testbed table of ``docs/routing.md``: :data:`REPORTS`)
 are not copied by hand: the page marks each one with
 ``<!-- results: NAME KIND -->`` ... ``<!-- end -->`` (``NAME`` a JSON of ``docs/results/``, such as
-``ablation-methods`` or ``hard``; ``KIND`` one of ``table``, ``recall``, ``paired``; an optional
+``ablation-methods`` or ``hard``; ``KIND`` one of ``table``, ``recall``, ``paired``, ``fidelity``,
+``agreement``, ``decisive``, ``kl``, ``detectable`` or, for the calibration grid, ``calibration``; an optional
 `` only=A;B`` keeps the variants named A and B), and
 :func:`fill_report` renders them from the JSON after every ``tokenprune results``. The prose
 around them is written by a person, from the tables.
@@ -207,11 +208,20 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
 
 def render(name: str, kind: str, results: Path = RESULTS, only: Sequence[str] | None = None) -> str:
     """The markdown ``kind`` (``table``: accuracy with intervals and the difference to unpruned;
-    ``recall``: evidence recall; ``paired``: the paired tests) of ``results/<name>.json``, with the
+    ``recall``: evidence recall; ``paired``: the paired tests; ``fidelity``: accuracy, agreement and
+    KL overall with their paired tests; ``agreement``, ``decisive``, ``kl``: one of those per
+    class; ``detectable``: the smallest paired difference each metric detects; ``calibration``:
+    what a calibration grid chose per class and budget) of ``results/<name>.json``, with the
     variants named in ``only`` (all by default)."""
-    from .report import markdown_table, paired_table, recall_table
+    from .calibrate import calibration_table
+    from .report import (detectable_table, fidelity_class_table, fidelity_table, markdown_table, paired_table,
+                         recall_table)
 
-    kinds = {"table": lambda r: markdown_table(r, delta=True), "recall": recall_table, "paired": paired_table}
+    kinds = {"table": lambda r: markdown_table(r, delta=True), "recall": recall_table, "paired": paired_table,
+             "fidelity": fidelity_table, "agreement": lambda r: fidelity_class_table(r, "agreement"),
+             "decisive": lambda r: fidelity_class_table(r, "decisive_agreement"),
+             "kl": lambda r: fidelity_class_table(r, "kl"), "detectable": detectable_table,
+             "calibration": calibration_table}
     if kind not in kinds:
         raise ValueError(f"results block '{name} {kind}': the kind must be one of {sorted(kinds)}")
     source = results / f"{name}.json"
@@ -219,6 +229,8 @@ def render(name: str, kind: str, results: Path = RESULTS, only: Sequence[str] | 
         raise FileNotFoundError(f"results block '{name} {kind}' reads {source}, which does not exist; "
                                 "run `tokenprune results` (or fix the block's name)")
     report = json.loads(source.read_text())
+    if kind == "calibration":
+        return calibration_table(report)
     if only:
         missing = sorted(set(only) - {r["variant"] for r in report["runs"]})
         if missing:
