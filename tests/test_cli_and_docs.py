@@ -92,12 +92,16 @@ def test_naive_reference_selects_what_clasp_selects():
     sel = pipe(tokens, budget=R)
     iters = bench._iterations(pipe, tokens, R, routing)
     assert iters > 1
-    naive = bench.naive_clasp(tokens, alpha, k1, R - k1, iters)
+    rep = spec.completion.representative
+    assert rep == "novel"  # the shipped spec's setting; the paper's medoids below
+    naive = bench.naive_clasp(tokens, alpha, k1, R - k1, iters, rep)
     assert [sel.row(b).tolist() for b in range(3)] == naive
     for T in (1, 2):  # stopped before convergence: the medoids use the updated centres (eq. 40, 41)
-        short = tp.Pipeline(spec.replace(completion={**spec.resolved()["completion"], "iterations": T}))
-        assert [short(tokens, budget=R).row(b).tolist() for b in range(3)] == bench.naive_clasp(
-            tokens, alpha, k1, R - k1, T)
+        for representative in ("medoid", "novel"):
+            short = tp.Pipeline(spec.replace(completion={**spec.resolved()["completion"], "iterations": T,
+                                                         "representative": representative}))
+            assert [short(tokens, budget=R).row(b).tolist() for b in range(3)] == bench.naive_clasp(
+                tokens, alpha, k1, R - k1, T, representative)
 
 
 def test_demo_runs(capsys):

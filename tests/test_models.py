@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedInput, UnsupportedModel
 from tokenprune.adapters.base import cache_keyword
-from tiny_models import (FAMILIES, IMG, NO_CLS, ONE_CROP_LLAVA, Sample, _qwen_patch, batch, build, default_sizes, hand_kept,
+from tiny_models import (FAMILIES, IMG, NO_CLS, ONE_CROP_LLAVA, Sample, _qwen_patch, batch, build, default_sizes, greedy_token, hand_kept,
                          samples)
 
 from conftest import DEVICES
@@ -288,7 +288,7 @@ def test_generate_equals_hand_written_greedy_loop(family, device):
             seq = []
             mask_len = len(cols)
             for t in range(steps):
-                nxt = logits[0, -1].argmax()
+                nxt = torch.tensor(greedy_token(logits[0, -1], m), device=device)
                 seq.append(int(nxt))
                 mask_len += 1
                 p = pos[..., -1:] + 1 + t  # every row continues at last + 1

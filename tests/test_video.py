@@ -23,7 +23,7 @@ import tokenprune as tp
 from conftest import DEVICES
 from test_models import CACHE, IDENTITY, TOL, captured, clasp, gather_seq, model
 from tokenprune.testing.inputs import make_tokens
-from tiny_models import IMG, TIMESTAMP, VID, Sample, _qwen_patch, batch, build, hand_kept
+from tiny_models import IMG, TIMESTAMP, VID, Sample, _qwen_patch, batch, build, greedy_token, hand_kept
 
 QWEN = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 VIDEO = (*QWEN, "llava-onevision")
@@ -281,7 +281,7 @@ def test_video_generate_equals_hand_written_greedy_loop(family, device):
                        mm_encoder_outputs=hand_encoder_outputs(m, family, one, keep), **{CACHE: cache}, use_cache=True).logits
             seq = []
             for t in range(steps):
-                nxt = logits[0, -1].argmax()
+                nxt = torch.tensor(greedy_token(logits[0, -1], m), device=device)
                 seq.append(int(nxt))
                 mask = torch.ones(1, len(cols) + t + 1, dtype=torch.long, device=device)
                 logits = m(input_ids=nxt.view(1, 1), attention_mask=mask, position_ids=pos[..., -1:] + 1 + t,

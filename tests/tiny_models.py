@@ -223,6 +223,16 @@ def hand_kept(total: torch.Tensor, budget, frames: torch.Tensor | None = None) -
     return torch.minimum(want, M)
 
 
+def greedy_token(logits: torch.Tensor, model) -> int:
+    """A hand-written greedy loop's next token from ``(V,)`` logits, under the rule the tests give
+    ``generate`` (``min_new_tokens = max_new_tokens``): the end-of-sequence tokens are never chosen,
+    so neither the loop nor ``generate`` ends early."""
+    eos = model.generation_config.eos_token_id
+    step = logits.clone()
+    step[[eos] if isinstance(eos, int) else list(eos or [])] = float("-inf")
+    return int(step.argmax())
+
+
 def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows left-padded with PAD into ``(B, S)`` ids and their attention mask (test set-up)."""
     S = max(len(r) for r in rows)

@@ -140,8 +140,10 @@ def fusion_pass(tokens: tp.VisualTokens, layers: list[int]):
     return run
 
 
-def naive_clasp(tokens: tp.VisualTokens, alpha: Tensor, k1: int, k2: int, T: int) -> list[list[int]]:
-    """CLASP written naively: stack every layer, loop over the batch, loop over clusters."""
+def naive_clasp(tokens: tp.VisualTokens, alpha: Tensor, k1: int, k2: int, T: int,
+                representative: str = "medoid") -> list[list[int]]:
+    """CLASP written naively: stack every layer, loop over the batch, loop over clusters.
+    ``representative``: each cluster's ``medoid`` (the paper) or its ``novel`` member (lowest rho)."""
     L = tokens.num_layers
     B, M = tokens.shape
     out = []
@@ -173,7 +175,12 @@ def naive_clasp(tokens: tp.VisualTokens, alpha: Tensor, k1: int, k2: int, T: int
         keep = set(piv.tolist())
         for k in range(k2):
             idx = (assign == k).nonzero().flatten()
-            if len(idx):  # the medoid; scores within rounding of the best tie, to the lower rho, then index
+            if len(idx) and representative == "novel" and k1:  # lowest rho; ties to the higher score, then index
+                low = float(rho[idx].min())
+                tol = tp.ops.TIE_ULPS * torch.finfo(rho.dtype).eps * max(abs(low), 1.0)
+                near = idx[rho[idx] <= low + tol].tolist()
+                keep.add(int(rest[min(near, key=lambda i: (-float(U[i] @ mu[k]), i))]))
+            elif len(idx):  # the medoid; scores within rounding of the best tie, to the lower rho, then index
                 score = U[idx] @ mu[k]
                 top = float(score.max())
                 tol = tp.ops.TIE_ULPS * torch.finfo(score.dtype).eps * max(abs(top), 1.0)
@@ -210,6 +217,7 @@ def run(
     """CLASP's stages at every (device, shape, batch, budget); ``on_row`` sees each row as soon
     as it is measured (so an interrupted run keeps what it finished)."""
     pipe = tp.Pipeline(spec)
+    representative = getattr(spec.completion, "representative", "medoid")  # what the naive CLASP keeps per cluster
     rows = []
     for device, shape, (M, L, Dv, D), B in grid(devices, shapes, batches):
         tokens = make_inputs(M, L, Dv, D, B, device, dtype)
@@ -228,7 +236,7 @@ def run(
             clasp_ms = _time(lambda: pipe(tokens, budget=R, routing=routing), device, repeats)
             mm = matmul_reference(B, M, D, k1, k2, iters, device, dtype)
             matmul_ms = _time(mm, device, repeats)
-            naive_ms = _time(lambda: naive_clasp(tokens, alpha, k1, k2, iters), device,
+            naive_ms = _time(lambda: naive_clasp(tokens, alpha, k1, k2, iters, representative), device,
                              max(1, repeats // 2))
             fusion_ms = _time(fusion_pass(tokens, fused_layers), device, repeats)
             rows.append(BenchRow(device, shape, M, B, R, k1, k2, iters, stage_ms, clasp_ms,

@@ -50,6 +50,8 @@ _BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+) (?P<kind>\w+)(?: only=(?P
 #: the per-class ablations of CLASP, run on the first ``ABLATION_SCENES`` test scenes
 ABLATIONS = ("fusion", "scoring", "completion", "pivot-ratio", "router")
 ABLATION_SCENES = 150
+#: diagnoses on the calibration split (their files name it), with the first ``N`` scenes each
+DIAGNOSES = {"number-box": 60}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +69,9 @@ def plan(results: Path = RESULTS, table: Path = TABLE) -> list[Step]:
     """The steps of ``docs/results.md``, in order: calibration first (every later step reads the
     table it writes), then the comparisons on the test split, the hard split and the ablations."""
     r = str(results)
-    steps = [Step("calibrate", ("calibrate", "--split", "calibration", "--out", str(table)),
-                  (table, table.with_suffix(".json")), specs=("specs/clasp.toml",))]
+    grid = results / "calibration.json"
+    steps = [Step("calibrate", ("calibrate", "--split", "calibration", "--out", str(table), "--grid", str(grid)),
+                  (table, grid), specs=("specs/clasp.toml",))]
     for name in ("alternatives", "methods"):
         f = f"specs/ablations/{name}.toml"
         steps.append(Step(name, ("ablate", f, "--split", "test", "--out", r), _ablation_outputs(results, name),
@@ -76,9 +79,9 @@ def plan(results: Path = RESULTS, table: Path = TABLE) -> list[Step]:
     hard = ("specs/clasp.toml", "specs/variants/random.toml")
     steps.append(Step("hard", ("eval", "--spec", hard[0], "--spec", hard[1], "--split", "hard", "--out", r,
                                "--name", "hard"), (results / "hard.json", results / "hard.png"), specs=hard))
-    for name in ABLATIONS:
+    for name, scenes in {**dict.fromkeys(ABLATIONS, ABLATION_SCENES), **DIAGNOSES}.items():
         f = f"specs/ablations/{name}.toml"
-        steps.append(Step(name, ("ablate", f, "--scenes", str(ABLATION_SCENES), "--out", r),
+        steps.append(Step(name, ("ablate", f, "--scenes", str(scenes), "--out", r),
                           _ablation_outputs(results, name), ablation=f))
     return steps
 
