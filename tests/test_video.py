@@ -348,12 +348,46 @@ def test_video_inputs_without_their_grid_or_with_wrong_placeholders_are_refused(
         with pytest.raises(tp.adapters.UnsupportedInput, match="pixel_values_videos and video_grid_thw together"):
             m(**{k: v for k, v in inp.items() if k != "video_grid_thw"})
         short = dict(inp, input_ids=inp["input_ids"].masked_fill(inp["input_ids"] == VID, 11))
-        with pytest.raises(tp.adapters.UnsupportedInput, match="0 video placeholder tokens, but the videos give"):
+        with pytest.raises(tp.adapters.UnsupportedInput, match="hold 0 video placeholder tokens, but video_grid_thw gives"):
             m(**short)
     with pytest.raises(ValueError, match="per-frame budget is a token count > 0"):
         tp.Budget.per_frame(0)
     with pytest.raises(ValueError, match="needs each item's frame count"):
         tp.Pipeline(IDENTITY)(make_tokens(2, 8), budget=tp.Budget.per_frame(2))
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_a_grid_that_disagrees_with_its_pixels_is_refused_by_name_before_the_tower(family, monkeypatch):
+    """Per modality, the pixels hold the patch rows the grid says and each prompt's placeholders
+    are whole items; otherwise the call is refused naming the input (and the row), before the tower
+    runs. Video patch rows moved into pixel_values (totals equal) used to run silently."""
+    m = model(family)
+    inp = inputs(m, family, mixed(family), "cpu")
+    calls = []
+    tower = m.model.visual
+    monkeypatch.setattr(tower, "forward", lambda *a, **k: calls.append(1))  # the tower must not run
+    grid_i, grid_v = inp["image_grid_thw"], inp["video_grid_thw"]
+    k = int(grid_v[0].prod())  # the first video's patch rows
+    moved = dict(inp, pixel_values=torch.cat([inp["pixel_values"], inp["pixel_values_videos"][:k]]),
+                 pixel_values_videos=inp["pixel_values_videos"][k:])
+    unit = m.model.visual.spatial_merge_size ** 2
+    bad_grid = dict(inp, image_grid_thw=grid_i * torch.tensor([1, 2, 1]))
+    ids = inp["input_ids"].clone()
+    first = int((ids[0] == IMG).nonzero()[0])
+    ids[0, first] = 11  # row 0 loses one image placeholder, row 2 keeps its own
+    with tp.apply(m, clasp(family), budget=0.5):
+        with pytest.raises(tp.adapters.UnsupportedInput, match=rf"pixel_values holds {int(grid_i.prod(-1).sum()) + k} "
+                           rf"patch rows, but image_grid_thw gives {int(grid_i.prod(-1).sum())}"):
+            m(**moved)
+        with pytest.raises(tp.adapters.UnsupportedInput, match="pixel_values holds .* but image_grid_thw gives"):
+            m(**bad_grid)
+        with pytest.raises(tp.adapters.UnsupportedInput,
+                           match=rf"input_ids row 0 holds {int(grid_i[0].prod()) // unit - 1} image placeholder tokens"):
+            m(**dict(inp, input_ids=ids))
+    assert calls == []
+    monkeypatch.undo()
+    with torch.no_grad(), pytest.raises(Exception):  # the unpruned model refuses the moved rows too
+        m(**moved)
 
 
 def test_qwen3_timestamps_stay_between_the_kept_frames():

@@ -21,6 +21,7 @@ videos go through the tower in one call (videos are images with more temporal pa
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -74,6 +75,42 @@ class QwenAdapter(Adapter):
                 "Qwen-VL needs mm_token_type_ids to compute M-RoPE positions; pass what the processor "
                 "returns (or mm_token_type_ids: 1 at image placeholders, 2 at video placeholders, 0 elsewhere)"
             )
+        for modality, token in zip(self.modalities, self.placeholder_ids):
+            self._check_grid(inputs, modality, token)
+
+    def _check_grid(self, inputs: dict[str, Any], modality: str, token: int) -> None:
+        """Before the tower runs: ``modality``'s pixels hold the patch rows its grid says
+        (``t * h * w`` per item), and each prompt's placeholders are whole items' token counts
+        (``t * h * w / merge**2``), so that no item is split between rows or modalities."""
+        pixels, grid_name = _INPUTS[modality]
+        grid = inputs.get(grid_name)
+        if grid is None:
+            return
+        if grid.dim() != 2 or grid.shape[1] != 3:
+            raise UnsupportedInput(f"{grid_name} must be (items, 3) rows of (t, h, w), got shape {tuple(grid.shape)}")
+        patches = grid.prod(-1)  # (N,) patch rows per item
+        rows = int(inputs[pixels].shape[0])
+        if rows != int(patches.sum()):
+            raise UnsupportedInput(
+                f"{pixels} holds {rows} patch rows, but {grid_name} gives {int(patches.sum())} "
+                f"(t*h*w per {modality}: {patches.tolist()}): pass {pixels} and {grid_name} as the processor "
+                f"returns them, each {modality}'s patches in {pixels} and no other modality's")
+        per_item = (patches // self.unit).tolist()  # placeholder tokens per item
+        per_row = (inputs["input_ids"] == token).sum(1).tolist()  # (B,)
+        bounds = set(itertools.accumulate(per_item, initial=0))
+        at = 0
+        for b, n in enumerate(per_row):
+            at += n
+            if at not in bounds:
+                raise UnsupportedInput(
+                    f"input_ids row {b} holds {n} {modality} placeholder tokens, which do not end on a whole "
+                    f"{modality} ({modality}s give {per_item} tokens each, in order; rows 0..{b} hold {at}): "
+                    f"build input_ids with the model's processor, which expands each {modality} placeholder "
+                    f"to its token count")
+        if at != sum(per_item):
+            raise UnsupportedInput(
+                f"input_ids hold {at} {modality} placeholder tokens, but {grid_name} gives {sum(per_item)} "
+                f"({per_item} per {modality}): build input_ids with the model's processor")
 
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
         given = [m for m, (pixels, _) in _INPUTS.items() if inputs.get(pixels) is not None]
