@@ -33,6 +33,7 @@ from tokenprune import hookimpl
 from tokenprune.contract import Routing
 from tokenprune.stages import Router
 
+from .router_dev import load_dev_set
 from .routers import ROUTED, embed, minilm_dir
 
 __all__ = ["CUES", "cue_features", "question_features", "LinearHead", "ClassifierRouter", "shipped_head"]
@@ -195,8 +196,6 @@ class ClassifierRouter(Router):
 
 def _nearest(path: str, embedding: torch.Tensor, k: int) -> list[tuple[str, str, float]]:
     """The ``k`` development-set questions nearest to ``embedding`` (cosine), with their classes."""
-    from .router_fit import load_dev_set
-
     rows = load_dev_set()
     sims = _dev_embeddings(path) @ embedding  # (N,)
     top = sims.topk(min(k, len(rows)))
@@ -205,8 +204,6 @@ def _nearest(path: str, embedding: torch.Tensor, k: int) -> list[tuple[str, str,
 
 @functools.lru_cache(maxsize=2)
 def _dev_embeddings(path: str) -> torch.Tensor:
-    from .router_fit import load_dev_set
-
     return embed([r.question for r in load_dev_set()], path)  # (N, 384)
 
 

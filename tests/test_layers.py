@@ -98,6 +98,92 @@ def test_the_graph_check_sees_imports_at_any_depth(tmp_path, monkeypatch, bad, e
         probe.unlink()
 
 
+def runtime_edges(path: Path, modules: set[str]) -> set[str]:
+    """The repository modules ``path`` imports at run time, at any depth (imports under
+    ``if TYPE_CHECKING:`` are left out); ``from pkg import name`` counts as an import of
+    ``pkg.name`` when that is a module, else of ``pkg``."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            out |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+    return (out & modules) - {module}
+
+
+def import_cycles(paths: list[Path]) -> list[list[str]]:
+    """Every circle of the run-time import graph over ``paths``: its strongly connected components
+    of two or more modules (Tarjan, iterative), each sorted."""
+    modules = {_module_name(p): p for p in paths}
+    graph = {m: sorted(runtime_edges(p, set(modules))) for m, p in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = len(index)
+                stack.append(v)
+                on_stack.add(v)
+            if i < len(graph[v]):
+                work.append((v, i + 1))
+                w = graph[v][i]
+                if w not in index:
+                    work.append((w, 0))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
+    return found
+
+
+def test_the_import_graph_has_no_circle():
+    """No module of the core, the plugins or the lab reaches itself through the modules it imports
+    at run time (the registry finds plugins through entry points, by name, not by import)."""
+    assert import_cycles(_files("tokenprune") + _files("plugins")) == []
+
+
+def test_the_circle_check_finds_a_planted_circle(tmp_path, monkeypatch):
+    pkg = tmp_path / "tokenprune"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .c import x\n")
+    (pkg / "c.py").write_text("from tokenprune.a import y\n")
+    (pkg / "d.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\nfrom . import c\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    assert import_cycles(sorted(pkg.glob("*.py"))) == [["tokenprune.a", "tokenprune.b", "tokenprune.c"]]
+
+
 def test_only_the_kit_imports_pytest_or_hypothesis():
     found = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for p in _core_files() + _files("plugins")
              if "testing" not in p.relative_to(ROOT).parts

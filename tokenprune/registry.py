@@ -113,12 +113,10 @@ class Registry:
         self.stages[kind][name] = StageInfo(kind, name, cls, distribution, version, plugin)
 
     def add_adapter(self, model_class: str, cls: Any, distribution: str, version: str, plugin: str) -> None:
-        from .adapters.base import Adapter
-
         if not isinstance(model_class, str) or not model_class:
             raise RegistryError(f"{distribution} ({plugin}) registered an adapter for the model class {model_class!r}; "
                                 "give the class's __name__, such as 'LlavaForConditionalGeneration'")
-        if not (isinstance(cls, type) and issubclass(cls, Adapter)) or getattr(cls, "__abstractmethods__", None):
+        if not _is_adapter_class(cls) or getattr(cls, "__abstractmethods__", None):
             raise RegistryError(f"{distribution} ({plugin}) registered {cls!r} for {model_class}, which is not a "
                                 "concrete subclass of tokenprune.adapters.Adapter")
         prior = self.adapters.get(model_class)
@@ -257,3 +255,10 @@ def stage_label(stage: Stage, name: str | None = None) -> str:
         dist = f", distribution {found[0][0]} {found[0][1]}" if found else ""
     name = name or (info.name if info is not None else cls.__name__)
     return f"{cls.kind} stage '{name}' ({cls.__module__}.{cls.__qualname__}{dist})"
+
+
+def _is_adapter_class(cls: Any) -> bool:
+    """Whether ``cls`` subclasses ``tokenprune.adapters.base.Adapter``, read from its MRO by name:
+    the registry sits below the adapters in the import graph and does not import them."""
+    return isinstance(cls, type) and any(
+        (base.__module__, base.__qualname__) == ("tokenprune.adapters.base", "Adapter") for base in cls.__mro__)
