@@ -85,6 +85,18 @@ class RandomScore(Scorer):
         return ops.hash_uniform(self.seed, tokens.keys(), M)  # (B, M)
 
 
+class NoScore(Scorer):
+    """No pivot signal: ``phi = 0`` for every token. The default of a spec without ``[scoring]``
+    (pooling, random, DivPrune...), whose budget policy gives no pivots; a pipeline refuses
+    pivots chosen from it."""
+
+    gives_signal = False
+
+    def score(self, tokens: VisualTokens, fused: Fused) -> Tensor:
+        B, M = tokens.shape
+        return torch.zeros(B, M, dtype=torch.float32, device=tokens.reference.device)  # (B, M)
+
+
 @hookimpl
 def register_scorers(register):
     register("cls-attention", ClsAttention)
@@ -92,3 +104,4 @@ def register_scorers(register):
     register("text-similarity", TextSimilarity)
     register("feature-norm", FeatureNorm)
     register("random", RandomScore)
+    register("none", NoScore)

@@ -238,11 +238,13 @@ def test_spec_file_errors_name_the_file_and_tables_without_library_internals(tmp
     with pytest.raises(ValueError) as err:
         tp.load_spec(bad)
     msg = str(err.value)
-    assert msg.startswith(f"spec file '{bad}': 3 problems")
-    assert "missing [router], [fusion], [scoring], [selection], [budget_policy]" in msg
+    assert msg.startswith(f"spec file '{bad}': 2 problems")  # the stages it leaves out have defaults
     assert "unknown key 'budgt'; valid keys: budget, budget_policy, budget_ratio" in msg
     assert "[completion] unknown completion 'kmeanz'; valid choices: clasp," in msg
     assert "input_value" not in msg and "pydantic" not in msg
+    bad.write_text('name = "x"\n[scoring]\nstage = "feature-norm"\n')  # a completion has no default
+    with pytest.raises(ValueError, match=r"missing \[completion\]"):
+        tp.load_spec(bad)
 
 
 def test_every_preset_loads_by_name_as_its_file():
@@ -326,3 +328,68 @@ def test_a_banded_table_steers_the_pipeline_by_each_rows_budget():
     union = pipe.requirements(routing, 12).layers
     own = tp.Pipeline(spec.replace(class_table=_banded([]).model_dump())).requirements(routing, 12).layers
     assert 12 in union and 12 not in own and own < union
+
+
+# -- specs that extend others; presets that carry only their stages -----------------------------------
+def test_a_spec_extends_another_and_changes_only_what_it_names(tmp_path):
+    (tmp_path / "tables").mkdir()
+    table = ClassTable.default().model_dump(exclude_none=True)
+    table["classes"]["ocr"]["pivot_ratio"] = 0.875
+    import json
+
+    (tmp_path / "tables" / "t.toml").write_text("\n".join(
+        f"[classes.{c}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in row.items() if k != "bands")
+        for c, row in table["classes"].items()) + "\n")
+    (tmp_path / "base.toml").write_text('extends = "clasp"\nname = "base"\nclass_table = "tables/t.toml"\n'
+                                        '[completion]\niterations = 3\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.toml").write_text('extends = "../base.toml"\nname = "child"\n'
+                                                 '[scoring]\nstage = "feature-norm"\n')
+    clasp = tp.load_spec("specs/clasp.toml").resolved()
+    child = tp.load_spec(tmp_path / "sub" / "child.toml")
+    got = child.resolved()
+    assert got["name"] == "child" and got["budget"] == clasp["budget"]
+    assert got["completion"] == {**clasp["completion"], "iterations": 3}           # same stage: merged
+    assert got["scoring"] == {"stage": "feature-norm", "space": "decoder"}          # other stage: replaced
+    assert got["router"] == clasp["router"] and got["fusion"] == clasp["fusion"]
+    assert child.class_table.classes["ocr"].pivot_ratio == 0.875  # the base's path, read from the base's folder
+
+
+def test_extends_refuses_a_circle_and_an_unknown_base(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\nname = "a"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\nname = "b"\n')
+    with pytest.raises(ValueError, match=r"extends goes round in a circle \(.*a\.toml -> .*b\.toml -> .*a\.toml\)"):
+        tp.load_spec(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('extends = "no-such-preset"\nname = "c"\n')
+    with pytest.raises(FileNotFoundError, match="no preset has that name; presets: clasp"):
+        tp.load_spec(tmp_path / "c.toml")
+
+
+def test_a_clasp_ablation_variant_is_a_few_lines_that_extend_clasp():
+    paper = Path("specs/variants/clasp-paper.toml").read_text()
+    assert 'extends = "../clasp.toml"' in paper and len(paper.splitlines()) <= 10
+    spec, clasp = tp.load_spec("clasp-paper").resolved(), tp.load_spec("clasp").resolved()
+    assert {k for k in spec if spec[k] != clasp.get(k)} == {"name", "description", "completion"}
+    assert spec["completion"] == {**clasp["completion"], "representative": "medoid"}
+
+
+def test_presets_declare_only_the_stages_they_use():
+    import tomllib
+
+    from tokenprune.spec import spec_file
+
+    pool = tomllib.loads(Path("specs/methods/pool-2x2.toml").read_text())
+    assert set(pool) == {"name", "description", "completion"}
+    for name in ("pool-3x3", "divprune", "grid", "random"):
+        data = tomllib.loads(spec_file(name).read_text())
+        assert not set(data) & {"router", "class_table", "scoring", "selection", "budget_policy"}, name
+    spec = tp.load_spec("pool-2x2")
+    assert spec.stage_name("scoring") == "none" and spec.stage_name("router") == "fixed"
+    assert spec.scoring.requirements(24).cls_attention == frozenset()  # no attention captured for nothing
+
+
+def test_pivots_from_no_saliency_are_refused_naming_both_stages():
+    spec = tp.PipelineSpec.model_validate({"name": "p", "completion": {"stage": "none"},
+                                           "budget_policy": {"stage": "fixed", "ratio": 0.5}})
+    with pytest.raises(ValueError, match=r"budget_policy stage 'fixed'.* gives pivots .* scoring stage 'none'.* carries no saliency"):
+        tp.Pipeline(spec)(make_tokens(1, 8), budget=4)

@@ -149,6 +149,12 @@ class Pipeline:
                     f"completion '{spec.stage_name('completion')}' fixes the whole selection, so the budget "
                     "policy must give no pivots: use [budget_policy] stage = \"fixed\", ratio = 0.0"
                 )
+            if not spec.scoring.gives_signal and bool(k1.any()):
+                raise ValueError(
+                    f"the {stage_label(spec.budget_policy, spec.stage_name('budget_policy'))} gives pivots "
+                    f"(a = {a.tolist()}), but the {stage_label(spec.scoring, spec.stage_name('scoring'))} carries no "
+                    "saliency to choose them by: give the spec a [scoring] stage (cls-attention, "
+                    "received-attention, ...) or a budget policy without pivots")
             k2 = R - k1
         with tick("selection"):
             with _inside(spec, "selection"):

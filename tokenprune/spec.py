@@ -16,6 +16,22 @@
 
 Unknown keys are errors (``extra="forbid"`` at every level); a stage's parameters are validated by
 that stage's own pydantic model; an unknown stage name lists the valid choices.
+
+A spec file may **extend** another (``extends = "clasp"``: a preset name, or a path relative to
+this file) and give only what it changes: top-level keys replace the base's; a stage table with
+the base's stage (or no ``stage`` key) changes only the parameters it names; a table naming another
+stage replaces the base's table. So an ablation variant is a few lines::
+
+    extends = "clasp"
+    name = "clasp-divprune-completion"
+
+    [completion]
+    stage = "divprune"
+
+A pipeline needs only the stages it uses: ``router`` (default: ``fixed``, class ``general``),
+``scoring`` (default: ``none``, no pivot signal), ``selection`` (``top-k``), ``budget_policy``
+(``fixed``, ratio 0: no pivots) and ``fusion`` (``single-layer`` at layer -2, selection only) may be
+left out, and ``class_table`` defaults to the shipped table.
 """
 
 from __future__ import annotations
@@ -40,7 +56,22 @@ from .registry import Registry, get_registry
 from .stages import KINDS, BudgetPolicy, Completion, Fusion, LlmPruner, Router, Scorer, Selector, Stage
 from .tomlfile import describe_problems, read_toml
 
-__all__ = ["PipelineSpec", "load_spec", "presets", "spec_file"]
+__all__ = ["PipelineSpec", "load_spec", "presets", "spec_file", "spec_data", "merge_spec_data", "DEFAULT_STAGES"]
+
+#: the stage a spec gets for a kind it leaves out: what a pipeline without that step does
+DEFAULT_STAGES: dict[str, dict[str, Any]] = {
+    "router": {"stage": "fixed", "class_name": "general"},
+    "fusion": {"stage": "single-layer", "layer": -2, "feed": "selection"},
+    "scoring": {"stage": "none"},
+    "selection": {"stage": "top-k"},
+    "budget_policy": {"stage": "fixed", "ratio": 0.0},
+}
+
+
+def _default_stage(kind: str) -> Stage:
+    params = dict(DEFAULT_STAGES[kind])
+    return get_registry().get(kind, params.pop("stage")).cls.model_validate(params)
+
 
 def _registry(info: ValidationInfo) -> Registry:
     ctx = info.context or {}
@@ -89,12 +120,12 @@ class PipelineSpec(BaseModel):
     budget: int | None = Field(None, gt=0)
     budget_ratio: float | None = Field(None, gt=0, le=1)
     class_table: ClassTable = Field(default_factory=ClassTable.default)
-    router: Router
-    fusion: Fusion
-    scoring: Scorer
-    selection: Selector
+    router: Router = Field(default_factory=lambda: _default_stage("router"))
+    fusion: Fusion = Field(default_factory=lambda: _default_stage("fusion"))
+    scoring: Scorer = Field(default_factory=lambda: _default_stage("scoring"))
+    selection: Selector = Field(default_factory=lambda: _default_stage("selection"))
     completion: Completion
-    budget_policy: BudgetPolicy
+    budget_policy: BudgetPolicy = Field(default_factory=lambda: _default_stage("budget_policy"))
     llm: LlmPruner | None = None
     pre_llm_budget: int | float | None = Field(None, gt=0)
     image_downsample: bool = False
@@ -150,6 +181,8 @@ class PipelineSpec(BaseModel):
                     names[f] = v["stage"]
                 elif isinstance(v, str):
                     names[f] = v
+                elif v is None and f in DEFAULT_STAGES:
+                    names[f] = DEFAULT_STAGES[f]["stage"]
         spec = handler(data)
         spec._stage_names.update(names)
         return spec
@@ -229,10 +262,10 @@ class PipelineSpec(BaseModel):
 
 
 def load_spec(path: str | Path, registry: Registry | None = None, **overrides: Any) -> PipelineSpec:
-    """Read and validate a spec TOML file, or a shipped preset by name (:func:`spec_file`).
-    ``overrides`` replace top-level keys."""
+    """Read and validate a spec TOML file, or a shipped preset by name (:func:`spec_file`), with
+    the spec it ``extends`` merged under it. ``overrides`` replace top-level keys."""
     path = spec_file(path)
-    data = read_toml(path, "spec file")
+    data = spec_data(path)
     data.update(overrides)
     ctx: dict[str, Any] = {"base_dir": str(path.parent)}
     if registry is not None:
@@ -241,6 +274,44 @@ def load_spec(path: str | Path, registry: Registry | None = None, **overrides: A
         return PipelineSpec.model_validate(data, context=ctx)
     except ValidationError as exc:
         raise ValueError(describe_problems(exc, PipelineSpec, "spec file", path)) from None
+
+
+def spec_data(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A spec file's data with the chain of specs it ``extends`` merged under it (see the module
+    docstring), and class-table paths made absolute, so that each is read relative to its file."""
+    data = read_toml(path, "spec file")
+    _absolute_table(data, path.parent)
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ValueError(f"spec file '{path}': extends must be a preset name or a path, got {base_name!r}")
+    candidate = path.parent / base_name
+    base_path = candidate if candidate.suffix == ".toml" and candidate.exists() else spec_file(base_name)
+    if base_path.resolve() in {p.resolve() for p in (*_seen, path)}:
+        chain = " -> ".join(str(p) for p in (*_seen, path, base_path))
+        raise ValueError(f"spec file '{path}': extends goes round in a circle ({chain})")
+    return merge_spec_data(spec_data(base_path, (*_seen, path)), data)
+
+
+def merge_spec_data(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: top-level keys replace; a stage table with the base's stage (or no
+    ``stage`` key) merges its parameters into the base's; one naming another stage replaces it."""
+    out = dict(base)
+    for key, value in child.items():
+        old = base.get(key)
+        if key in KINDS and isinstance(value, dict) and isinstance(old, dict) and \
+                value.get("stage", old.get("stage")) == old.get("stage"):
+            out[key] = {**old, **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _absolute_table(data: dict[str, Any], base_dir: Path) -> None:
+    table = data.get("class_table")
+    if isinstance(table, str) and table != "default" and not Path(table).is_absolute():
+        data["class_table"] = str((base_dir / table).resolve())
 
 
 PRESET_FOLDERS = ("", "methods", "variants")

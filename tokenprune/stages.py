@@ -113,6 +113,8 @@ class Scorer(Stage):
     """Per-token saliency ``phi``. Registered through ``register_scorers``."""
 
     kind: ClassVar[str] = "scoring"
+    #: ``False`` for a scorer that carries no saliency (``none``): pivots may not be chosen from it
+    gives_signal: ClassVar[bool] = True
 
     def requirements(self, num_layers: int) -> Requirements:
         """Signals :meth:`score` reads (attention layers, text embedding). Default: none."""
