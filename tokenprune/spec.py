@@ -68,7 +68,8 @@ DEFAULT_STAGES: dict[str, dict[str, Any]] = {
 }
 
 
-def _default_stage(kind: str) -> Stage:
+def _default_stage(kind: str) -> Any:  # the kind's own Stage subclass
+    """The stage a spec gets for ``kind`` when it leaves it out (:data:`DEFAULT_STAGES`)."""
     params = dict(DEFAULT_STAGES[kind])
     return get_registry().get(kind, params.pop("stage")).cls.model_validate(params)
 
