@@ -4,6 +4,7 @@ the plugins, and the lab on top. Read from the source (every import, at any dept
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -218,7 +219,7 @@ def test_a_third_party_command_joins_the_command_line(site, monkeypatch, capsys)
     from helpers import make_dist
 
     from tokenprune.cli import build_parser, main
-    from tokenprune.registry import RegistryError, build_registry
+    from tokenprune.registry import Disabled, build_registry
 
     make_dist(site, "tp-thirdparty-hello", "tp_thirdparty_hello", HELLO)
     reg = build_registry()
@@ -229,6 +230,40 @@ def test_a_third_party_command_joins_the_command_line(site, monkeypatch, capsys)
     make_dist(site, "tp-thirdparty-clash", "tp_thirdparty_clash", CLASH)
     reg = build_registry()
     monkeypatch.setattr("tokenprune.cli.get_registry", lambda: reg)
-    with pytest.raises(RegistryError, match="the command 'eval' is registered twice: by distribution tokenprune "
-                                            r"[\d.]+ and by distribution tp-thirdparty-clash 1.2.3"):
-        build_parser()
+    build_parser()  # a clash refuses only the clashing command
+    assert main(["hello"]) == 0 and capsys.readouterr().out == "hello world from a third party\n"
+    assert main(["eval", "--scenes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"the command 'eval' is registered by distribution tokenprune [\d.]+ and by distribution "
+                     r"tp-thirdparty-clash 1.2.3; switch all but one off \(TOKENPRUNE_DISABLE=<distribution>", err)
+    assert main(["plugins"]) == 0
+    assert re.search(r"eval +distribution tokenprune [\d.]+ +REFUSED: also registered by distribution "
+                     r"tp-thirdparty-clash 1.2.3", capsys.readouterr().out)
+    reg = build_registry(disabled=Disabled(("tp-thirdparty-clash",)))  # switched off: eval is the lab's again
+    monkeypatch.setattr("tokenprune.cli.get_registry", lambda: reg)
+    args = build_parser().parse_args(["eval"])
+    assert args.func.__module__ == "tokenprune.lab.cli"
+    assert reg.disabled.matched == {"tp-thirdparty-clash": ["distribution tp-thirdparty-clash 1.2.3: entry point "
+                                                            "stages = tp_thirdparty_clash"]}
+
+
+def test_stages_adapters_and_commands_are_switched_off_by_name(monkeypatch, capsys):
+    import json
+
+    from tokenprune.cli import main
+    from tokenprune.registry import DISABLE_VARIABLE, build_registry
+
+    monkeypatch.setenv(DISABLE_VARIABLE, "completion:grid, adapter:Qwen2VLForConditionalGeneration,command:demo,nope")
+    reg = build_registry()
+    assert "grid" not in reg.names("completion") and "divprune" in reg.names("completion")
+    assert "Qwen2VLForConditionalGeneration" not in reg.adapters and "LlavaForConditionalGeneration" in reg.adapters
+    monkeypatch.setattr("tokenprune.cli.get_registry", lambda: reg)
+    assert main(["plugins", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {c["name"] for c in out["commands"]} >= {"eval", "plugins"} and "demo" not in {c["name"] for c in out["commands"]}
+    assert {a["model_class"] for a in out["adapters"]} >= {"LlavaForConditionalGeneration"}
+    assert out["disabled"]["unmatched"] == ["nope"]
+    assert set(out["disabled"]["matched"]) == {"completion:grid", "adapter:Qwen2VLForConditionalGeneration", "command:demo"}
+    with pytest.raises(SystemExit):
+        main(["demo"])
+    assert "invalid choice: 'demo'" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The ``tokenprune`` command line: the core's commands, then every command a plugin registers
 through ``register_commands`` (the lab's: :mod:`tokenprune.lab.cli`).
 
-- ``tokenprune plugins``: every registered stage with its distribution and parameters.
+- ``tokenprune plugins``: every registered stage (with its parameters), adapter and command, with
+  the distribution that provides it, and what ``TOKENPRUNE_DISABLE`` switched off.
 - ``tokenprune spec show FILE``: the resolved spec (all defaults filled in).
 - ``tokenprune route``: the class a router gives each question.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .registry import RegistryError, get_registry
+from .registry import DISABLE_VARIABLE, RegistryError, get_registry
 from .spec import load_spec, spec_file
 from .stages import KINDS
 
@@ -29,21 +30,47 @@ from .stages import KINDS
 class Commands:
     """What a ``register_commands`` hook receives: :meth:`add_parser` gives a new command its own
     ``argparse`` parser, on which the plugin adds its flags and ``set_defaults(func=run)``, ``run``
-    taking the parsed arguments and returning the exit status. A name registered twice is an
-    error that names both distributions."""
+    taking the parsed arguments and returning the exit status. A name registered twice is refused,
+    that command alone: running it says which distributions clash and how to switch one off; every
+    other command works. A command named in ``TOKENPRUNE_DISABLE`` (``command:NAME``) is not added."""
 
-    def __init__(self, sub: argparse._SubParsersAction):
+    def __init__(self, sub: argparse._SubParsersAction, registry: Any = None):
         self._sub = sub
-        self._owners: dict[str, str] = {}
+        self._registry = registry
+        #: command -> the distribution that registered it (as ``tokenprune plugins`` shows it)
+        self.owners: dict[str, str] = {}
+        #: command -> every distribution that registered it, for a name registered twice or more
+        self.clashes: dict[str, list[str]] = {}
+        self._parsers: dict[str, argparse.ArgumentParser] = {}
         #: who registers the commands being added now (a distribution, as ``tokenprune plugins`` shows it)
         self.origin = "tokenprune (core)"
 
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        if name in self._owners:
-            raise RegistryError(f"the command '{name}' is registered twice: by {self._owners[name]} and by "
-                                f"{self.origin}; uninstall one or rename its command")
-        self._owners[name] = self.origin
-        return self._sub.add_parser(name, **kwargs)
+        detached = argparse.ArgumentParser(prog=f"tokenprune {name}", add_help=False)
+        if self._registry is not None and self._registry.disabled.hits(f"command:{name}",
+                                                                        what=f"command '{name}' of {self.origin}"):
+            return detached  # the plugin's flags land on a parser no one reads
+        if name in self.owners:
+            self.clashes.setdefault(name, [self.owners[name]]).append(self.origin)
+            return detached
+        self.owners[name] = self.origin
+        self._parsers[name] = self._sub.add_parser(name, **kwargs)
+        return self._parsers[name]
+
+    def refuse_clashes(self) -> None:
+        """Make each command registered twice refuse to run, naming who registered it (call after
+        every plugin has added its commands, so that no later ``set_defaults`` undoes it)."""
+        for name, owners in self.clashes.items():
+            msg = (f"the command '{name}' is registered by {' and by '.join(owners)}; switch all but one off "
+                   f"(TOKENPRUNE_DISABLE=<distribution>, see `tokenprune plugins`) or rename the command in one "
+                   "of them. Every other command works.")
+            self._parsers[name].set_defaults(func=_refusal(msg))
+
+
+def _refusal(message: str):
+    def refuse(args: argparse.Namespace) -> int:
+        raise RegistryError(message)
+    return refuse
 
 
 def _default_spec() -> Path:
@@ -54,14 +81,39 @@ def _default_spec() -> Path:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     reg = get_registry()
+    commands: Commands = args.commands
     if args.json:
-        out = [
-            {"kind": i.kind, "name": i.name, "distribution": i.distribution, "version": i.version,
-             "class": f"{i.cls.__module__}.{i.cls.__qualname__}", "parameters": i.parameters()}
-            for i in reg
-        ]
+        out = {
+            "stages": [{"kind": i.kind, "name": i.name, "distribution": i.distribution, "version": i.version,
+                        "class": f"{i.cls.__module__}.{i.cls.__qualname__}", "parameters": i.parameters()}
+                       for i in reg],
+            "adapters": [{"model_class": a.model_class, "distribution": a.distribution, "version": a.version,
+                          "class": f"{a.cls.__module__}.{a.cls.__qualname__}"} for a in reg.adapters.values()],
+            "commands": [{"name": n, "distribution": o, "clash": commands.clashes.get(n)}
+                         for n, o in sorted(commands.owners.items())],
+            "disabled": {"variable": DISABLE_VARIABLE, "entries": list(reg.disabled.entries),
+                         "matched": reg.disabled.matched, "unmatched": reg.disabled.unmatched()},
+        }
         print(json.dumps(out, indent=2, default=str))
         return 0
+    _print_stages(reg)
+    print("\n[adapters]  model families tokenprune.apply prunes (register_adapters)")
+    for a in reg.adapters.values():
+        print(f"  {a.model_class:<44} {a.distribution} {a.version:<8} {a.cls.__module__}.{a.cls.__qualname__}")
+    print("\n[commands]  tokenprune COMMAND (register_commands)")
+    for name, owner in sorted(commands.owners.items()):
+        clash = commands.clashes.get(name)
+        print(f"  {name:<20} {owner}" + (f"   REFUSED: also registered by {', '.join(clash[1:])}" if clash else ""))
+    if reg.disabled.entries:
+        print(f"\n[disabled]  {DISABLE_VARIABLE}={','.join(reg.disabled.entries)}")
+        for entry, what in reg.disabled.matched.items():
+            print(f"  {entry}: " + "; ".join(what))
+        for entry in reg.disabled.unmatched():
+            print(f"  {entry}: matches nothing (a distribution, KIND:NAME, adapter:CLASS or command:NAME)")
+    return 0
+
+
+def _print_stages(reg: Any) -> None:
     for kind in KINDS.values():
         print(f"\n[{kind.name}]  {kind.summary}  ({kind.hook}, tokenprune.stages.{kind.base.__name__})")
         for name in reg.names(kind.name):
@@ -71,7 +123,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 for p, v in info.parameters().items()
             )
             print(f"  {info.name:<20} {info.distribution} {info.version:<8} {params}")
-    return 0
 
 
 def _toml_value(v) -> str:
@@ -156,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
                "run 'tokenprune COMMAND --help' for a command's flags")
     p.add_argument("--version", action="version", version=f"tokenprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    commands = Commands(sub)
+    registry = get_registry()  # every command beyond the core's comes from a plugin, the lab's included
+    commands = Commands(sub, registry)
+    p.set_defaults(commands=commands)
 
-    pl = commands.add_parser("plugins", help="list registered stages")
+    pl = commands.add_parser("plugins", help="list registered stages, adapters and commands, and what is switched off")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plugins)
 
@@ -176,10 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--explain", action="store_true", help="why: the rules that match, or the nearest exemplars")
     ro.set_defaults(func=cmd_route)
 
-    registry = get_registry()  # every other command comes from a plugin, the lab's included
     for impl in registry.implementations("register_commands"):
         commands.origin = registry.origin(impl.plugin)
         impl.function(**{arg: commands for arg in impl.argnames if arg == "commands"})
+    commands.refuse_clashes()
     return p
 
 

@@ -2,12 +2,19 @@
 
 There is no module-level manager: :func:`get_registry` builds one (and caches it until
 :func:`get_registry.cache_clear`), and tests build fresh ones with :func:`build_registry`.
+
+**Switching plugins off.** ``TOKENPRUNE_DISABLE`` holds a comma-separated list of what to leave
+out: a distribution's name (every entry point it installs, e.g. ``tp-thirdparty``), one stage as
+``KIND:NAME`` (``completion:divprune``), one adapter as ``adapter:MODELCLASS``, or one command as
+``command:NAME``. ``tokenprune plugins`` shows what each entry switched off, and an entry that
+matches nothing.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata as md
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +23,40 @@ import pluggy
 from . import hookspecs
 from .stages import KINDS, Stage
 
-__all__ = ["StageInfo", "AdapterInfo", "Registry", "RegistryError", "build_registry", "get_registry", "stage_label"]
+__all__ = ["StageInfo", "AdapterInfo", "Registry", "RegistryError", "Disabled", "build_registry", "get_registry",
+           "stage_label", "DISABLE_VARIABLE"]
+
+#: the environment variable that switches plugins, stages, adapters or commands off
+DISABLE_VARIABLE = "TOKENPRUNE_DISABLE"
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+@dataclass
+class Disabled:
+    """What ``TOKENPRUNE_DISABLE`` switches off, and what each of its entries matched."""
+
+    entries: tuple[str, ...] = ()
+    matched: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Disabled:
+        raw = os.environ.get(DISABLE_VARIABLE, "")
+        return cls(tuple(e.strip() for e in raw.split(",") if e.strip()))
+
+    def hits(self, *keys: str, what: str) -> bool:
+        """Whether an entry names one of ``keys`` (matched case-insensitively, ``_`` as ``-``);
+        records ``what`` it switched off."""
+        wanted = {_normal(k) for k in keys}
+        found = [e for e in self.entries if _normal(e) in wanted]
+        for e in found:
+            self.matched.setdefault(e, []).append(what)
+        return bool(found)
+
+    def unmatched(self) -> list[str]:
+        return [e for e in self.entries if e not in self.matched]
 
 class RegistryError(RuntimeError):
     """A plugin could not be loaded or registered."""
@@ -87,8 +127,12 @@ class Registry:
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)
     #: id(plugin) -> (distribution, version, entry point label), for :meth:`origin`
     origins: dict[int, tuple[str, str, str]] = field(default_factory=dict)
+    #: what ``TOKENPRUNE_DISABLE`` switched off
+    disabled: Disabled = field(default_factory=Disabled)
 
     def add(self, kind: str, name: str, cls: Any, distribution: str, version: str, plugin: str) -> None:
+        if self.disabled.hits(f"{kind}:{name}", what=f"{kind} stage '{name}' of {distribution}"):
+            return
         base = KINDS[kind].base
         if not isinstance(name, str) or not name:
             raise RegistryError(f"{distribution} ({plugin}) registered a {kind} stage with invalid name {name!r}")
@@ -113,6 +157,9 @@ class Registry:
         self.stages[kind][name] = StageInfo(kind, name, cls, distribution, version, plugin)
 
     def add_adapter(self, model_class: str, cls: Any, distribution: str, version: str, plugin: str) -> None:
+        if isinstance(model_class, str) and self.disabled.hits(f"adapter:{model_class}",
+                                                               what=f"adapter for {model_class} of {distribution}"):
+            return
         if not isinstance(model_class, str) or not model_class:
             raise RegistryError(f"{distribution} ({plugin}) registered an adapter for the model class {model_class!r}; "
                                 "give the class's __name__, such as 'LlavaForConditionalGeneration'")
@@ -175,12 +222,13 @@ def _entry_points() -> list[md.EntryPoint]:
     return out
 
 
-def build_registry(extra_plugins: tuple[tuple[str, object], ...] = ()) -> Registry:
+def build_registry(extra_plugins: tuple[tuple[str, object], ...] = (), disabled: Disabled | None = None) -> Registry:
     """Load every plugin of the ``tokenprune`` entry-point group and collect its stages.
 
     Args:
         extra_plugins: ``(name, plugin)`` pairs registered as well (modules or objects with
             hookimpls); their distribution shows as ``<local>``. Tests use this.
+        disabled: what to leave out (default: from ``TOKENPRUNE_DISABLE``).
 
     Raises:
         RegistryError: a plugin fails to import, implements an unknown hook, registers a
@@ -188,11 +236,14 @@ def build_registry(extra_plugins: tuple[tuple[str, object], ...] = ()) -> Regist
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    disabled = disabled if disabled is not None else Disabled.from_env()
     origin: dict[int, tuple[str, str, str]] = {}  # id(plugin) -> (dist, version, ep label)
     for ep in _entry_points():
         dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
         version = ep.dist.version if ep.dist is not None else "?"
         label = f"{ep.name} = {ep.value}"
+        if disabled.hits(dist, what=f"distribution {dist} {version}: entry point {label}"):
+            continue
         try:
             plugin = ep.load()
         except Exception as exc:  # an entry point that does not import is a user-facing error
@@ -211,7 +262,7 @@ def build_registry(extra_plugins: tuple[tuple[str, object], ...] = ()) -> Regist
     except pluggy.PluginValidationError as exc:
         raise RegistryError(f"a tokenprune plugin implements an unknown hook: {exc}") from exc
 
-    registry = Registry(manager=pm, origins=origin)
+    registry = Registry(manager=pm, origins=origin, disabled=disabled)
     for kind in KINDS.values():
         _collect(registry, kind.hook, functools.partial(registry.add, kind.name))
     _collect(registry, "register_adapters", registry.add_adapter)

@@ -250,7 +250,11 @@ class PipelineSpec(BaseModel):
             out["budget"] = self.budget
         if self.budget_ratio is not None:
             out["budget_ratio"] = self.budget_ratio
-        out["class_table"] = self.class_table.model_dump(exclude_none=True)
+        table = self.class_table.model_dump(exclude_none=True)
+        for row in table["classes"].values():  # a row without budget bands is the paper's: no empty list shown
+            if not row.get("bands"):
+                row.pop("bands", None)
+        out["class_table"] = table
         if self.image_downsample:
             out["image_downsample"] = True
         if self.pre_llm_budget is not None:
