@@ -28,9 +28,14 @@ def test_plugins_lists_every_builtin(capsys):
 
 def test_plugins_json(capsys):
     assert main(["plugins", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    clasp = next(r for r in rows if r["kind"] == "completion" and r["name"] == "clasp")
+    out = json.loads(capsys.readouterr().out)
+    clasp = next(r for r in out["stages"] if r["kind"] == "completion" and r["name"] == "clasp")
     assert clasp["distribution"] == "tokenprune" and clasp["parameters"]["iterations"]["default"] == 10
+    llava = next(a for a in out["adapters"] if a["model_class"] == "LlavaForConditionalGeneration")
+    assert llava["class"] == "tokenprune.adapters.llava.LlavaAdapter" and llava["distribution"] == "tokenprune"
+    owners = {c["name"]: c["distribution"] for c in out["commands"]}
+    assert owners["plugins"] == "tokenprune (core)" and owners["eval"].startswith("distribution tokenprune")
+    assert out["disabled"]["entries"] == [] and out["disabled"]["variable"] == "TOKENPRUNE_DISABLE"
 
 
 @pytest.mark.parametrize("path", sorted(p for p in Path("specs").rglob("*.toml") if "ablations" not in p.parts), ids=str)

@@ -8,6 +8,7 @@ from helpers import clasp_spec, make_dist, make_tokens
 
 import tokenprune as tp
 from tokenprune.registry import RegistryError, build_registry
+from tokenprune.spec import DEFAULT_STAGES
 from tokenprune.stages import KINDS
 
 BUILTINS = {
@@ -142,7 +143,10 @@ def test_one_record_per_kind_names_it_everywhere():
     assert list(KINDS) == [f for f in tp.PipelineSpec.model_fields if f in KINDS]
     for name, kind in KINDS.items():
         assert kind.base.kind == name and issubclass(kind.base, tp.stages.Stage)
-        assert tp.PipelineSpec.model_fields[name].is_required() != kind.optional
+        field = tp.PipelineSpec.model_fields[name]
+        # only a completion has no default: a left-out kind gets DEFAULT_STAGES' stage, or none when optional
+        assert field.is_required() == (name == "completion")
+        assert kind.optional == (field.default is None and name not in DEFAULT_STAGES)
     assert set(build_registry().stages) == set(KINDS)
 
 
