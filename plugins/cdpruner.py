@@ -12,12 +12,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tokenprune import hookimpl, ops
+from tokenprune import hookimpl
 from tokenprune.stages import Completion, CompletionRequest, CompletionResult
+
+from .greedy import greedy_dpp_map
 
 
 class ConditionalDPP(Completion):
-    """Greedy fast MAP of the conditional DPP (:func:`tokenprune.ops.greedy_dpp_map`).
+    """Greedy fast MAP of the conditional DPP (:func:`tokenprune_plugins.greedy.greedy_dpp_map`).
 
     Relevance ``r`` = ``phi`` min-max normalised over the row's valid tokens; quality
     ``q = exp(theta / (2 (1 - theta)) r)``, so ``theta = 0`` is a pure diversity DPP and larger
@@ -50,7 +52,7 @@ class ConditionalDPP(Completion):
             q = torch.exp(self.theta / (2 * (1 - self.theta)) * r)  # (B, M)
         picks = int(req.k2.max()) + int(req.pivots.sum(1).max())  # Cholesky rows per image
         gram, x = req.similarity_or_unit(picks)
-        return CompletionResult(ops.greedy_dpp_map(x, q, req.pool, req.pivots, req.k2, gram=gram))
+        return CompletionResult(greedy_dpp_map(x, q, req.pool, req.pivots, req.k2, gram=gram))
 
 
 @hookimpl

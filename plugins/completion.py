@@ -22,6 +22,9 @@ from torch import Tensor
 from tokenprune import hookimpl, ops
 from tokenprune.stages import Completion, CompletionRequest, CompletionResult
 
+from .greedy import greedy_max_min
+from .kmeans import KMeansResult, cluster_medoids, spherical_kmeans
+
 
 @dataclass(frozen=True)
 class ClaspPlan:
@@ -40,7 +43,7 @@ class ClaspPlan:
     pool: Tensor
     rho: Tensor
     seeds: Tensor
-    kmeans: ops.KMeansResult
+    kmeans: KMeansResult
     medoids: Tensor
     chosen: Tensor
 
@@ -114,12 +117,12 @@ class ClaspCompletion(Completion):
             seeds = torch.where(has_pivots.unsqueeze(1), seeds, spread[:, :M] & pool)
         seed_index, seed_ok = ops.compact(seeds)  # (B, K2max)
         # 3. spherical k-means over the pool (eqs. 39-40, T rounds)
-        km = ops.spherical_kmeans(x, pool, seed_index, seed_ok, self.iterations, self.early_stop, trace,
+        km = spherical_kmeans(x, pool, seed_index, seed_ok, self.iterations, self.early_stop, trace,
                                   final_update=self.medoid_centres == "updated")
         # 4. medoids (eq. 41), then fill to exactly K2
-        med = ops.cluster_medoids(x, pool, km, tiebreak=rho)  # (B, K2max), M = none
+        med = cluster_medoids(x, pool, km, tiebreak=rho)  # (B, K2max), M = none
         if self.representative == "novel":  # lowest rho per cluster; ties to the more typical, then the lower index
-            novel = ops.cluster_medoids(x, pool, dataclasses.replace(km, score=-rho),
+            novel = cluster_medoids(x, pool, dataclasses.replace(km, score=-rho),
                                         tiebreak=-_centre_similarity(x, km, acc))  # (B, K2max)
             med = torch.where(has_pivots.unsqueeze(1), novel, med)
         chosen = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device).scatter_(1, med, True)[:, :M]
@@ -131,7 +134,7 @@ class ClaspCompletion(Completion):
         return CompletionResult(self.plan(req).chosen)
 
 
-def _centre_similarity(x: Tensor, km: ops.KMeansResult, acc: torch.dtype) -> Tensor:
+def _centre_similarity(x: Tensor, km: KMeansResult, acc: torch.dtype) -> Tensor:
     """``(B, M)`` each token's similarity to its own cluster's centre (``u_t . mu_{a_t}``)."""
     if km.score is not None:
         return km.score.to(acc)
@@ -190,7 +193,7 @@ class DivPruneCompletion(Completion):
     def complete(self, req: CompletionRequest) -> CompletionResult:
         isolated = self.init_isolated and not bool(req.pivots.any(1).all())  # the first pick reads all of it
         gram, x = req.similarity_or_unit(int(req.k2.max()), force=True if isolated else None)
-        return CompletionResult(ops.greedy_max_min(x, req.pool, req.pivots, req.k2, self.init_isolated, gram))
+        return CompletionResult(greedy_max_min(x, req.pool, req.pivots, req.k2, self.init_isolated, gram))
 
 
 @hookimpl

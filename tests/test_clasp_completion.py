@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import tokenprune as tp
 from tokenprune import ops
+from tokenprune_plugins import greedy
 from tokenprune.stages import CompletionRequest
 from tokenprune_plugins.completion import ClaspCompletion
 
@@ -219,7 +220,7 @@ def test_greedy_max_min_matches_reference(device, B, M, seed, k):
     selected = torch.rand(B, M, generator=g) < 0.2
     cand = ~selected
     kk = torch.minimum(torch.full((B,), k), cand.sum(1))
-    got = ops.greedy_max_min(u.to(device), cand.to(device), selected.to(device), kk.to(device)).cpu()
+    got = greedy.greedy_max_min(u.to(device), cand.to(device), selected.to(device), kk.to(device)).cpu()
     for b in range(B):
         S = selected[b].nonzero().flatten().tolist()
         C = cand[b].nonzero().flatten().tolist()

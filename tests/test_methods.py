@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import tokenprune as tp
 from tokenprune import ops
+from tokenprune_plugins import greedy, vispruner
 from tokenprune.contract import Provenance
 
 METHODS = "specs/methods"
@@ -186,7 +187,7 @@ def test_dpp_fast_greedy_equals_determinant_greedy(seed, M, D, k, n_fixed):
     fixed = list(range(n_fixed))
     sel = torch.zeros(1, M, dtype=torch.bool)
     sel[0, fixed] = True
-    got = ops.greedy_dpp_map(x, q, ~sel, sel, torch.tensor([k]))
+    got = greedy.greedy_dpp_map(x, q, ~sel, sel, torch.tensor([k]))
     assert got[0].nonzero().flatten().tolist() == _naive_greedy(L, k, fixed)
 
 
@@ -203,7 +204,7 @@ def test_dpp_greedy_matches_brute_force_map_on_tiny_kernels():
         L = q[0, :, None] * (x[0] @ x[0].T) * q[0, None, :]
         k = min(k, len(set(owner.tolist())))
         best = max(itertools.combinations(range(M), k), key=lambda S: (_logdet(L, list(S)) if torch.det(L[list(S)][:, list(S)]) > 1e-12 else -1e9, [-i for i in S]))
-        got = ops.greedy_dpp_map(x, q, torch.ones(1, M, dtype=torch.bool), torch.zeros(1, M, dtype=torch.bool),
+        got = greedy.greedy_dpp_map(x, q, torch.ones(1, M, dtype=torch.bool), torch.zeros(1, M, dtype=torch.bool),
                                  torch.tensor([k]))
         assert got[0].nonzero().flatten().tolist() == sorted(best), trial
 
@@ -258,13 +259,13 @@ def test_vispruner_rounds_pick_the_same_from_the_matrix_or_per_round_products(se
     keep = torch.rand(B, M, generator=g) < 0.8
     target = (keep.sum(1) // 3).clamp_min(1)
     order = torch.rand(B, M, generator=g)
-    cached = ops.bipartite_dedup(x, keep, target, 4, order_by=order)
-    saved = ops.DEDUP_GRAM_BYTES
+    cached = vispruner.bipartite_dedup(x, keep, target, 4, order_by=order)
+    saved = vispruner.DEDUP_GRAM_BYTES
     try:
-        ops.DEDUP_GRAM_BYTES = 0
-        per_round = ops.bipartite_dedup(x, keep, target, 4, order_by=order)
+        vispruner.DEDUP_GRAM_BYTES = 0
+        per_round = vispruner.bipartite_dedup(x, keep, target, 4, order_by=order)
     finally:
-        ops.DEDUP_GRAM_BYTES = saved
+        vispruner.DEDUP_GRAM_BYTES = saved
     assert torch.equal(cached, per_round)
 
 
@@ -275,7 +276,7 @@ def test_vispruner_removes_exact_duplicates_before_distinct_tokens():
     order = [0, 0, 1, 1, 2, 2, 3, 3]
     x = basis[order][None]  # (1, 8, 4)
     keep = torch.ones(1, 8, dtype=torch.bool)
-    got = ops.bipartite_dedup(x, keep, torch.tensor([4]), per_round=4)[0]
+    got = vispruner.bipartite_dedup(x, keep, torch.tensor([4]), per_round=4)[0]
     assert sorted(order[i] for i in got.nonzero().flatten().tolist()) == [0, 1, 2, 3]
 
 
@@ -300,7 +301,7 @@ def test_vispruner_equals_the_released_algorithm_by_hand(seed, M, per_round, dat
     keep[:, 0] = True
     order_by = torch.rand(B, M, generator=g, dtype=torch.float64)
     target = torch.tensor([data.draw(st.integers(0, int(keep[b].sum()))) for b in range(B)])
-    got = ops.bipartite_dedup(x, keep, target, per_round, order_by=order_by)
+    got = vispruner.bipartite_dedup(x, keep, target, per_round, order_by=order_by)
     for b in range(B):
         want = _vispruner_by_hand(x[b], keep[b].tolist(), int(target[b]), per_round, order_by[b])
         assert got[b].nonzero().flatten().tolist() == want
@@ -310,7 +311,7 @@ def test_vispruner_one_round_by_hand():
     g = torch.Generator().manual_seed(3)
     x = _unit(torch.randn(1, 7, 5, generator=g, dtype=torch.float64))
     keep = torch.ones(1, 7, dtype=torch.bool)
-    got = ops.bipartite_dedup(x, keep, torch.tensor([5]), per_round=2)[0]
+    got = vispruner.bipartite_dedup(x, keep, torch.tensor([5]), per_round=2)[0]
     A, Bset = [0, 2, 4, 6], [1, 3, 5]
     dup = {a: max(float(x[0, a] @ x[0, b]) for b in Bset) for a in A}
     drop = sorted(A, key=lambda a: (-dup[a], a))[:2]
@@ -542,8 +543,8 @@ def test_dpp_reading_gram_rows_equals_per_pick_products(seed, n_fixed):
     q = torch.rand(B, M, generator=g, dtype=torch.float64) + 0.5
     sel = torch.zeros(B, M, dtype=torch.bool)
     sel[:, :n_fixed] = True
-    rows = ops.greedy_dpp_map(x, q, ~sel, sel, torch.full((B,), k))
-    gram = ops.greedy_dpp_map(x, q, ~sel, sel, torch.full((B,), k), gram=ops.similarity_rows(x, force=True))
+    rows = greedy.greedy_dpp_map(x, q, ~sel, sel, torch.full((B,), k))
+    gram = greedy.greedy_dpp_map(x, q, ~sel, sel, torch.full((B,), k), gram=ops.similarity_rows(x, force=True))
     assert torch.equal(rows, gram)
 
 
