@@ -152,9 +152,8 @@ class DartCompletion(Completion):
         anchors_mask = req.pivots | seed
         order = torch.where(anchors_mask, req.scores.float(), float("-inf"))
         P = int(anchors_mask.sum(1).max()) if B else 0
-        top = order.topk(P, dim=1) if P else None
-        a_idx = top.indices if P else torch.zeros(B, 0, dtype=torch.long, device=x.device)
-        a_ok = torch.isfinite(top.values) if P else torch.zeros(B, 0, dtype=torch.bool, device=x.device)
+        top = order.topk(P, dim=1)  # (B, P); P = 0 gives empty rows
+        a_idx, a_ok = top.indices, torch.isfinite(top.values)
         picked = least_duplicated(x, ops.gather_rows(x, a_idx), a_ok, pool & ~seed, k2 - seed.sum(1))
         return CompletionResult(picked | seed)
 
@@ -209,11 +208,11 @@ class DartLlm(LlmPruner):
         n_img = torch.minimum(torch.full_like(k, self.image_pivots), k)
         n_txt = torch.minimum(torch.full_like(k, self.text_pivots), req.text_valid.sum(1))
         if self.released:  # by descending norm: the released list is image_indices + query_indices
-            i_idx, i_ok = _top_columns(req.key_norms, n_img, req.valid, self.image_pivots)  # (N, Pi)
-            t_idx, t_ok = _top_columns(req.text_key_norms, n_txt, req.text_valid, self.text_pivots)  # (N, Pt)
+            i_idx, i_ok = _top_columns(req.read("key_norms"), n_img, req.valid, self.image_pivots)  # (N, Pi)
+            t_idx, t_ok = _top_columns(req.read("text_key_norms"), n_txt, req.text_valid, self.text_pivots)  # (N, Pt)
         else:  # each kind's pivots in token order
-            i_idx, i_ok = ops.compact(ops.topk_mask(req.key_norms, n_img, req.valid))
-            t_idx, t_ok = ops.compact(ops.topk_mask(req.text_key_norms, n_txt, req.text_valid))
+            i_idx, i_ok = ops.compact(ops.topk_mask(req.read("key_norms"), n_img, req.valid))
+            t_idx, t_ok = ops.compact(ops.topk_mask(req.read("text_key_norms"), n_txt, req.text_valid))
         img_piv = torch.zeros(N, M + 1, dtype=torch.bool, device=k.device)
         img_piv = img_piv.scatter_(1, torch.where(i_ok, i_idx, M), True)[:, :M]  # (N, M)
         x = ops.unit(req.norm(req.hidden))  # (N, M, D)
@@ -231,7 +230,7 @@ class DartLlm(LlmPruner):
         # a row without any pivot (both pivot counts 0, or no text) keeps its top key norms [ours]
         bare = ~ok.any(1)
         if bool(bare.any()):
-            top = ops.topk_mask(req.key_norms, torch.where(bare, k - n_img, 0), req.valid & ~img_piv)
+            top = ops.topk_mask(req.read("key_norms"), torch.where(bare, k - n_img, 0), req.valid & ~img_piv)
             picked = torch.where(bare.unsqueeze(1), top, picked)
         return picked | img_piv
 

@@ -7,6 +7,7 @@ kernel call (SDPA and FlashAttention keep running), only at prefill and only at 
 
 from __future__ import annotations
 
+import itertools
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -34,7 +35,7 @@ class FastV(LlmPruner):
         return [self.layer]
 
     def select(self, req: LlmRequest) -> Tensor:
-        return ops.topk_mask(req.attention, req.keep, req.valid)  # (N, M)
+        return ops.topk_mask(req.read("attention"), req.keep, req.valid)  # (N, M)
 
 
 class PyramidDrop(LlmPruner):
@@ -53,7 +54,7 @@ class PyramidDrop(LlmPruner):
     @field_validator("layers")
     @classmethod
     def _ascending(cls, v: list[int]) -> list[int]:
-        if any(b <= a for a, b in zip(v, v[1:])):
+        if any(b <= a for a, b in itertools.pairwise(v)):
             raise ValueError(f"layers must be strictly ascending, got {v}")
         return v
 
@@ -61,7 +62,7 @@ class PyramidDrop(LlmPruner):
         return list(self.layers)
 
     def select(self, req: LlmRequest) -> Tensor:
-        return ops.topk_mask(req.attention, req.keep, req.valid)
+        return ops.topk_mask(req.read("attention"), req.keep, req.valid)
 
 
 @hookimpl

@@ -169,7 +169,7 @@ class ClassifierRouter(Router):
         probs = head.probabilities(question_features(prompts, path))  # (B, C)
         conf, best = probs.max(dim=-1)
         classes = tuple(head.classes[i] if p >= self.min_confidence else "general"
-                        for i, p in zip(best.tolist(), conf.tolist()))
+                        for i, p in zip(best.tolist(), conf.tolist(), strict=True))
         return Routing(classes, conf.float())
 
     def explain(self, prompt: str) -> list[str]:
@@ -199,7 +199,7 @@ def _nearest(path: str, embedding: torch.Tensor, k: int) -> list[tuple[str, str,
     rows = load_dev_set()
     sims = _dev_embeddings(path) @ embedding  # (N,)
     top = sims.topk(min(k, len(rows)))
-    return [(rows[i].klass, rows[i].text, float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+    return [(rows[i].klass, rows[i].text, float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
 
 
 @functools.lru_cache(maxsize=2)

@@ -46,7 +46,8 @@ def load_dev_set(path: str | Path | None = None) -> list[DevQuestion]:
         text, where = resources.files("tokenprune_plugins").joinpath("data/router_dev.tsv").read_text(), "router_dev.tsv"
     else:
         text, where = Path(path).read_text(encoding="utf-8"), str(path)
-    rows, seen = [], {}
+    rows: list[DevQuestion] = []
+    seen: dict[str, int] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#") or line.startswith("class\t"):
             continue

@@ -121,12 +121,12 @@ def judge(router, rows: Sequence[DevQuestion]) -> Judgement:
     confusion = [[0] * len(columns) for _ in ROUTED]
     per_class: dict[str, list[int]] = {}
     per_style: dict[str, list[int]] = {}
-    for r, c in zip(rows, routed):
+    for r, c in zip(rows, routed, strict=True):
         confusion[ROUTED.index(r.klass)][columns.index(c) if c in columns else -1] += 1
         for table, key in ((per_class, r.klass), (per_style, r.style)):
             hit = table.setdefault(key, [0, 0])
             hit[0] += c == r.klass
             hit[1] += 1
     correct = sum(confusion[i][i] for i in range(len(ROUTED)))
-    return Judgement(len(rows), correct, {k: tuple(v) for k, v in per_class.items()},
-                     {k: tuple(v) for k, v in sorted(per_style.items())}, confusion, columns)
+    return Judgement(len(rows), correct, {k: (v[0], v[1]) for k, v in per_class.items()},
+                     {k: (v[0], v[1]) for k, v in sorted(per_style.items())}, confusion, columns)

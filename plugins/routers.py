@@ -242,7 +242,7 @@ class EmbeddingRouter(Router):
         margin = top2.values[:, 0] - (top2.values[:, 1] if len(names) > 1 else 0)
         classes = tuple(
             names[i] if m >= self.min_margin else "general"
-            for i, m in zip(top2.indices[:, 0].tolist(), margin.tolist())
+            for i, m in zip(top2.indices[:, 0].tolist(), margin.tolist(), strict=True)
         )
         return Routing(classes, conf.float())
 
@@ -260,7 +260,7 @@ class EmbeddingRouter(Router):
         for c in (names[order[0]],):  # the winning class's nearest exemplars
             exs = list(ex[c])
             near = (embed(exs, path) @ e[0]).topk(min(3, len(exs)))
-            lines += [f"  nearest {c} exemplar ({float(v):.3f}): {exs[i]}" for v, i in zip(near.values, near.indices)]
+            lines += [f"  nearest {c} exemplar ({float(v):.3f}): {exs[i]}" for v, i in zip(near.values, near.indices, strict=True)]
         return lines
 
 

@@ -16,7 +16,6 @@ from tokenprune.merging import Space, source
 from tokenprune.ops import accumulation_dtype, compact, gather_rows
 from tokenprune.stages import Completion, CompletionRequest, CompletionResult
 
-
 #: :func:`bipartite_dedup` keeps its similarity matrix in memory up to this many bytes
 DEDUP_GRAM_BYTES = 2**30
 

@@ -9,12 +9,12 @@ import torch
 from helpers import DTYPES, make_tokens
 from hypothesis import given
 from hypothesis import strategies as st
+from tokenprune_plugins import greedy
+from tokenprune_plugins.completion import ClaspCompletion
 
 import tokenprune as tp
 from tokenprune import ops
-from tokenprune_plugins import greedy
 from tokenprune.stages import CompletionRequest
-from tokenprune_plugins.completion import ClaspCompletion
 
 
 @st.composite
@@ -24,7 +24,7 @@ def requests(draw, max_B=3, max_M=10, min_k1=0):
     seed = draw(st.integers(0, 2**31 - 1))
     counts = [draw(st.integers(2, M)) for _ in range(B)]
     k1 = [draw(st.integers(min(min_k1, c - 1), c - 1)) for c in counts]
-    k2 = [draw(st.integers(1, c - a)) for c, a in zip(counts, k1)]
+    k2 = [draw(st.integers(1, c - a)) for c, a in zip(counts, k1, strict=True)]
     return dict(B=B, M=M, seed=seed, counts=counts, k1=k1, k2=k2)
 
 

@@ -13,8 +13,8 @@ import torch
 
 import tokenprune as tp
 from tokenprune import hookspecs
-from tokenprune.lab.bench import stages as bench
 from tokenprune.cli import main
+from tokenprune.lab.bench import stages as bench
 from tokenprune.stages import KINDS
 
 
@@ -228,7 +228,7 @@ def test_every_budget_flag_takes_tokens_or_a_ratio_and_names_itself_on_error(fla
     got = getattr(parser.parse_args([*flag, value]), flag[-1].lstrip("-"))
     assert got == ([64, 0.25] if flag[-1] == "--budgets" else 0.25)
     assert type(got[0] if isinstance(got, list) else got) is (int if isinstance(got, list) else float)
-    for bad, why in (("abc", "is not a budget"), ("0", "at least one token"), ("1.5", "ratio in (0, 1]"),
+    for bad, _why in (("abc", "is not a budget"), ("0", "at least one token"), ("1.5", "ratio in (0, 1]"),
                      ("-3", "at least one token")):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([*flag, bad])
@@ -306,17 +306,16 @@ def test_loading_the_shipped_model_is_quiet_and_leaves_logging_as_it_was(capsys)
 
     from transformers.utils import logging
 
-    from tokenprune.quiet import quiet_transformers
     from tokenprune.lab.testbed.model import load
+    from tokenprune.quiet import quiet_transformers
 
     before = (logging.get_verbosity(), logging.is_progress_bar_enabled())
     load("v1")
     assert capsys.readouterr().err == ""
     assert (logging.get_verbosity(), logging.is_progress_bar_enabled()) == before
-    with pytest.raises(RuntimeError):  # what was held back is shown when loading fails
-        with quiet_transformers():
-            print("the reader's notice", file=sys.stderr)
-            raise RuntimeError("corrupt file")
+    with pytest.raises(RuntimeError), quiet_transformers():  # what was held back is shown when loading fails
+        print("the reader's notice", file=sys.stderr)
+        raise RuntimeError("corrupt file")
     assert "the reader's notice" in capsys.readouterr().err
 
 

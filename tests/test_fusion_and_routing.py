@@ -7,11 +7,11 @@ import torch
 from helpers import DTYPES, clasp_spec, make_tokens
 from hypothesis import given
 from hypothesis import strategies as st
+from tokenprune_plugins.fusion import ClassAdaptiveFusion, MeanFusion
+from tokenprune_plugins.routers import EmbeddingRouter, KeywordRouter
 
 import tokenprune as tp
 from tokenprune.classes import CLASSES, STRATEGIES, ClassTable
-from tokenprune_plugins.fusion import ClassAdaptiveFusion, MeanFusion
-from tokenprune_plugins.routers import EmbeddingRouter, KeywordRouter
 
 
 @given(B=st.integers(1, 4), M=st.integers(1, 20), L=st.integers(1, 8), seed=st.integers(0, 2**31 - 1),
@@ -88,7 +88,7 @@ KEYWORD_CASES = {
 
 def test_keyword_router():
     r = KeywordRouter().route(list(KEYWORD_CASES))
-    assert dict(zip(KEYWORD_CASES, r.classes)) == KEYWORD_CASES
+    assert dict(zip(KEYWORD_CASES, r.classes, strict=True)) == KEYWORD_CASES
     assert r.confidence.dtype == torch.float32 and ((r.confidence >= 0) & (r.confidence <= 1)).all()
     assert float(r.confidence[-1]) == 0.0
 
@@ -113,7 +113,7 @@ EMBEDDING_CASES = {
 
 def test_embedding_router_with_real_minilm():
     r = EmbeddingRouter().route(list(EMBEDDING_CASES))
-    assert dict(zip(EMBEDDING_CASES, r.classes)) == EMBEDDING_CASES
+    assert dict(zip(EMBEDDING_CASES, r.classes, strict=True)) == EMBEDDING_CASES
     assert ((r.confidence > 0) & (r.confidence <= 1)).all()
     assert set(r.classes) <= set(CLASSES)
 

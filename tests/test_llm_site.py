@@ -15,14 +15,13 @@ import sys
 
 import pytest
 import torch
+from conftest import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import IMG, VID, Sample, _qwen_patch, batch, build, greedy_token, samples
 
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedModel
-from tiny_models import IMG, VID, Sample, _qwen_patch, batch, build, greedy_token, samples
-
-from conftest import DEVICES
 
 FAMILIES = ("llava", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
 #: the LLaVA families whose images end their grid rows with newline slots
@@ -66,7 +65,7 @@ def spec(pruner: str) -> tp.PipelineSpec:
     return BASE.replace(llm=PRUNERS[pruner])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(family: str, device: str = "cpu"):
     return build(family, text_layers=LAYERS).to(device)
 
@@ -444,8 +443,9 @@ def test_schedule_and_model_errors_are_clear(monkeypatch):
         tp.apply(m, BASE.replace(llm={"stage": "fastv", "layer": 4}), budget=3)
     with pytest.raises(ValueError, match="strictly ascending"):
         BASE.replace(llm={"stage": "pyramid-drop", "layers": [2, 1]})
-    from tokenprune.adapters.llm_site import LlmSite
     from tokenprune_plugins.llm import FastV
+
+    from tokenprune.adapters.llm_site import LlmSite
 
     class Backwards(FastV):  # a third-party pruner with a bad schedule
         def schedule(self, num_layers):

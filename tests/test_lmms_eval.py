@@ -20,10 +20,10 @@ import tokenprune as tp
 from tokenprune.adapters.base import UnsupportedInput
 from tokenprune.lab.lmms.model import PrunedTokenCounts, TokenPrune
 from tokenprune.lab.lmms.task import write_task
-from tokenprune.spec import load_spec, spec_file
 from tokenprune.lab.testbed.evaluate import Variant, evaluate
 from tokenprune.lab.testbed.model import load, prompt
 from tokenprune.lab.testbed.splits import examples, scene
+from tokenprune.spec import load_spec, spec_file
 
 SCENES = 2
 BIN = Path(sys.executable).parent
@@ -270,7 +270,7 @@ def test_loglikelihood_equals_a_forward_by_hand(spec, docs):
     lm.handle and lm.handle.remove()
     model, processor = load()
     want = []
-    for doc, req in zip(docs, reqs):
+    for doc, req in zip(docs, reqs, strict=True):
         ctx = processor(text=[prompt(doc["question"])], images=doc["visuals"], return_tensors="pt")
         full = processor(text=[prompt(doc["question"]) + req.args[1]], images=doc["visuals"], return_tensors="pt")
         n = full["input_ids"].shape[1] - ctx["input_ids"].shape[1]

@@ -12,14 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenprune.lab.testbed.evaluate import Variant, evaluate, kept_cells
 from tokenprune.lab.testbed.questions import QA_CLASSES, ask
 from tokenprune.lab.testbed.scenes import GRID
 from tokenprune.lab.testbed.splits import scene
-from tokenprune.lab.testbed.stats import (Z95, bootstrap_mean, detectable, mcnemar, paired_mean_test, paired_se,
-                                          wilson)
+from tokenprune.lab.testbed.stats import Z95, bootstrap_mean, detectable, mcnemar, paired_mean_test, paired_se, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +144,7 @@ def test_sign_flip_test_counts_the_flips_as_written(pairs):
     rng = np.random.default_rng(1)
     signs = np.where(rng.random((300, len(d))) < 0.5, -1.0, 1.0)
     observed = abs(sum(d) / len(d))
-    hits = sum(abs(sum(s * v for s, v in zip(row, d)) / len(d)) >= observed - 1e-15 for row in signs)
+    hits = sum(abs(sum(s * v for s, v in zip(row, d, strict=True)) / len(d)) >= observed - 1e-15 for row in signs)
     assert t["p"] == pytest.approx((1 + hits) / 301)
     assert t["delta"] == pytest.approx(sum(d) / len(d))
     assert t["se"] == pytest.approx(np.std(d, ddof=1) / math.sqrt(len(d)))
@@ -170,8 +170,8 @@ def test_detectable_difference_is_the_power_formula():
 # -- the evaluation report -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report():
-    from tokenprune.spec import load_spec
     from tokenprune.lab.testbed.model import load
+    from tokenprune.spec import load_spec
 
     model, processor = load()
     variants = [Variant("clasp", load_spec("specs/clasp.toml")),
@@ -191,7 +191,7 @@ def test_every_accuracy_has_an_interval_and_every_run_a_paired_test(report):
         assert ("vs_reference" in r) == (r["variant"] != "clasp")
     rand = next(r for r in runs if r["variant"] == "random" and r["budget"] == 32)
     clasp = next(r for r in runs if r["variant"] == "clasp" and r["budget"] == 32)
-    both = [(x, y) for x, y in zip(rand["correct"], clasp["correct"])]
+    both = [(x, y) for x, y in zip(rand["correct"], clasp["correct"], strict=True)]
     assert rand["vs_reference"]["overall"]["only_this"] == sum(x and not y for x, y in both)
 
 
@@ -204,9 +204,9 @@ def test_evidence_recall_is_one_when_every_token_is_kept(report):
 
 
 def test_tower_memo_gives_the_same_report_and_restores_the_tower():
-    from tokenprune.spec import load_spec
     from tokenprune.lab.testbed.memo import memoized_tower
     from tokenprune.lab.testbed.model import load
+    from tokenprune.spec import load_spec
 
     model, processor = load()
     variants = [Variant("clasp", load_spec("specs/clasp.toml")),
@@ -214,7 +214,7 @@ def test_tower_memo_gives_the_same_report_and_restores_the_tower():
     few = ["ocr", "attribute", "existence"]  # the default (v2) tower is slow without the memo
     a = evaluate(model, processor, variants, [48], "test", scenes=2, classes=few, memo=True)
     b = evaluate(model, processor, variants, [48], "test", scenes=2, classes=few, memo=False)
-    for x, y in zip([a["unpruned"], *a["runs"]], [b["unpruned"], *b["runs"]]):
+    for x, y in zip([a["unpruned"], *a["runs"]], [b["unpruned"], *b["runs"]], strict=True):
         assert x["predictions"] == y["predictions"] and x.get("evidence_recall") == y.get("evidence_recall")
         assert x["mean_logp"] == pytest.approx(y["mean_logp"], abs=1e-4)
     assert "forward" not in model.model.vision_tower.__dict__
@@ -241,10 +241,10 @@ def test_tower_memo_serves_any_choice_of_hidden_states_from_one_pass():
         with memoized_tower(model) as stats:
             memo = [tower(px, output_hidden_states=a) if a is not None else tower(px) for a in asks]
     assert (stats["misses"], stats["hits"]) == (2, 6)
-    for p, m in zip(plain, memo):
+    for p, m in zip(plain, memo, strict=True):
         torch.testing.assert_close(m.last_hidden_state, p.last_hidden_state)
         assert (m.hidden_states is None) == (p.hidden_states is None)
-        for hp, hm in zip(p.hidden_states or (), m.hidden_states or ()):
+        for hp, hm in zip(p.hidden_states or (), m.hidden_states or (), strict=True):
             assert (hm is None) == (hp is None)
             if hp is not None:
                 torch.testing.assert_close(hm, hp)
@@ -392,9 +392,9 @@ def test_an_interrupted_evaluation_resumes_from_its_checkpoint_and_reports_the_s
     evidence recall) and deletes its checkpoint; other arguments ignore the file."""
     import json
 
-    from tokenprune.spec import load_spec
     from tokenprune.lab.testbed import resume
     from tokenprune.lab.testbed.model import load
+    from tokenprune.spec import load_spec
 
     model, processor = load("v1")
     variants = [Variant("top-r", load_spec("specs/variants/top-r.toml"))]
@@ -427,7 +427,7 @@ def test_an_interrupted_evaluation_resumes_from_its_checkpoint_and_reports_the_s
                        progress=lambda done, total: seen.append(done))
     assert seen == [5, 6, 7, 8]  # started after the 4 saved answers
     assert not ck.exists()
-    for x, y in zip([whole["unpruned"], *whole["runs"]], [resumed["unpruned"], *resumed["runs"]]):
+    for x, y in zip([whole["unpruned"], *whole["runs"]], [resumed["unpruned"], *resumed["runs"]], strict=True):
         assert x["predictions"] == y["predictions"] and x["accuracy"] == y["accuracy"]
         assert x.get("evidence_recall") == y.get("evidence_recall")
 
@@ -527,11 +527,11 @@ def test_fidelity_has_intervals_and_paired_tests_against_the_reference(report):
             assert lo - 1e-5 <= v <= hi + 1e-5
     assert "fidelity_vs_reference" not in clasp
     tests = rand["fidelity_vs_reference"]
-    both = list(zip(rand["agree"], clasp["agree"]))
+    both = list(zip(rand["agree"], clasp["agree"], strict=True))
     assert tests["agreement"]["overall"]["only_this"] == sum(x and not y for x, y in both)
     assert tests["kl"]["overall"]["delta"] == pytest.approx(rand["kl"]["overall"] - clasp["kl"]["overall"], abs=1e-4)
     decisive = [m >= 0.1 for m in report["unpruned"]["margin"]]
-    dec = [(x, y) for (x, y), d in zip(both, decisive) if d]
+    dec = [(x, y) for (x, y), d in zip(both, decisive, strict=True) if d]
     assert tests["decisive_agreement"]["overall"]["only_reference"] == sum(y and not x for x, y in dec)
 
 

@@ -14,10 +14,10 @@ import torch
 from helpers import make_tokens
 from hypothesis import given
 from hypothesis import strategies as st
+from tokenprune_plugins import greedy, vispruner
 
 import tokenprune as tp
 from tokenprune import ops
-from tokenprune_plugins import greedy, vispruner
 from tokenprune.contract import Provenance
 
 METHODS = "specs/methods"
@@ -45,12 +45,12 @@ def test_visionzip_keeps_top_cls_and_merges_the_rest_into_exactly_contextual_gro
     prov = sel.provenance[0, : len(kept)].tolist()
     # dominant = top-k [CLS] attention (ties to the lower index), by hand
     top = sorted(range(M), key=lambda i: (-float(cls[i]), i))[:dominant]
-    assert sorted(i for i, p in zip(kept, prov) if p == Provenance.PIVOT) == sorted(top)
+    assert sorted(i for i, p in zip(kept, prov, strict=True) if p == Provenance.PIVOT) == sorted(top)
     # contextual targets: every step-th remaining token, by hand
     rest = [i for i in range(M) if i not in top]
     step = max(1, len(rest) // contextual) if contextual else 1
     targets = [rest[j * step] for j in range(contextual)]
-    assert sorted(i for i, p in zip(kept, prov) if p == Provenance.COMPLETION) == sorted(targets)
+    assert sorted(i for i, p in zip(kept, prov, strict=True) if p == Provenance.COMPLETION) == sorted(targets)
     if not contextual:
         return
     # every other token joins its most key-similar target: exactly `contextual` groups
@@ -74,7 +74,7 @@ def test_visionzip_keeps_top_cls_and_merges_the_rest_into_exactly_contextual_gro
         torch.testing.assert_close(feats[slot], want, atol=1e-9, rtol=1e-9)
     # dominant tokens carry their own (unmerged) features
     own = tokens.project(h[None])[0]
-    for i, p in zip(kept, prov):
+    for i, p in zip(kept, prov, strict=True):
         if p == Provenance.PIVOT:
             torch.testing.assert_close(feats[kept.index(i)], own[i])
 
@@ -213,8 +213,9 @@ def test_dpp_greedy_matches_brute_force_map_on_tiny_kernels():
 def test_dpp_as_released_equals_the_released_rule_written_out(seed, M, k):
     """released = True: quality = min-max of the *negated* relevance plus 1e-6, linear (the
     released code's exp line is commented out), then greedy MAP, by explicit determinants."""
-    from tokenprune.stages import CompletionRequest
     from tokenprune_plugins.cdpruner import ConditionalDPP
+
+    from tokenprune.stages import CompletionRequest
 
     g = torch.Generator().manual_seed(seed)
     k = min(k, M)

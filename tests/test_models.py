@@ -13,18 +13,29 @@ import functools
 
 import pytest
 import torch
+from conftest import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import (
+    FAMILIES,
+    IMG,
+    NO_CLS,
+    ONE_CROP_LLAVA,
+    Sample,
+    _qwen_patch,
+    batch,
+    build,
+    default_sizes,
+    greedy_token,
+    hand_kept,
+    samples,
+)
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenprune as tp
 from tokenprune.adapters import UnsupportedInput, UnsupportedModel
 from tokenprune.adapters.base import cache_keyword
-from tiny_models import (FAMILIES, IMG, NO_CLS, ONE_CROP_LLAVA, Sample, _qwen_patch, batch, build, default_sizes, greedy_token, hand_kept,
-                         samples)
-
-from conftest import DEVICES
 
 SPEC = tp.load_spec("specs/clasp.toml")
 CACHE = cache_keyword()  # `past_key_values` before transformers 5.24, `cache` after
@@ -47,7 +58,7 @@ def clasp(family: str, feed: str = "selection", cls: str = "counting") -> tp.Pip
                         fusion={"stage": "class-adaptive", "feed": feed})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(family: str, device: str = "cpu", dtype: torch.dtype = torch.float32, text_layers: int = 2):
     return build(family, dtype=dtype, text_layers=text_layers).to(device)
 
@@ -132,7 +143,7 @@ def reference_logits(m, family: str, one: dict, kept_slots: list[torch.Tensor], 
         slots = kept_slots[i].tolist()
         keep_cols += [img_cols[start + j] for j in slots]
         feats.append(f[slots] if features is None else features[i])
-        for d, layer in zip(deep, getattr(own, "deepstack_features", None) or []):
+        for d, layer in zip(deep, getattr(own, "deepstack_features", None) or [], strict=True):
             d.append(layer[i][slots])
         start += f.shape[0]
     cols = sorted(set(range(len(ids))) - set(img_cols) | set(keep_cols))
@@ -413,9 +424,8 @@ def test_bad_inputs_give_clear_errors():
         tp.apply(m, clasp("llava"), budget=2)
     with pytest.raises(ValueError, match="budget must be > 0"):
         tp.apply(m, clasp("qwen2-vl"), budget=0)
-    with pytest.raises(ValueError, match="tokenizer"):
-        with tp.apply(model("llava"), SPEC, budget=2):  # keyword router, no tokenizer, no prompts
-            model("llava")(**inputs(model("llava"), "llava", samples("llava", 1), "cpu"))
+    with pytest.raises(ValueError, match="tokenizer"), tp.apply(model("llava"), SPEC, budget=2):  # keyword router
+        model("llava")(**inputs(model("llava"), "llava", samples("llava", 1), "cpu"))  # no tokenizer, no prompts
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl"])

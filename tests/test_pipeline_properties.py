@@ -60,7 +60,7 @@ def test_selection_contract(variant, device, case, dtype):
                          valid_counts=case["valid_counts"])
     before, originals = snapshot(tokens)
     sel = _run(spec, tokens, case["budget"])
-    for old, new in zip(before, originals):
+    for old, new in zip(before, originals, strict=True):
         assert torch.equal(old, new), "an input tensor was modified"
     again = _run(spec, tokens, case["budget"])
     assert torch.equal(sel.indices, again.indices) and torch.equal(sel.provenance, again.provenance)
@@ -201,7 +201,7 @@ def test_pool_contract(window, device, case, dtype, cols):
                          valid_counts=case["valid_counts"], grid=grid)
     before, originals = snapshot(tokens)
     sel = _run(spec, tokens, None)
-    for old, new in zip(before, originals):
+    for old, new in zip(before, originals, strict=True):
         assert torch.equal(old, new)
     valid = tokens.valid().cpu()
     pos = tokens.positions.cpu().long()
@@ -241,7 +241,7 @@ def test_llm_pruner_select_contract(pruner, device, N, M, T, seed, dtype, data):
     got = stage.select(req)
     assert got.shape == (N, M) and got.dtype == torch.bool
     assert not bool((got & ~req.valid).any()) and got.sum(1).tolist() == keep.tolist()
-    for old, new in zip(snap, (req.hidden, req.attention, req.key_norms, req.text_hidden)):
+    for old, new in zip(snap, (req.hidden, req.attention, req.key_norms, req.text_hidden), strict=True):
         assert torch.equal(old, new)
     for n in range(N):
         one = LlmRequest(2, 0, req.hidden[n : n + 1], req.valid[n : n + 1], req.keep[n : n + 1],

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tokenprune as tp
-from tokenprune.prompts import extract_question
 from tokenprune.lab.testbed.questions import QA_CLASSES, ask
 from tokenprune.lab.testbed.splits import scene
+from tokenprune.prompts import extract_question
 
 #: Chat templates as the families render one user turn with one image (the image placeholder as
 #: the processor writes it); "-skipped" forms are what a tokenizer decodes with special tokens off.

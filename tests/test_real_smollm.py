@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import tokenprune as tp
-
 from tokenprune.lab.bench import smollm
 
 pytestmark = pytest.mark.slow  # ~25 s; CI runs it (make test installs the weights)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from helpers import clasp_spec, make_dist, make_tokens
 

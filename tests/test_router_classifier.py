@@ -7,12 +7,13 @@ import collections
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
-import tokenprune as tp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenprune_plugins.router_classifier import CUES, ClassifierRouter, LinearHead, cue_features, shipped_head
 from tokenprune_plugins.router_fit import _temperature, fit_head, is_held_out, judge, load_dev_set
 from tokenprune_plugins.routers import ROUTED, minilm_dir
+
+import tokenprune as tp
 
 ROWS = load_dev_set()
 

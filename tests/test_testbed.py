@@ -183,7 +183,7 @@ def test_packed_questions_equal_single_prompts(mini):
                                                               model.model.multi_modal_projector(feats))
         h = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
         packed = model.lm_head(h[slots[:, 0], slots[:, 1]])
-        flat = [(s, q) for s, ql in zip(scenes, qs) for q in ql]
+        flat = [(s, q) for s, ql in zip(scenes, qs, strict=True) for q in ql]
         batch = proc(images=[s.image for s, _ in flat], text=[tb_model.prompt(q.text) for _, q in flat],
                      return_tensors="pt", padding=True)
         solo = model(**batch).logits[:, -1]
@@ -220,8 +220,8 @@ def _strip(report: dict) -> dict:
 
 
 def test_eval_cli_writes_json_png_and_matches_the_api(mini, tmp_path, capsys):
-    from tokenprune.spec import load_spec
     from tokenprune.lab.testbed.evaluate import Variant, evaluate
+    from tokenprune.spec import load_spec
 
     assert main(["eval", "--model", str(mini), "--scenes", "2", "--budgets", "16,64", "--quiet",
                  "--out", str(tmp_path), "--name", "r"]) == 0
@@ -347,7 +347,7 @@ def test_bands_are_one_per_budget_up_to_the_last_that_differs_and_merge_equal_ne
     from tokenprune.lab.testbed.calibrate import _bands
 
     def decided(*cells):
-        return [{"budget": b, "chosen": c} for b, c in zip((8, 16, 32, 64), cells)]
+        return [{"budget": b, "chosen": c} for b, c in zip((8, 16, 32, 64), cells, strict=True)]
 
     assert _bands(decided("X", "X", "own", "own"), "own") == [(16, "X")]
     assert _bands(decided("X", "own", "Y", "own"), "own") == [(8, "X"), (16, "own"), (32, "Y")]

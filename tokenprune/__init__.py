@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import ops
 from .apply import PruningHandle, apply
+from .budget import KEEP_ALL, Budget
 from .classes import CLASSES, ClassTable
 from .contract import (
     Fused,
@@ -19,7 +20,6 @@ from .contract import (
     grid_positions,
     normalize_layer,
 )
-from .budget import KEEP_ALL, Budget
 from .hookspecs import hookimpl, hookspec
 from .pipeline import Pipeline, resolve_budget
 from .registry import Registry, RegistryError, build_registry, get_registry

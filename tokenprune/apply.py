@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter, PruneRecord, UnsupportedInput, UnsupportedModel, adapter_for
-from .adapters import capture
+from .adapters import Adapter, PruneRecord, UnsupportedInput, UnsupportedModel, adapter_for, capture
 from .adapters.base import Entry, cache_keyword, cache_of
 from .adapters.llm_site import LlmSite, Session
 from .budget import Budget, BudgetLike

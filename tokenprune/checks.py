@@ -7,6 +7,7 @@ raises: the caller puts the stage's name in front of the problem (:func:`tokenpr
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Collection
 
@@ -106,7 +107,7 @@ def check_schedule(schedule: list[int], num_layers: int) -> Problem:
     if any(not 1 <= k < num_layers for k in schedule):
         return (f"prunes before decoder layers {schedule}, but this LLM has {num_layers} layers: each K must be in "
                 f"1..{num_layers - 1}; set [llm] layer(s) for this model")
-    if any(b <= a for a, b in zip(schedule, schedule[1:])):
+    if any(b <= a for a, b in itertools.pairwise(schedule)):
         return f"returned layers {schedule}; they must be strictly ascending"
     return None
 

@@ -197,7 +197,7 @@ class ClassTable(BaseModel):
             return [self.classes[c] for c in classes]
         if len(budgets) != len(classes):
             raise ValueError(f"{len(budgets)} budgets for {len(classes)} rows; give one budget per row")
-        return [self.classes[c].cell(int(r)) for c, r in zip(classes, budgets.tolist())]
+        return [self.classes[c].cell(int(r)) for c, r in zip(classes, budgets.tolist(), strict=True)]
 
     def alpha(self, classes: tuple[str, ...], num_layers: int, min_weight: float = 0.0,
               budgets: Tensor | None = None) -> Tensor:

@@ -26,7 +26,6 @@ from .spec import load_spec, spec_file
 from .stages import KINDS
 
 
-
 class Commands:
     """What a ``register_commands`` hook receives: :meth:`add_parser` gives a new command its own
     ``argparse`` parser, on which the plugin adds its flags and ``set_defaults(func=run)``, ``run``
@@ -181,7 +180,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     pipe = Pipeline(spec)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     routing = pipe.route(prompts)
-    for p, q, c, conf in zip(prompts, routing.questions or prompts, routing.classes, routing.confidence.tolist()):
+    for p, q, c, conf in zip(prompts, routing.questions or prompts, routing.classes, routing.confidence.tolist(), strict=True):
         print(f"{c:<10} {conf:.2f}  {q}")
         if args.explain:
             parts = extract_question(p)

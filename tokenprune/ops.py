@@ -9,7 +9,6 @@ Shape letters: ``B`` batch, ``M`` tokens, ``N`` pool tokens, ``K`` selected/cent
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

@@ -19,8 +19,8 @@ from . import checks, ops
 from .budget import KEEP_ALL, Budget, BudgetLike
 from .contract import Fused, Provenance, Requirements, Routing, Selection, VisualTokens
 from .prompts import extract_question
-from .spec import PipelineSpec, load_spec
 from .registry import stage_label
+from .spec import PipelineSpec, load_spec
 from .stages import KINDS, CompletionRequest
 
 __all__ = ["Pipeline", "resolve_budget"]

@@ -150,7 +150,7 @@ def _roles_in(line: str) -> list[tuple[str | None, str]]:
     parts: list[tuple[str | None, str]] = []
     if pieces[0].strip():
         parts.append((None, pieces[0].strip()))
-    for role, body in zip(pieces[1::2], pieces[2::2]):
+    for role, body in zip(pieces[1::2], pieces[2::2], strict=True):  # re.split with one group: pre, (role, body)*
         parts.append((role.lower(), ""))
         if body.strip():
             parts.append((None, body.strip()))

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
@@ -271,6 +270,16 @@ class LlmRequest:
     norm: Callable[[Tensor], Tensor]
     index: Tensor | None = None
     text_index: Tensor | None = None
+
+    def read(self, name: str) -> Tensor:
+        """The signal ``name`` (``attention``, ``key_norms``, ``text_key_norms``, ``index``,
+        ``text_index``), or a clear error when this step was not given it: the site records only
+        what the pruner's ``reads`` names."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"the in-LLM step at layer {self.layer} was given no {name}: list it in the "
+                             "pruner's reads (\"attention\" and/or \"key_norms\"), which the site records")
+        return value
 
 
 class LlmPruner(Stage):

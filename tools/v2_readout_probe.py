@@ -41,7 +41,7 @@ def _load(path: str):
     ck = torch.load(path, weights_only=False)
     cfg = ck.get("config", {})
     model, tok = build(0, arch=arch_with(cfg.get("arch"), base=ARCH_V2))
-    model.load_state_dict(ck["model"], strict=False)
+    model.load_state_dict(ck["model"], strict=True)
     model.set_attn_implementation("eager")  # attention weights
     return model.eval(), tok, cfg.get("feature_gain", 1.0), ck["state"]["step"]
 
@@ -77,7 +77,7 @@ def main(path: str) -> None:
                                          output_attentions=True)
         pred = model.lm_head(out.last_hidden_state[slots[:, 0], slots[:, 1]]).argmax(-1)
         n = 0
-        for b, (s, ql) in enumerate(zip(scenes, qs)):
+        for b, (s, ql) in enumerate(zip(scenes, qs, strict=True)):
             objects = set(_cells(*s.objects))
             for q in ql:
                 slot, p = int(slots[n, 1]), tok.decode([int(pred[n])]).strip()

@@ -165,7 +165,7 @@ def main(v: dict) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        for k, c in zip(klasses, correct):
+        for k, c in zip(klasses, correct, strict=True):
             acc.setdefault(k, []).append(c)
         if (step + 1) % 50 == 0:
             means = {k: round(float(np.mean(x)), 2) for k, x in sorted(acc.items())}

@@ -27,7 +27,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -249,7 +249,9 @@ class Adapter(ABC):
     unsupported_inputs: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        #: the model instance; transformers' model classes are untyped ``nn.Module`` trees (their
+        #: submodules come back as ``Tensor | Module``), so the adapters read them through ``Any``
+        self.model: Any = model
 
     # -- family-specific -------------------------------------------------------------------------
     @property
@@ -286,7 +288,7 @@ class Adapter(ABC):
     #: whether :meth:`encode_downsampled` (the ``image_downsample`` baseline) is implemented
     downsample: ClassVar[bool] = False
 
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> Any:  # the model's decoder stack, an untyped module tree
         lm = getattr(getattr(self.model, "model", None), "language_model", None)
         if lm is None or not hasattr(lm, "layers"):
             raise UnsupportedInput(f"{type(self.model).__name__} has no model.language_model.layers for in-LLM pruning")
@@ -362,7 +364,7 @@ class Adapter(ABC):
         videos, ``modality``) in the form the model's forward reads."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        return BaseModelOutputWithPooling(pooler_output=[features])
+        return BaseModelOutputWithPooling(pooler_output=cast(Any, [features]))  # the model reads a list
 
     # -- shared ----------------------------------------------------------------------------------
     def check_scoring(self, need: Requirements) -> None:
@@ -584,7 +586,7 @@ class Adapter(ABC):
     def check_placeholders(self, batch: Batch, enc: Encoded) -> None:
         """Refuse input_ids whose placeholders do not match the items' token counts, per modality."""
         N = enc.slots.shape[0]
-        given = dict(zip(self.modalities, batch.per_modality))
+        given = dict(zip(self.modalities, batch.per_modality, strict=True))
         bounds = {"image": slice(0, N - enc.videos), "video": slice(N - enc.videos, N)}
         for modality, count in given.items():
             want = enc.slots[bounds[modality]]
@@ -617,7 +619,7 @@ class Adapter(ABC):
         ids = inputs["input_ids"]
         per_image = self.placeholders_per_image(inputs)
         R = Budget.parse(budget).counts(torch.tensor([per_image] * ids.shape[0]))
-        if bool((R != R[0]).any()):
+        if bool((R[0] != R).any()):
             raise ValueError(f"image down-sampling resizes every image of a batch to one size; got per-sample "
                              f"budgets {R.tolist()}: give one budget")
         return int(R[0])

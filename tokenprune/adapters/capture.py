@@ -34,6 +34,7 @@ import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +86,7 @@ def _real_kernel(module: nn.Module, implementation: str):
         if eager is None:
             raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward in its modeling file")
         return eager
-    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)  # type: ignore[arg-type]  # None: no eager kernel
 
 
 def _probabilities(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None,
@@ -96,7 +97,7 @@ def _probabilities(query: Tensor, key: Tensor, mask: Tensor | None, scaling: flo
     S_q = query.shape[2]
     rows = rows or slice(0, S_q)
     q = query[:, :, rows]
-    k = key.repeat_interleave(H // Hkv, 1) if H != Hkv else key  # (B, H, S, Dh)
+    k = key.repeat_interleave(H // Hkv, 1) if Hkv != H else key  # (B, H, S, Dh)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, S)
     if mask is not None:
@@ -161,7 +162,7 @@ def flag_module(module: nn.Module) -> None:
     if hasattr(module, _ATTR):
         return
     _register()
-    config = module.config
+    config: Any = module.config
     implementation = config._attn_implementation
     own = copy.copy(config)  # shallow: only the kernel name differs
     own._attn_implementation = KERNEL

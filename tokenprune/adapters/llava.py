@@ -15,7 +15,7 @@ all of them) and it does not count against the budget; the in-LLM site applies t
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ def _tower_attentions(tower: nn.Module) -> list[nn.Module]:
     """The self-attention module of each tower block, in order: ``encoder.layers[i].self_attn``
     (CLIP, SigLIP) or ``encoder.layer[i].attention`` (DINOv2). Both call their kernel through
     ``AttentionInterface``, which is what attention capture needs."""
-    encoder = getattr(tower, "encoder", None)
+    encoder: Any = getattr(tower, "encoder", None)  # an untyped module tree
     if hasattr(encoder, "layers") and all(hasattr(b, "self_attn") for b in encoder.layers):
         return [b.self_attn for b in encoder.layers]
     if hasattr(encoder, "layer") and all(hasattr(b, "attention") for b in encoder.layer):
@@ -54,11 +54,11 @@ class LlavaAdapter(Adapter):
     family = "llava"
     llm_site = True
     downsample = True
-    visual_inputs = ("pixel_values", "image_sizes")
+    visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        cfg = model.config
+        cfg = self.model.config
         if cfg.vision_feature_select_strategy != "default":
             raise UnsupportedModel(
                 f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} keeps the [CLS] "
@@ -69,7 +69,7 @@ class LlavaAdapter(Adapter):
                 f"vision_feature_layer={cfg.vision_feature_layer} concatenates several layers; "
                 "tokenprune supports one feature layer"
             )
-        self.tower = model.model.vision_tower
+        self.tower: Any = self.model.model.vision_tower
         self._attentions = _tower_attentions(self.tower)
 
     @property
@@ -119,7 +119,7 @@ class LlavaAdapter(Adapter):
         return Encoded(tokens, own, torch.full((N,), M, dtype=torch.long, device=own.device))
 
     @staticmethod
-    def _captured(need: Requirements, recorder: capture.Recorder) -> dict[str, dict[int, Tensor]]:
+    def _captured(need: Requirements, recorder: capture.Recorder) -> dict[str, Any]:  # VisualTokens keywords
         """The recorded attention signals and keys of a one-crop-per-image tower, [CLS] dropped."""
         return dict(
             cls_attention={li: recorder.take(li, "cls")[0][:, :, 1:] for li in need.cls_attention},

@@ -114,7 +114,7 @@ class LlmSite:
     def __init__(self, adapter: Any, pruner: LlmPruner, name: str = ""):
         self.adapter = adapter
         self.pruner = pruner
-        self.layers: nn.ModuleList = adapter.decoder_layers()
+        self.layers: Any = adapter.decoder_layers()  # the decoder's layers, an untyped module list
         self.config = adapter.text_config()
         self.norm: nn.Module = adapter.final_norm()
         self.label = stage_label(pruner, name or None)
@@ -139,7 +139,7 @@ class LlmSite:
                                    "has sliding-window layers after the first pruning layer")
         #: the attention signal recorded for ``req.attention`` ("last" / "text"), if the pruner reads one
         self.attention_signal = getattr(pruner, "query", "last") if "attention" in pruner.reads else None
-        self.signals = {self.attention_signal} - {None}
+        self.signals: set[str] = {s for s in (self.attention_signal,) if s is not None}
         #: the key-norm signal recorded for ``req.key_norms``, if the pruner reads one
         self.key_signal = None
         if "key_norms" in pruner.reads:
@@ -183,7 +183,7 @@ class LlmSite:
         mask = inputs.get("attention_mask")
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         is_img, flat, _ = placeholder_columns(ids, valid, self.adapter.placeholder_ids)  # (B, S), (sum P,) item order
-        lines: dict[str, Tensor] = {}
+        lines: dict[str, Any] = {}  # Session's newline fields, when the family has row newlines
         if newline is not None and grid_row is not None:
             flat, lines = _split_lines(flat, newline.flatten()[flat], grid_row.flatten()[flat], kept.to(flat.device), S)
         if flat.numel() != int(kept.sum()):

@@ -25,7 +25,7 @@ The tower is SigLIP in the released checkpoints (no [CLS]): score with ``receive
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -49,14 +49,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def __init__(self, model: nn.Module):  # not LlavaAdapter's: OneVision's "full" strategy has no [CLS] to drop
         Adapter.__init__(self, model)
-        cfg = model.config
+        cfg = self.model.config
         if cfg.vision_feature_select_strategy not in ("default", "full"):
             raise UnsupportedModel(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}; "
                                    "tokenprune supports 'full' (SigLIP) and 'default' (drop the [CLS])")
         if not isinstance(cfg.vision_feature_layer, int):
             raise UnsupportedModel(f"vision_feature_layer={cfg.vision_feature_layer} concatenates several layers; "
                                    "tokenprune supports one feature layer")
-        self.tower = model.model.vision_tower
+        self.tower: Any = self.model.model.vision_tower
         self._attentions = _tower_attentions(self.tower)
         self.skip = 1 if cfg.vision_feature_select_strategy == "default" else 0  # leading [CLS] column
 
@@ -69,7 +69,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         # the model concatenates an image output's list, and flattens a video output's (videos, slots) axes
-        return BaseModelOutputWithPooling(pooler_output=[features] if modality == "image" else features[None])
+        return BaseModelOutputWithPooling(pooler_output=cast(Any, [features] if modality == "image" else features[None]))
 
     # -- encode: the model's own features, and every signal pushed through the same packing ----------
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
@@ -116,7 +116,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         pr = torch.arange(side * side) // side
         pc = torch.arange(side * side) % side
         coords = []
-        for size, c in zip(inputs["image_sizes"].tolist(), crops.tolist()):
+        for size, c in zip(inputs["image_sizes"].tolist(), crops.tolist(), strict=True):
             gh, gw = self._grid_shape(size) if c > 1 else (1, 1)
             k = torch.arange(c).unsqueeze(1)  # crop index, 0 = base
             row = torch.where(k == 0, pr * gh, (k - 1) // gw * side + pr)
@@ -127,7 +127,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             [f for f in torch.split(feats, crops.tolist())], inputs["image_sizes"], image_newline=nl,
             vision_aspect_ratio=cfg.vision_aspect_ratio)[0])
         return [dict(p, own=o, base=torch.tensor(int(c > 1) * side * side), frames=torch.tensor(1))
-                for p, o, c in zip(packed, out.pooler_output, crops.tolist())]
+                for p, o, c in zip(packed, out.pooler_output, crops.tolist(), strict=True)]
 
     def _videos(self, out: Any, shape: torch.Size, need: Requirements, recorder: capture.Recorder,
                 chunk: int) -> list[dict[str, Tensor]]:
@@ -145,7 +145,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return list(torch.cat([pooled, nl.expand(V, 1, -1)], 1))
 
         packed = self._push(signals, pool)
-        return [dict(p, own=o, base=torch.tensor(0), frames=torch.tensor(F)) for p, o in zip(packed, out.pooler_output)]
+        return [dict(p, own=o, base=torch.tensor(0), frames=torch.tensor(F)) for p, o in zip(packed, out.pooler_output, strict=True)]
 
     @staticmethod
     def _push(signals: dict[str, Tensor], pack) -> list[dict[str, Tensor]]:
@@ -161,7 +161,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         newline[-1] = 1.0
         out = []
         for slots in pack(feats, newline):  # per item (P, sum K + 1)
-            parts = dict(zip(names, torch.split(slots[:, :-1], widths, -1)))
+            parts = dict(zip(names, torch.split(slots[:, :-1], widths, -1), strict=True))
             parts["newline"] = slots[:, -1] > 0.5
             out.append(parts)
         return out

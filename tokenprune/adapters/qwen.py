@@ -22,7 +22,7 @@ videos go through the tower in one call (videos are images with more temporal pa
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ class QwenAdapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.visual = model.model.visual
+        self.visual: Any = self.model.model.visual
         self.unit = self.visual.spatial_merge_size ** 2
 
     @property
@@ -75,7 +75,7 @@ class QwenAdapter(Adapter):
                 "Qwen-VL needs mm_token_type_ids to compute M-RoPE positions; pass what the processor "
                 "returns (or mm_token_type_ids: 1 at image placeholders, 2 at video placeholders, 0 elsewhere)"
             )
-        for modality, token in zip(self.modalities, self.placeholder_ids):
+        for modality, token in zip(self.modalities, self.placeholder_ids, strict=True):
             self._check_grid(inputs, modality, token)
 
     def _check_grid(self, inputs: dict[str, Any], modality: str, token: int) -> None:
@@ -207,5 +207,5 @@ class Qwen3Adapter(QwenAdapter):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
         return BaseModelOutputWithDeepstackFeatures(
-            pooler_output=[features], deepstack_features=[[d] for d in deepstack]
+            pooler_output=cast(Any, [features]), deepstack_features=cast(Any, [[d] for d in deepstack])  # lists, as the model reads
         )

@@ -30,8 +30,9 @@ def cmd_router_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_router_eval(args: argparse.Namespace) -> int:
-    from tokenprune.registry import get_registry
     from tokenprune_plugins.router_fit import judge, load_dev_set
+
+    from tokenprune.registry import get_registry
 
     rows = load_dev_set(args.dev)
     rows = [r for r in rows if args.part == "all" or r.held_out == (args.part == "held-out")]
@@ -47,8 +48,9 @@ def cmd_router_eval(args: argparse.Namespace) -> int:
 
 def markdown_report(reports: dict, part: str) -> str:
     """Accuracy per class (Wilson 95 % intervals) for each router, then each one's confusion matrix."""
-    from tokenprune.lab.testbed.stats import wilson
     from tokenprune_plugins.routers import ROUTED
+
+    from tokenprune.lab.testbed.stats import wilson
 
     def cell(k: int, n: int) -> str:
         lo, hi = wilson(k, n)
@@ -67,7 +69,7 @@ def markdown_report(reports: dict, part: str) -> str:
         lines += ["", f"`{name}`: confusion (rows: the labelled class, columns: the routed class); per style: "
                   + ", ".join(f"{s} {k}/{n}" for s, (k, n) in j.per_style.items()), "",
                   "| labelled \\ routed | " + " | ".join(j.columns) + " |", "|---" * (len(j.columns) + 1) + "|"]
-        lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(ROUTED, j.confusion)]
+        lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(ROUTED, j.confusion, strict=True)]
     return "\n".join(lines)
 
 

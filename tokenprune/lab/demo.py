@@ -50,7 +50,7 @@ def synthetic_batch(B: int, seed: int = 0) -> tp.VisualTokens:
 
 def _map(sel: tp.Selection, b: int) -> list[str]:
     grid = [["."] * W for _ in range(H)]
-    for i, p in zip(sel.row(b).tolist(), sel.provenance[b].tolist()):
+    for i, p in zip(sel.row(b).tolist(), sel.provenance[b].tolist(), strict=True):
         grid[i // W][i % W] = "P" if p == Provenance.PIVOT else "c"
     return ["".join(r) for r in grid]
 
@@ -76,6 +76,6 @@ def run_demo(spec_path: str | Path, budget: int = 64) -> int:
               f"{float(sel.pivot_ratio[b]):.2f}; kept {int(sel.counts[b])} = {k1} pivots + "
               f"{int(sel.counts[b]) - k1} completion; heaviest encoder layers {top}")
     print("\nkept tokens of the first two prompts (P pivot, c completion, . dropped):")
-    for line_a, line_b in zip(_map(sel, 0), _map(sel, 1)):
+    for line_a, line_b in zip(_map(sel, 0), _map(sel, 1), strict=True):
         print(f"    {line_a}    {line_b}")
     return 0

@@ -30,13 +30,20 @@ from typing import Any
 
 import torch
 from hypothesis import given, settings
-from hypothesis.errors import Flaky
 from hypothesis import strategies as st
+from hypothesis.errors import Flaky
 from torch import Tensor
 
 from .. import ops
-from ..checks import (check_fused, check_mask, check_pivot_ratio, check_routing, check_schedule, check_scores,
-                      non_finite_scores)
+from ..checks import (
+    check_fused,
+    check_mask,
+    check_pivot_ratio,
+    check_routing,
+    check_schedule,
+    check_scores,
+    non_finite_scores,
+)
 from ..classes import CLASSES, ClassTable
 from ..contract import Fused, Requirements, Routing, VisualTokens
 from ..registry import Registry, get_registry, stage_label
@@ -85,8 +92,9 @@ def stage_under_test(word: str, params: Mapping[str, Any] | None = None,
         found = [reg.get(k, name) for k in KINDS if name in reg.stages[k]]
         if len(found) != 1:
             known = ", ".join(f"{i.kind}:{i.name}" for i in reg)
-            why = ("several kinds have a stage called '%s' (%s): give KIND:NAME" % (name, ", ".join(
-                i.kind for i in found))) if found else f"no registered stage is called '{name}'"
+            kinds = ", ".join(i.kind for i in found)
+            why = (f"several kinds have a stage called '{name}' ({kinds}): give KIND:NAME" if found
+                   else f"no registered stage is called '{name}'")
             raise LookupError(f"{why}; registered stages: {known}")
         info = found[0]
     try:
@@ -491,7 +499,7 @@ def _untouched(sut, kind, case):
     call = kind.call_for(sut, case)
     before = [t.clone() for t in _tensors(call)]
     kind.answer(sut, call)
-    for old, new in zip(before, _tensors(call)):
+    for old, new in zip(before, _tensors(call), strict=True):
         if not torch.equal(old, new):
             _fail(sut, "untouched", case, f"it modified an input tensor of shape {tuple(new.shape)}")
 

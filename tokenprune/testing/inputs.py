@@ -123,7 +123,7 @@ def permute(tokens: tp.VisualTokens, perm: torch.Tensor) -> tp.VisualTokens:
     )
 
 
-def snapshot(tokens: tp.VisualTokens) -> list[torch.Tensor]:
+def snapshot(tokens: tp.VisualTokens) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     ts = list(tokens.layers.values()) + list(tokens.cls_attention.values())
     ts += list(tokens.received_attention.values()) + list(tokens.attention_keys.values())
     ts += [t for t in (tokens.mask, tokens.positions, tokens.text_embedding, tokens.sample_keys) if t is not None]

@@ -33,9 +33,10 @@ def _per_prompt_ms(fn: Callable[[Sequence[str]], object], questions: Sequence[st
 
 def run(routers: Sequence[str], questions: Sequence[str], repeats: int = 3) -> list[dict]:
     """One row per router (and per part of the classifier): ms per question, single and batched."""
-    from tokenprune.registry import get_registry
     from tokenprune_plugins.router_classifier import cue_features
     from tokenprune_plugins.routers import embed, minilm_dir
+
+    from tokenprune.registry import get_registry
 
     timed: list[tuple[str, Callable]] = [(n, get_registry().get("router", n).cls().route) for n in routers]
     if "classifier" in routers:

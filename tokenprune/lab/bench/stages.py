@@ -162,7 +162,7 @@ def naive_clasp(tokens: tp.VisualTokens, alpha: Tensor, k1: int, k2: int, T: int
         seeds = torch.argsort(rho, stable=True)[:k2]
         mu = U[seeds].clone()
         assign = None
-        for step in range(T):
+        for _step in range(T):
             new = (U @ mu.T).argmax(1)
             if assign is not None and torch.equal(new, assign):
                 break
@@ -386,7 +386,7 @@ def run_methods(
         tokens = _method_inputs(M, L, Dv, D, B, device, dtype)
         clasp_select = None
         group: list[MethodRow] = []
-        for path, spec in pre:
+        for _path, spec in pre:
             if progress:
                 progress(f"{device} {shape} B={B} {spec.name}")
             pipe = tp.Pipeline(spec)
@@ -399,7 +399,7 @@ def run_methods(
             if spec.name == "clasp":
                 clasp_select = select_ms
             group.append(row)
-        for path, spec in llm:
+        for _path, spec in llm:
             if progress:
                 progress(f"{device} {shape} B={B} {spec.name} (in-LLM select)")
             ms = _time(_llm_select(spec, M, D, B, budget, device, dtype), device, repeats)

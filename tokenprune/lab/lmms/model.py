@@ -138,7 +138,7 @@ class TokenPrune(lmms):
         for batch in self._batches(requests):
             gen_kwargs = dict(requests[batch[0]].args[1])
             answers = self._generate([requests[i] for i in batch], gen_kwargs)
-            for i, answer in zip(batch, answers):
+            for i, answer in zip(batch, answers, strict=True):
                 out[i] = answer
                 self.cache_hook.add_partial("generate_until", (requests[i].args[0], gen_kwargs), answer.text)
         self._log_summary()
@@ -217,7 +217,7 @@ class TokenPrune(lmms):
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         images = [self._images(r) for r in reqs]
-        texts = [self._prompt(r.args[0], len(im), r) for r, im in zip(reqs, images)]
+        texts = [self._prompt(r.args[0], len(im), r) for r, im in zip(reqs, images, strict=True)]
         flat = [im for row in images for im in row]
         inputs = self._inputs(texts, flat)
         before = self.handle.last if self.handle is not None else None
@@ -227,7 +227,7 @@ class TokenPrune(lmms):
         new = out[:, inputs["input_ids"].shape[1]:]  # (B, T)
         decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         counts = self._counts(inputs, new, record, [r.args[4] for r in reqs])
-        return [GenerationResult(text=_cut(text, until), token_counts=c) for text, c in zip(decoded, counts)]
+        return [GenerationResult(text=_cut(text, until), token_counts=c) for text, c in zip(decoded, counts, strict=True)]
 
     def _generation(self, gen_kwargs: dict) -> dict[str, Any]:
         """``model.generate`` arguments from a task's ``generation_kwargs`` (greedy unless temperature > 0)."""
@@ -247,12 +247,12 @@ class TokenPrune(lmms):
         images = [self._images(r) for r in reqs]
         flat = [im for row in images for im in row]
         continuations = [r.args[1] if isinstance(r.args[1], str) else r.args[1](self._doc(r)) for r in reqs]
-        contexts = [self._prompt(r.args[0], len(im), r) for r, im in zip(reqs, images)]
-        fulls = [c + a for c, a in zip(contexts, continuations)]
+        contexts = [self._prompt(r.args[0], len(im), r) for r, im in zip(reqs, images, strict=True)]
+        fulls = [c + a for c, a in zip(contexts, continuations, strict=True)]
         inputs = self._inputs(fulls, flat)
         # (B,) continuation tokens: the image placeholders count alike on both sides, so the text alone tells
         n = torch.tensor([len(f) - len(c) for f, c in zip(self.tokenizer(fulls).input_ids,
-                                                           self.tokenizer(contexts).input_ids)], device=self._device)
+                                                           self.tokenizer(contexts).input_ids, strict=True)], device=self._device)
         if bool((n < 1).any()):
             raise ValueError(f"task '{reqs[0].args[4]}': an empty continuation tokenises to no tokens")
         before = self.handle.last if self.handle is not None else None
@@ -265,7 +265,7 @@ class TokenPrune(lmms):
         mine = torch.arange(width, device=n.device) >= (width - n)[:, None]  # (B, W)
         total = (logp.gather(2, targets[..., None])[..., 0] * mine).sum(1)
         greedy = ((logp.argmax(-1) == targets) | ~mine).all(1)
-        return [(float(t), bool(g)) for t, g in zip(total.tolist(), greedy.tolist())]
+        return [(float(t), bool(g)) for t, g in zip(total.tolist(), greedy.tolist(), strict=True)]
 
     # -- records ---------------------------------------------------------------------------------------
     def _counts(self, inputs: dict, new: torch.Tensor, record, tasks: list[str]) -> list[TokenCounts]:
@@ -274,11 +274,11 @@ class TokenPrune(lmms):
         generated = ((ended.cumsum(1) == 0).sum(1) + ended.any(1)).tolist()
         seen = (record.keep_mask if record is not None else inputs["attention_mask"].bool()).sum(1).tolist()
         if record is None:
-            return [TokenCounts(input_tokens=s, output_tokens=g) for s, g in zip(seen, generated)]
+            return [TokenCounts(input_tokens=s, output_tokens=g) for s, g in zip(seen, generated, strict=True)]
         final = record.llm_kept[-1] if record.llm_kept else record.kept  # (N,)
         rows, total, kept = record.image_sample.tolist(), record.total.tolist(), final.tolist()
         out = []
-        for r, (s, g) in enumerate(zip(seen, generated)):
+        for r, (s, g) in enumerate(zip(seen, generated, strict=True)):
             mine = [i for i, row in enumerate(rows) if row == r]
             counts = PrunedTokenCounts(input_tokens=s, output_tokens=g, visual_tokens=[total[i] for i in mine],
                                        visual_tokens_kept=[kept[i] for i in mine],

@@ -17,8 +17,9 @@ Run it with ``lmms-eval --model tokenprune --model_args pretrained=testbed,spec=
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["write_task", "task_functions", "DEFAULT_NAME"]
 

@@ -53,7 +53,7 @@ def _panel(img: Image.Image, indices: list[int], provenance: list[int], caption:
         if i not in kept:
             r, c = divmod(i, GRID)
             draw.rectangle([c * CELL, r * CELL, c * CELL + CELL - 1, r * CELL + CELL - 1], fill=(0, 0, 0, 110))
-    for i, p in zip(indices, provenance):
+    for i, p in zip(indices, provenance, strict=True):
         r, c = divmod(i, GRID)
         colour = PIVOT if p == Provenance.PIVOT else COMPLETION
         draw.rectangle([c * CELL, r * CELL, c * CELL + CELL - 1, r * CELL + CELL - 1], outline=colour + (255,), width=2)
@@ -118,7 +118,7 @@ def run_demo(spec_path: str | Path, budget: int | float = 64, out: str | Path = 
         model(**warm)
     right = {"unpruned": 0, "pruned": 0}
     asked = 0
-    for si, classes in zip(SCENES, ASKED):
+    for si, classes in zip(SCENES, ASKED, strict=True):
         sc = scene("test", si)
         questions = [q for k in classes if (q := ask(sc, k)) is not None]
         panels = []

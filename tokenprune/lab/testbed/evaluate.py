@@ -49,8 +49,8 @@ import torch
 from ...pipeline import Pipeline
 from ...spec import PipelineSpec
 from .memo import memoized_tower, tower_cost
-from .protocol import BUDGETS, DECISIVE_MARGIN
 from .model import prompt
+from .protocol import BUDGETS, DECISIVE_MARGIN
 from .questions import QA_CLASSES
 from .resume import Checkpoint, run_key
 from .splits import Example, examples, scene

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .scenes import Scene, make_scene
-from .splits import SPLITS, scene as split_scene
+from .splits import SPLITS
+from .splits import scene as split_scene
 
 __all__ = ["POOL_BASE", "POOL_OBJECTS", "CHUNK", "pool_scene", "FeaturePool"]
 

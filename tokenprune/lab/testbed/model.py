@@ -212,7 +212,8 @@ CHAT_TEMPLATE = (
 def build_processor(tokenizer, tower: str = "clip"):
     """The real ``LlavaProcessor``: resize and crop to 336 px, normalise with the tower's statistics
     (:func:`normalisation`), ``<image>`` expanded to 576; its chat template is :data:`CHAT_TEMPLATE`."""
-    from transformers import CLIPImageProcessorPil as CLIPImageProcessor, LlavaProcessor
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    from transformers import LlavaProcessor
 
     mean, std = normalisation(tower)
     image_processor = CLIPImageProcessor(size={"shortest_edge": SIZE},
@@ -281,7 +282,7 @@ def _load_without_tower(directory: Path, config, attn: str):
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn)
     _load_pretrained_tower(model)
     own = load_file(str(directory / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(own, strict=False)
+    missing, unexpected = model.load_state_dict(own, strict=True)
     missing = [k for k in missing if not k.startswith(_TOWER_PREFIX) and k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"{directory / 'model.safetensors'} does not fit its config.json: missing {missing[:5]}, "

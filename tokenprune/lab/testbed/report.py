@@ -226,12 +226,12 @@ def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
 
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), sharex=True)
     variants = list(dict.fromkeys(r["variant"] for r in report["runs"]))
-    for ax, c in zip(axes.flat, COLUMNS):
+    for ax, c in zip(axes.flat, COLUMNS, strict=True):
         for i, v in enumerate(variants):
             rs = sorted((r for r in report["runs"] if r["variant"] == v), key=_tokens)
             acc = [r["accuracy"].get(c, float("nan")) for r in rs]
-            lo = [a - r.get("interval", {}).get(c, (a, a))[0] for a, r in zip(acc, rs)]
-            hi = [r.get("interval", {}).get(c, (a, a))[1] - a for a, r in zip(acc, rs)]
+            lo = [a - r.get("interval", {}).get(c, (a, a))[0] for a, r in zip(acc, rs, strict=True)]
+            hi = [r.get("interval", {}).get(c, (a, a))[1] - a for a, r in zip(acc, rs, strict=True)]
             ax.errorbar([_tokens(r) for r in rs], acc, yerr=[lo, hi], capsize=2, ms=4, lw=1.2, label=v, **style(i))
         ax.axhline(report["unpruned"]["accuracy"].get(c, float("nan")), color="black", ls="--", lw=1, label="unpruned (576)")
         if c in report["chance"]:
@@ -362,7 +362,7 @@ def plot_fidelity(report: dict[str, Any], path: str | Path, title: str = "", c: 
                 continue
             x = [_tokens(r) * _offset(i, len(variants)) for r in rs]
             y = [r[metric][c] for r in rs]
-            err = [[a - r[iv][c][0] for a, r in zip(y, rs)], [r[iv][c][1] - a for a, r in zip(y, rs)]]
+            err = [[a - r[iv][c][0] for a, r in zip(y, rs, strict=True)], [r[iv][c][1] - a for a, r in zip(y, rs, strict=True)]]
             top.errorbar(x, y, yerr=err, capsize=2, ms=4, lw=1.2, label=v, **style(i))
             _paired_panel(bottom, rs, metric, c, x, i)
         if metric == "accuracy":
@@ -397,7 +397,7 @@ def _paired_panel(ax, rs: list[dict], metric: str, c: str, x: list[float], i: in
 
     tests = [(r.get("vs_reference") if metric == "accuracy" else r.get("fidelity_vs_reference", {}).get(metric))
              for r in rs]
-    pts = [(xx, t[c]) for xx, t in zip(x, tests) if t and c in t]
+    pts = [(xx, t[c]) for xx, t in zip(x, tests, strict=True) if t and c in t]
     if not pts:
         return
     d = [t["delta"] for _, t in pts]

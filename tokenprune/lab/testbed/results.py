@@ -34,7 +34,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 __all__ = ["Step", "plan", "code_digest", "fingerprint", "read_manifest", "is_current", "stale_because", "run_plan",
@@ -93,8 +93,9 @@ def _ablation_outputs(results: Path, name: str) -> tuple[Path, ...]:
 def code_roots() -> tuple[Path, ...]:
     """The source folders whose files a step's code digest covers: the installed ``tokenprune``
     and ``tokenprune_plugins`` packages (the checkout's folders under an editable install)."""
-    import tokenprune
     import tokenprune_plugins
+
+    import tokenprune
 
     return tuple(Path(m.__file__).resolve().parent for m in (tokenprune, tokenprune_plugins))
 
@@ -199,7 +200,7 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
         fp = fingerprint(step, model_dir, code)  # calibrate rewrites the table: record what now stands
         done[step.name] = {"fingerprint": fp, "code": code, "argv": list(step.argv),
                            "seconds": round(time.perf_counter() - t0, 1),
-                           "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+                           "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps(done, indent=1) + "\n")
         sys.stdout.flush()
@@ -217,8 +218,14 @@ def render(name: str, kind: str, results: Path = RESULTS, only: Sequence[str] | 
     what a calibration grid chose per class and budget) of ``results/<name>.json``, with the
     variants named in ``only`` (all by default)."""
     from .calibrate import calibration_table
-    from .report import (detectable_table, fidelity_class_table, fidelity_table, markdown_table, paired_table,
-                         recall_table)
+    from .report import (
+        detectable_table,
+        fidelity_class_table,
+        fidelity_table,
+        markdown_table,
+        paired_table,
+        recall_table,
+    )
 
     kinds = {"table": lambda r: markdown_table(r, delta=True), "recall": recall_table, "paired": paired_table,
              "fidelity": fidelity_table, "agreement": lambda r: fidelity_class_table(r, "agreement"),

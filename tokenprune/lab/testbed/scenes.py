@@ -127,11 +127,11 @@ def _polygon(kind: str, x0: float, y0: float, s: float) -> list[tuple[float, flo
         return [(cx, y0), (x0 + s, y0 + s), (x0, y0 + s)]
     if kind == "hexagon":
         a = np.arange(6) * np.pi / 3
-        return list(zip(cx + r * np.cos(a), cy + r * np.sin(a)))
+        return list(zip(cx + r * np.cos(a), cy + r * np.sin(a), strict=True))
     if kind == "star":
         a = np.arange(10) * np.pi / 5 - np.pi / 2
         rr = np.where(np.arange(10) % 2 == 0, r, r * 0.42)
-        return list(zip(cx + rr * np.cos(a), cy + rr * np.sin(a)))
+        return list(zip(cx + rr * np.cos(a), cy + rr * np.sin(a), strict=True))
     raise KeyError(kind)
 
 

@@ -54,8 +54,8 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float | int]:
     """
     if len(a) != len(b):
         raise ValueError(f"mcnemar: the two methods answered {len(a)} and {len(b)} questions; pair the same ones")
-    a_only = sum(1 for x, y in zip(a, b) if x and not y)
-    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
     n = len(a)
     return {"a_only": a_only, "b_only": b_only, "delta": (a_only - b_only) / n if n else 0.0,
             "se": paired_se(a_only, b_only, n), "p": _binom_two_sided(a_only, a_only + b_only)}

@@ -322,7 +322,7 @@ def train(cfg: TrainConfig, out: str | Path, *, log=print, max_minutes: float | 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(qa_params, 1.0)
             opt2.step()
-            for k, c in zip(klasses, correct):
+            for k, c in zip(klasses, correct, strict=True):
                 window.setdefault(k, []).append(float(c))
         window.setdefault("loss", []).append(float(loss.detach()))
         state["step"] += 1

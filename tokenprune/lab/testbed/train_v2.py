@@ -143,7 +143,7 @@ def _held_out(model, packer: Packer, val: FeaturePool, scenes: int, batch: int, 
         sc = [split_scene("val", i) for i in idx]
         qs = [[q for c in QA_CLASSES if (q := ask(s, c, 0)) is not None] for s in sc]
         _, klasses, correct = qa_loss(model, packer, sc, qs, 0.0, val.features(idx) * gain)
-        for k, c in zip(klasses, correct):
+        for k, c in zip(klasses, correct, strict=True):
             hits.setdefault(k, []).append(float(c))
     model.train(was)
     acc = {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
@@ -179,7 +179,7 @@ def train_v2(cfg: TrainConfigV2, out: str | Path, *, log: Callable[[str], None] 
     if ckpt.exists():
         ck = torch.load(ckpt, weights_only=False)
         _check_same_recipe(ck.get("config", {}), cfg, ckpt)
-        model.load_state_dict(ck["model"], strict=False)
+        model.load_state_dict(ck["model"], strict=True)
         opt.load_state_dict(ck["opt"])
         state = ck["state"]
         log(f"resumed from {ckpt} at step {state['step']}")
@@ -217,7 +217,7 @@ def train_v2(cfg: TrainConfigV2, out: str | Path, *, log: Callable[[str], None] 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         _update(state, cfg, klasses, correct)
-        for k, c in zip(klasses, correct):
+        for k, c in zip(klasses, correct, strict=True):
             window.setdefault(k, []).append(float(c))
         window.setdefault("loss", []).append(float(loss.detach()))
         state["step"] += 1
@@ -282,7 +282,7 @@ def _aux() -> tuple[str, ...]:
 def _update(state: dict, cfg: TrainConfigV2, klasses: list[str], correct: list[bool]) -> None:
     """Running accuracy per class over the last ``window`` steps, and the per-class restarts."""
     step_acc: dict[str, list[float]] = {}
-    for k, c in zip(klasses, correct):
+    for k, c in zip(klasses, correct, strict=True):
         step_acc.setdefault(k, []).append(float(c))
     for k, v in step_acc.items():
         rec = state["recent"].setdefault(k, [])
