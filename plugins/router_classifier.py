@@ -73,6 +73,15 @@ CUES: dict[str, str] = {
     "kind of": r"\bwhat (kind|type|sort) of\b",
     "any": r"\b(any|anything|anyone|anybody|someone|somebody)\b",
     "presence verb": r"\b(wearing|holding|carrying|have|has|contains?|see|visible|present|show|shows|include)\b",
+    # cues for the kinds real benchmark questions showed to be hard (issue 32)
+    "is/are there with a relation": r"\b(is|are) there\b.*\b(left|right|above|below|behind|in front|next to|beside|"
+                                    r"between|under|beneath|underneath|on top|near)\b",
+    "is/are there with a colour": r"\b(is|are) there\b.*\b" + _COLOUR + r"\b",
+    "how many of a printed value": r"\bhow many\b.*\b(label|sign|chart|graph|plot|listed|lists?|says?|according|shown on|"
+                                   r"written|printed|menu|receipt|display|screen|bar|pie|table|percent|dollars?|euros?)\b",
+    "yes/no with a digit to read": _YES_NO + r".*(\b(sign|label|jersey|shirt|receipt|price|total|limit|score|plate|"
+                                   r"clock|display|screen|page|number)\b.*\d|\d.*\b(on|printed|written|shown)\b)",
+    "translate": r"\b(translat\w*|in (english|french|spanish|german|chinese|japanese|italian))\b",
 }
 
 

@@ -106,3 +106,19 @@ def test_router_eval_prints_the_table_and_the_confusion_matrix(capsys):
     assert main(["router", "eval", "--router", "classifier,keyword"]) == 0
     out = capsys.readouterr().out
     assert "| classifier | " in out and "| keyword | " in out and "| labelled \\ routed |" in out
+
+
+def test_the_phrasing_checks_share_no_question_with_the_development_set():
+    """The check files judge the router on phrasings it was not fitted on: none of their questions
+    (by text, ignoring case) is a row of the development set, and each covers every class."""
+    from importlib import resources
+
+    from tokenprune_plugins.router_dev import load_dev_set
+    from tokenprune_plugins.routers import ROUTED
+
+    dev = {r.text.lower() for r in load_dev_set()}
+    for name in ("router_check_a.tsv", "router_check_b.tsv"):
+        path = resources.files("tokenprune_plugins").joinpath(f"data/{name}")
+        rows = load_dev_set(str(path))
+        assert not [r.text for r in rows if r.text.lower() in dev], name
+        assert {r.klass for r in rows} == set(ROUTED), name
