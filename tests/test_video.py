@@ -390,6 +390,29 @@ def test_a_grid_that_disagrees_with_its_pixels_is_refused_by_name_before_the_tow
         m(**moved)
 
 
+def test_onevision_pixels_that_disagree_with_their_sizes_are_refused_before_the_tower(monkeypatch):
+    """LLaVA-OneVision: a video's frames moved into pixel_values (one image more than image_sizes
+    gives), or an image_sizes row that needs more crops than pixel_values holds, is refused naming
+    the input before the tower runs."""
+    m = model(OV)
+    inp = inputs(m, OV, mixed(OV), "cpu")
+    calls = []
+    monkeypatch.setattr(m.model.vision_tower, "forward", lambda *a, **k: calls.append(1))
+    px, vid = inp["pixel_values"], inp["pixel_values_videos"]
+    frames = vid[0, :1].expand(px.shape[1], *vid.shape[2:]).to(px.dtype)  # one frame as an image's crops
+    moved = dict(inp, pixel_values=torch.cat([px, frames[None]]), pixel_values_videos=vid[1:])
+    big = inp["image_sizes"].clone()
+    big[0] = torch.tensor([2000, 3000])  # anyres: many more crops than the batch holds
+    with tp.apply(m, clasp(OV), budget=0.5):
+        with pytest.raises(tp.adapters.UnsupportedInput,
+                           match=rf"pixel_values holds {px.shape[0] + 1} images but image_sizes gives {px.shape[0]}"):
+            m(**moved)
+        with pytest.raises(tp.adapters.UnsupportedInput, match=rf"image 0 of pixel_values holds {px.shape[1]} crops, "
+                           r"but its size \[2000, 3000\] in image_sizes needs \d+"):
+            m(**dict(inp, image_sizes=big))
+    assert calls == []
+
+
 def test_qwen3_timestamps_stay_between_the_kept_frames():
     family = "qwen3-vl"
     m = model(family)

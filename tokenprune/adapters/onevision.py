@@ -64,6 +64,39 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         Adapter.check_inputs(self, inputs)
         if inputs.get("pixel_values") is not None and inputs.get("image_sizes") is None:
             raise UnsupportedInput("LLaVA-OneVision images need image_sizes next to pixel_values (the processor returns both)")
+        self._check_pixels(inputs)
+
+    def _check_pixels(self, inputs: dict[str, Any]) -> None:
+        """Before the tower runs: images are ``(images, crops, C, H, W)`` with one ``image_sizes`` row
+        each and at least the crops their size implies; videos are ``(videos, frames, C, H, W)``."""
+        pixels, videos = inputs.get("pixel_values"), inputs.get("pixel_values_videos")
+        if videos is not None and videos.dim() != 5:
+            raise UnsupportedInput(f"pixel_values_videos must be (videos, frames, C, H, W), got shape "
+                                   f"{tuple(videos.shape)}: pass what the processor returns")
+        if pixels is None:
+            return
+        sizes = inputs["image_sizes"]
+        if pixels.dim() != 5:
+            raise UnsupportedInput(f"LLaVA-OneVision pixel_values must be (images, crops, C, H, W), got shape "
+                                   f"{tuple(pixels.shape)}: pass what the processor returns")
+        if pixels.shape[0] != sizes.shape[0]:
+            raise UnsupportedInput(f"pixel_values holds {pixels.shape[0]} images but image_sizes gives "
+                                   f"{sizes.shape[0]}: pass both as the processor returns them, each image's "
+                                   "crops in pixel_values and no video's frames")
+        crops = self._crops_per_image(sizes)  # (N,)
+        per_prompt = inputs.get("batch_num_images")
+        if per_prompt is not None:  # a prompt with several images gives one crop each
+            single = torch.tensor([int(n) == 1 for n in per_prompt.tolist() for _ in range(int(n))])
+            if single.numel() != crops.numel():
+                raise UnsupportedInput(f"batch_num_images counts {single.numel()} images, but pixel_values holds "
+                                       f"{crops.numel()}: pass what the processor returns")
+            crops = torch.where(single, crops, torch.ones_like(crops))
+        short = (crops > pixels.shape[1]).nonzero().flatten().tolist()
+        if short:
+            i = short[0]
+            raise UnsupportedInput(f"image {i} of pixel_values holds {pixels.shape[1]} crops, but its size "
+                                   f"{sizes[i].tolist()} in image_sizes needs {int(crops[i])}: pass pixel_values "
+                                   "and image_sizes as the processor returns them")
 
     def encoder_output(self, features: Tensor, deepstack: list[Tensor], modality: str = "image") -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
