@@ -389,6 +389,22 @@ def test_calibrate_with_the_guard_records_each_decision(mini, tmp_path):
         assert g["chosen"] == g["pooled"]
 
 
+def test_the_demo_says_when_routing_changes_nothing():
+    import tokenprune as tp
+    from tokenprune.classes import ClassTable
+    from tokenprune.lab.testbed.demo import routing_note
+    from tokenprune.spec import load_spec
+
+    spec = load_spec(REPO / "specs/clasp.toml")
+    rows = {c: {"strategy": "B", "pivot_ratio": 0.5} for c in ClassTable.default().classes}
+    uniform = tp.Pipeline(spec.replace(class_table={"classes": rows}))
+    assert "same cell at 8 tokens, so routing changes nothing" in routing_note(uniform, 8)
+    rows["ocr"] = {"strategy": "B", "pivot_ratio": 0.5, "bands": [{"up_to": 16, "strategy": "B", "pivot_ratio": 0.0}]}
+    banded = tp.Pipeline(spec.replace(class_table={"classes": rows}))
+    assert routing_note(banded, 8) == "" and "same cell at 64" in routing_note(banded, 64)
+    assert "reads no class" in routing_note(tp.Pipeline(load_spec(REPO / "specs/variants/divprune.toml")), 8)
+
+
 def test_demo_writes_overlays(mini, tmp_path, capsys):
     assert main(["demo", "--model", str(mini), "--out", str(tmp_path), "--budget", "48"]) == 0
     out = capsys.readouterr().out

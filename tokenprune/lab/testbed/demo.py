@@ -9,6 +9,7 @@ question: the scene with the kept patches outlined, pivots in red and completion
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -103,6 +104,21 @@ def _sheet(panels: list[Image.Image], title: str) -> Image.Image:
     return sheet
 
 
+def routing_note(pipe: tp.Pipeline, budget: int) -> str:
+    """What routing can change at ``budget`` tokens: nothing when the spec reads no class (no
+    class-adaptive fusion, no class-table policy), or when the class table gives every class the
+    same cell there; else empty."""
+    spec = pipe.spec
+    if spec.stage_name("fusion") != "class-adaptive" and spec.stage_name("budget_policy") != "class-table":
+        return "this spec reads no class, so routing changes nothing here"
+    classes = tuple(pipe.table.classes)
+    cells = {json.dumps(c.as_cell().model_dump(), sort_keys=True)
+             for c in pipe.table.cells(classes, torch.full((len(classes),), budget))}
+    if len(cells) == 1:
+        return f"the class table gives every class the same cell at {budget} tokens, so routing changes nothing here"
+    return ""
+
+
 def run_demo(spec_path: str | Path, budget: int | float = 64, out: str | Path = "out/demo", model_dir: str | None = None) -> int:
     pipe = tp.Pipeline.from_file(spec_path)  # a bad spec fails before the model loads
     model, processor = load(model_dir)
@@ -140,8 +156,9 @@ def run_demo(spec_path: str | Path, budget: int | float = 64, out: str | Path = 
             asked += 1
             mark = lambda a: "right" if a == q.answer else "wrong"  # noqa: E731
             print(f"  Q [{q.klass}] {q.text}")
+            note = routing_note(pipe, n)  # the row's budget: what it kept
             print(f"    routed to '{rec.classes[0]}'; kept {n}/{int(rec.total[0])} tokens = {pivots} pivots + "
-                  f"{n - pivots} completion")
+                  f"{n - pivots} completion" + (f" ({note})" if note else ""))
             print(f"    answer: unpruned '{a_full}' ({mark(a_full)}, prefill {1e3 * t_full:.0f} ms), "
                   f"pruned '{a_pruned}' ({mark(a_pruned)}, prefill {1e3 * t_pruned:.0f} ms); truth '{q.answer}'")
             panels.append(_panel(sc.image, idx, prov, [
