@@ -149,7 +149,7 @@ def test_the_saved_projector_reads_raw_features_as_training_read_gained_ones(tra
     assert gain != 1.0  # the default recipe uses a gain, so this test can fail
     saved, _ = tb_model.load(tmp / "run")
     trained_form, _ = tb_model.build(0, arch=tb_model.arch_with(MINI, base=tb_model.ARCH_V2))
-    trained_form.load_state_dict(torch.load(tmp / "run" / "checkpoint.pt", weights_only=False)["model"], strict=True)
+    trained_form.load_state_dict(torch.load(tmp / "run" / "checkpoint.pt", weights_only=False)["model"], strict=False)
     feats = FeaturePool(tmp / "features", saved, None, 8, chunk=4).features([0, 3])  # (B, M, Dv)
     with torch.no_grad():
         got = saved.model.multi_modal_projector(feats)

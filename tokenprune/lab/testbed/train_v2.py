@@ -179,7 +179,7 @@ def train_v2(cfg: TrainConfigV2, out: str | Path, *, log: Callable[[str], None] 
     if ckpt.exists():
         ck = torch.load(ckpt, weights_only=False)
         _check_same_recipe(ck.get("config", {}), cfg, ckpt)
-        model.load_state_dict(ck["model"], strict=True)
+        model.load_state_dict(ck["model"], strict=False)
         opt.load_state_dict(ck["opt"])
         state = ck["state"]
         log(f"resumed from {ckpt} at step {state['step']}")
