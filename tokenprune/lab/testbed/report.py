@@ -243,12 +243,20 @@ def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
         ax.set_xlabel("visual tokens kept (of 576)")
     axes[0, 0].set_ylabel("accuracy")
     axes[1, 0].set_ylabel("accuracy")
-    handles, labels = axes.flat[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-    fig.suptitle(title or f"testbed '{report['split']}' split, {report['examples']} questions "
-                 "(error bars: 95 % Wilson intervals)")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
-    fig.savefig(path, dpi=90)
+    _finish(fig, axes.flat[1], title or f"testbed '{report['split']}' split, {report['examples']} questions "
+            "(error bars: 95 % Wilson intervals)", path, columns=6, bottom=0.07, dpi=90)
+
+
+def _finish(fig, legend_from, title: str, path: str | Path, columns: int, bottom: float, dpi: int) -> None:
+    """One legend for the figure (from the axes ``legend_from``) under the panels, the title, and
+    the PNG written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = legend_from.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(columns, len(labels)), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, bottom, 1, 0.96))
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -382,13 +390,8 @@ def plot_fidelity(report: dict[str, Any], path: str | Path, title: str = "", c: 
     axes[1, 4].text(0, 0.5, f"bottom row: paired difference from '{ref}'\nat the same budget, 95 % interval\n"
                     "(agreement: normal, paired SE; KL: bootstrap)\n\nseries offset by up to 6 % along x\n"
                     "so that none hides another", fontsize=10, va="center")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8)
-    fig.suptitle(title or f"testbed '{report['split']}' split, {report['examples']} questions, {c}: "
-                 "fidelity to the unpruned answer (error bars: 95 % intervals)")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _finish(fig, axes[0, 0], title or f"testbed '{report['split']}' split, {report['examples']} questions, {c}: "
+            "fidelity to the unpruned answer (error bars: 95 % intervals)", path, columns=8, bottom=0.06, dpi=80)
 
 
 def _paired_panel(ax, rs: list[dict], metric: str, c: str, x: list[float], i: int) -> None:
