@@ -341,6 +341,12 @@ def test_calibration_guard_keeps_the_pooled_row_unless_a_cell_beats_it_beyond_no
     keep = _guarded("A/0.5", "E/0.25", {"A/0.5": noise, "E/0.25": pooled}, 1.96)
     assert keep["chosen"] == "E/0.25" and "pooled row kept" in keep["why"]
     assert _guarded("A/0.5", "E/0.25", {"A/0.5": noise, "E/0.25": pooled}, 0)["chosen"] == "A/0.5"  # no guard
+    # 4 discordant pairs to 0 on 104 questions: +0.038 passes 1.96 normal SEs (0.037) but the exact
+    # McNemar p is 0.125, so the pooled row stays
+    base = [True] * 52 + [False] * 52
+    few = [True] * 56 + [False] * 48
+    t = _guarded("A/0.5", "E/0.25", {"A/0.5": few, "E/0.25": base}, 1.96)
+    assert t["delta"] > 1.96 * t["se"] and t["p"] == 0.125 and t["chosen"] == "E/0.25"
 
 
 def test_bands_are_one_per_budget_up_to_the_last_that_differs_and_merge_equal_neighbours():

@@ -20,7 +20,9 @@ router's fallback, gets the cell that is best averaged over all classes (the *po
 **The guard.** A class's own best cell replaces the pooled cell only if it beats it by more than
 its paired noise: on that class's calibration questions, over all budgets, the objective's
 difference must exceed ``guard_z`` times its paired standard error (McNemar's discordant pairs for
-a share, the per-question differences for KL). Otherwise the class keeps the pooled cell. On a
+a share, the per-question differences for KL), and the exact paired test must agree (p below the
+two-sided level of ``guard_z``, 0.05 for 1.96: with few discordant pairs the normal rule alone
+passes noise). Otherwise the class keeps the pooled cell. On a
 class the model cannot answer, the best of 45 cells is noise, and the guard keeps such a class on
 the pooled cell. ``guard_z = 0`` turns it off. What it decided is in the grid's ``guard`` entry.
 
@@ -37,6 +39,7 @@ import itertools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 from ...classes import CLASSES, STRATEGIES, Band, ClassEntry, ClassTable
@@ -218,9 +221,12 @@ def _guarded(best: str, pooled: str, values: dict[str, list[float]], z: float, b
         return {"best": best, "pooled": pooled, "chosen": best, "delta": 0.0, "se": 0.0, "p": 1.0,
                 "why": "the best cell is the pooled cell"}
     t = mcnemar(values[best], values[pooled]) if binary else paired_mean_test(values[best], values[pooled])
-    wins = t["delta"] > z * t["se"] if z > 0 else True
-    why = (f"beats the pooled cell by {t['delta']:+.3f} > {z:g} x paired SE {t['se']:.3f}" if wins else
-           f"{t['delta']:+.3f} is within {z:g} x paired SE {t['se']:.3f} of the pooled cell: noise, pooled row kept")
+    level = 2 * (1 - NormalDist().cdf(z)) if z > 0 else 1.0  # the two-sided level of z: 0.05 for 1.96
+    # both: the normal rule alone passes 4 discordant pairs to 0 (exact p = 0.125) on 100 questions
+    wins = t["delta"] > z * t["se"] and t["p"] < level if z > 0 else True
+    why = (f"beats the pooled cell by {t['delta']:+.3f} > {z:g} x paired SE {t['se']:.3f}, paired p = {t['p']:.3g}"
+           if wins else f"{t['delta']:+.3f} against paired SE {t['se']:.3f} and paired p = {t['p']:.3g} (needs "
+           f"> {z:g} SE and p < {level:.3g}): noise, pooled row kept")
     return {"best": best, "pooled": pooled, "chosen": best if wins else pooled, "delta": round(t["delta"], 4),
             "se": round(t["se"], 4), "p": round(t["p"], 5), "why": why}
 
