@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +22,7 @@ from tokenprune import hookimpl, ops
 from tokenprune.stages import Completion, CompletionRequest, CompletionResult
 
 from .greedy import greedy_max_min
-from .kmeans import KMeansResult, cluster_medoids, spherical_kmeans
+from .kmeans import KMeansResult, centre_similarity, cluster_argmax, cluster_medoids, spherical_kmeans
 
 
 @dataclass(frozen=True)
@@ -120,27 +119,28 @@ class ClaspCompletion(Completion):
         km = spherical_kmeans(x, pool, seed_index, seed_ok, self.iterations, self.early_stop, trace,
                                   final_update=self.medoid_centres == "updated")
         # 4. medoids (eq. 41), then fill to exactly K2
-        med = cluster_medoids(x, pool, km, tiebreak=rho)  # (B, K2max), M = none
-        if self.representative == "novel":  # lowest rho per cluster; ties to the more typical, then the lower index
-            novel = cluster_medoids(x, pool, dataclasses.replace(km, score=-rho),
-                                        tiebreak=-_centre_similarity(x, km, acc))  # (B, K2max)
-            med = torch.where(has_pivots.unsqueeze(1), novel, med)
+        med = self._representatives(x, pool, km, rho, has_pivots)  # (B, K2max), M = none
         chosen = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device).scatter_(1, med, True)[:, :M]
         missing = k2 - chosen.sum(1)  # (B,)
         chosen = chosen | ops.topk_mask(rho, missing, pool & ~chosen, largest=False)
         return ClaspPlan(pool, rho, seeds, km, med, chosen)
 
+    def _representatives(self, x: Tensor, pool: Tensor, km: KMeansResult, rho: Tensor, has_pivots: Tensor) -> Tensor:
+        """``(B, K2max)`` the token each cluster keeps: its medoid (eq. 41), or with ``novel`` its
+        lowest-``rho`` member (ties to the more typical, then the lower index) in rows with pivots;
+        medoids are computed only for the rows that keep them."""
+        K = km.centres.shape[1]
+        if self.representative == "medoid" or not bool(has_pivots.any()):
+            return cluster_medoids(x, pool, km, tiebreak=rho)
+        fit = centre_similarity(x, km)  # (B, M)
+        novel = cluster_argmax(-rho, pool, km.assign, K, x.dtype, tiebreak=-fit)
+        if bool(has_pivots.all()):
+            return novel
+        medoid = cluster_argmax(fit, pool, km.assign, K, x.dtype, tiebreak=rho)
+        return torch.where(has_pivots.unsqueeze(1), novel, medoid)
+
     def complete(self, req: CompletionRequest) -> CompletionResult:
         return CompletionResult(self.plan(req).chosen)
-
-
-def _centre_similarity(x: Tensor, km: KMeansResult, acc: torch.dtype) -> Tensor:
-    """``(B, M)`` each token's similarity to its own cluster's centre (``u_t . mu_{a_t}``)."""
-    if km.score is not None:
-        return km.score.to(acc)
-    K = km.centres.shape[1]
-    own = ops.gather_rows(km.centres, km.assign.clamp_max(max(K - 1, 0)))  # (B, M, D)
-    return (x * own).sum(-1, dtype=acc)
 
 
 class NoCompletion(Completion):

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from tokenprune.ops import TIE_ULPS, accumulation_dtype, gather_rows, norm_f32, unit
 
-__all__ = ["KMeansResult", "spherical_kmeans", "cluster_medoids"]
+__all__ = ["KMeansResult", "spherical_kmeans", "centre_similarity", "cluster_argmax", "cluster_medoids"]
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,58 @@ def _update_centres(x: Tensor, assign: Tensor, mu: Tensor) -> Tensor:
     return torch.where(empty, mu, new) if bool(empty.any()) else new  # (B, K, D)
 
 
+def centre_similarity(x: Tensor, km: KMeansResult) -> Tensor:
+    """``(B, N)`` each slot's similarity to its own cluster's centre, ``u_t . mu_{a_t}``, in the
+    accumulation dtype: the last assignment's products when they are current, else one gather."""
+    acc = accumulation_dtype(x.dtype)
+    if km.score is not None:
+        return km.score.to(acc)
+    K = km.centres.shape[1]
+    own = gather_rows(km.centres, km.assign.clamp_max(max(K - 1, 0)))  # (B, N, D) centre of each slot
+    return (x * own).sum(-1, dtype=acc)  # (B, N)
+
+
+def cluster_argmax(score: Tensor, valid: Tensor, assign: Tensor, K: int, tie_dtype: torch.dtype,
+                   tiebreak: Tensor | None = None) -> Tensor:
+    """The member of each cluster with the highest ``score``. Scores within ``TIE_ULPS`` units of
+    rounding of ``tie_dtype`` of the best tie, and go to the member with the lower ``tiebreak``,
+    then to the lower pool index. Empty clusters give none.
+
+    Args:
+        score: ``(B, N)`` per-slot score, higher wins.
+        valid: ``(B, N)`` bool real pool slots.
+        assign: ``(B, N)`` int64 cluster of each slot, ``K`` on invalid slots.
+        K: the number of clusters.
+        tie_dtype: the dtype whose rounding makes two scores a tie (the features').
+        tiebreak: optional ``(B, N)`` float secondary key, lower wins.
+
+    Returns:
+        ``(B, K)`` int64 pool index of each cluster's pick, ``N`` for an empty or invalid cluster.
+    """
+    B, N = score.shape
+    if K == 0:
+        return torch.zeros(B, 0, dtype=torch.int64, device=score.device)
+    score = score.masked_fill(~valid, float("-inf"))
+    best = torch.full((B, K + 1), float("-inf"), device=score.device, dtype=score.dtype)
+    best.scatter_reduce_(1, assign, score, reduce="amax")  # (B, K+1)
+    top = best.gather(1, assign)  # (B, N) best score of each slot's cluster
+    tol = TIE_ULPS * torch.finfo(tie_dtype).eps * top.abs().clamp_min(1)  # rounding-level ties
+    is_best = valid & (score >= top - tol)  # (B, N)
+    if tiebreak is not None:
+        tb = torch.where(is_best, tiebreak.to(score.dtype), float("inf"))  # (B, N)
+        low = torch.full((B, K + 1), float("inf"), device=score.device, dtype=score.dtype)
+        low.scatter_reduce_(1, assign, tb, reduce="amin")  # (B, K+1)
+        is_best = is_best & (tb == low.gather(1, assign))
+    pos = torch.arange(N, device=score.device).expand(B, N)
+    cand = torch.where(is_best, pos, N)  # (B, N)
+    pick = torch.full((B, K + 1), N, dtype=torch.int64, device=score.device)
+    pick.scatter_reduce_(1, assign, cand, reduce="amin")  # (B, K+1)
+    return pick[:, :K]
+
+
 def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor | None = None) -> Tensor:
-    """The member of each cluster closest to its centre: ``argmax_{t in S_k} u_t . mu_k``.
+    """The member of each cluster closest to its centre: ``argmax_{t in S_k} u_t . mu_k``
+    (:func:`cluster_argmax` of :func:`centre_similarity`).
 
     Ties (a two-member cluster always ties: ``u_1 . (u_1 + u_2) = u_2 . (u_1 + u_2)``), meaning
     scores within ``TIE_ULPS`` units of rounding of the best, go to the member with the lower
@@ -153,29 +203,7 @@ def cluster_medoids(x: Tensor, valid: Tensor, km: KMeansResult, tiebreak: Tensor
     Returns:
         ``(B, K)`` int64 pool index of each cluster's medoid, ``N`` for an empty or invalid cluster.
     """
-    B, N, D = x.shape
     K = km.centres.shape[1]
     if K == 0:
-        return torch.zeros(B, 0, dtype=torch.int64, device=x.device)
-    acc = accumulation_dtype(x.dtype)
-    if km.score is not None:  # the last assignment's products are current
-        score = km.score.to(acc)
-    else:
-        own = gather_rows(km.centres, km.assign.clamp_max(K - 1))  # (B, N, D) centre of each slot
-        score = (x * own).sum(-1, dtype=acc)  # (B, N)
-    score = score.masked_fill(~valid, float("-inf"))
-    best = torch.full((B, K + 1), float("-inf"), device=x.device, dtype=acc)
-    best.scatter_reduce_(1, km.assign, score, reduce="amax")  # (B, K+1)
-    top = best.gather(1, km.assign)  # (B, N) best score of each slot's cluster
-    tol = TIE_ULPS * torch.finfo(x.dtype).eps * top.abs().clamp_min(1)  # rounding-level ties
-    is_best = valid & (score >= top - tol)  # (B, N)
-    if tiebreak is not None:
-        tb = torch.where(is_best, tiebreak.to(acc), float("inf"))  # (B, N)
-        low = torch.full((B, K + 1), float("inf"), device=x.device, dtype=acc)
-        low.scatter_reduce_(1, km.assign, tb, reduce="amin")  # (B, K+1)
-        is_best = is_best & (tb == low.gather(1, km.assign))
-    pos = torch.arange(N, device=x.device).expand(B, N)
-    cand = torch.where(is_best, pos, N)  # (B, N)
-    med = torch.full((B, K + 1), N, dtype=torch.int64, device=x.device)
-    med.scatter_reduce_(1, km.assign, cand, reduce="amin")  # (B, K+1)
-    return med[:, :K]
+        return torch.zeros(x.shape[0], 0, dtype=torch.int64, device=x.device)
+    return cluster_argmax(centre_similarity(x, km), valid, km.assign, K, x.dtype, tiebreak)
