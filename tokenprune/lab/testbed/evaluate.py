@@ -50,13 +50,13 @@ from ...pipeline import Pipeline
 from ...spec import PipelineSpec
 from .memo import memoized_tower, tower_cost
 from .model import prompt
-from .protocol import BUDGETS, DECISIVE_MARGIN
+from .protocol import DECISIVE_MARGIN
 from .questions import QA_CLASSES
 from .resume import Checkpoint, run_key
 from .splits import Example, examples, scene
 from .stats import bootstrap_mean, detectable, mcnemar, paired_mean_test, wilson
 
-__all__ = ["Variant", "Dist", "evaluate", "chance", "UNPRUNED", "BUDGETS", "DECISIVE_MARGIN"]
+__all__ = ["Variant", "Dist", "evaluate", "chance", "UNPRUNED"]
 
 UNPRUNED = "unpruned"
 #: Bumped when a batch record gains or changes a field, so an older checkpoint is not resumed.
@@ -163,9 +163,14 @@ def _recall(exs: Sequence[Example], recall: Sequence[float | None]) -> dict[str,
 
 def _paired(exs: Sequence[Example], correct: Sequence[bool], ref: Sequence[bool]) -> dict[str, dict]:
     """Exact McNemar test of ``correct`` against the reference's ``ref``, per class and overall."""
+    return _mcnemar_by_group(_groups(exs), correct, ref)
+
+
+def _mcnemar_by_group(groups: dict[str, list[int]], flags: Sequence[bool], ref: Sequence[bool]) -> dict[str, dict]:
+    """Per group, the exact McNemar test of ``flags`` against ``ref`` on the group's questions."""
     out = {}
-    for k, idx in _groups(exs).items():
-        t = mcnemar([correct[i] for i in idx], [ref[i] for i in idx])
+    for k, idx in groups.items():
+        t = mcnemar([flags[i] for i in idx], [ref[i] for i in idx])
         out[k] = {"delta": round(t["delta"], 4), "se": round(t["se"], 4), "only_this": t["a_only"],
                   "only_reference": t["b_only"], "p": round(t["p"], 5), "detectable": round(detectable(t["se"]), 4)}
     return out
@@ -204,15 +209,11 @@ def _fidelity(exs: Sequence[Example], decisive: Sequence[bool], agree: Sequence[
 def _paired_fidelity(exs: Sequence[Example], decisive: Sequence[bool], run: dict, ref: dict) -> dict[str, dict]:
     """Paired tests of a run's fidelity against the reference run's, per class and overall:
     exact McNemar on agreement (all and decisive questions), sign-flip on KL."""
-    out: dict[str, dict] = {}
-    for metric, groups in (("agreement", _groups(exs)), ("decisive_agreement", _decisive_groups(exs, decisive))):
-        out[metric] = {}
-        for k, idx in groups.items():
-            t = mcnemar([run["agree"][i] for i in idx], [ref["agree"][i] for i in idx])
-            out[metric][k] = {"delta": round(t["delta"], 4), "se": round(t["se"], 4), "only_this": t["a_only"],
-                              "only_reference": t["b_only"], "p": round(t["p"], 5),
-                              "detectable": round(detectable(t["se"]), 4)}
-    out["kl"] = {}
+    out: dict[str, dict] = {
+        "agreement": _mcnemar_by_group(_groups(exs), run["agree"], ref["agree"]),
+        "decisive_agreement": _mcnemar_by_group(_decisive_groups(exs, decisive), run["agree"], ref["agree"]),
+        "kl": {},
+    }
     for k, idx in _groups(exs).items():
         t = paired_mean_test([run["kl_per_question"][i] for i in idx], [ref["kl_per_question"][i] for i in idx])
         out["kl"][k] = {"delta": round(t["delta"], 5), "se": round(t["se"], 5), "p": round(t["p"], 5),
