@@ -70,8 +70,22 @@ DEFAULT_STAGES: dict[str, dict[str, Any]] = {
 
 def _default_stage(kind: str) -> Any:  # the kind's own Stage subclass
     """The stage a spec gets for ``kind`` when it leaves it out (:data:`DEFAULT_STAGES`)."""
-    params = dict(DEFAULT_STAGES[kind])
-    return get_registry().get(kind, params.pop("stage")).cls.model_validate(params)
+    return _stage_from_table(kind, DEFAULT_STAGES[kind], get_registry())
+
+
+def _stage_from_table(kind: str, table: dict[str, Any], registry: Registry) -> Stage:
+    """The registered ``kind`` stage that ``table`` (``{stage = NAME, ...parameters}``) names, its
+    parameters validated by the stage's own model; errors name the stage and the field."""
+    params = dict(table)
+    name = params.pop("stage")
+    try:
+        found = registry.get(kind, name)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    try:
+        return found.cls.model_validate(params)
+    except ValidationError as exc:
+        raise ValueError(f"bad parameters for {kind} '{name}': {_format_errors(kind, exc, found.cls)}") from None
 
 
 def _registry(info: ValidationInfo) -> Registry:
@@ -158,18 +172,7 @@ class PipelineSpec(BaseModel):
             value = {"stage": value}
         if not isinstance(value, dict) or "stage" not in value:
             raise ValueError(f"give a table with a 'stage' key naming a registered {kind} stage")
-        params = dict(value)
-        name = params.pop("stage")
-        try:
-            info_ = _registry(info).get(kind, name)
-        except KeyError as exc:
-            raise ValueError(exc.args[0]) from None
-        try:
-            return info_.cls.model_validate(params)
-        except ValidationError as exc:
-            raise ValueError(
-                f"bad parameters for {kind} '{name}': {_format_errors(kind, exc, info_.cls)}"
-            ) from None
+        return _stage_from_table(kind, value, _registry(info))
 
     @model_validator(mode="wrap")
     @classmethod
