@@ -21,7 +21,6 @@ videos go through the tower in one call (videos are images with more temporal pa
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, cast
 
 import torch
@@ -95,18 +94,20 @@ class QwenAdapter(Adapter):
                 f"{pixels} holds {rows} patch rows, but {grid_name} gives {int(patches.sum())} "
                 f"(t*h*w per {modality}: {patches.tolist()}): pass {pixels} and {grid_name} as the processor "
                 f"returns them, each {modality}'s patches in {pixels} and no other modality's")
-        per_item = (patches // self.unit).tolist()  # placeholder tokens per item
-        per_row = (inputs["input_ids"] == token).sum(1).tolist()  # (B,)
-        bounds = set(itertools.accumulate(per_item, initial=0))
-        at = 0
-        for b, n in enumerate(per_row):
-            at += n
-            if at not in bounds:
-                raise UnsupportedInput(
-                    f"input_ids row {b} holds {n} {modality} placeholder tokens, which do not end on a whole "
-                    f"{modality} ({modality}s give {per_item} tokens each, in order; rows 0..{b} hold {at}): "
-                    f"build input_ids with the model's processor, which expands each {modality} placeholder "
-                    f"to its token count")
+        per_item = patches // self.unit  # (N,) placeholder tokens per item
+        per_row = (inputs["input_ids"] == token).sum(1)  # (B,)
+        ends = per_row.cumsum(0)  # (B,) placeholders in rows 0..b
+        bounds = torch.cat([per_item.new_zeros(1), per_item.cumsum(0)]).to(ends.device)  # item boundaries
+        split = ~torch.isin(ends, bounds)  # (B,) a row that ends inside an item
+        if bool(split.any()):
+            b = int(split.nonzero()[0])
+            raise UnsupportedInput(
+                f"input_ids row {b} holds {int(per_row[b])} {modality} placeholder tokens, which do not end on a "
+                f"whole {modality} ({modality}s give {per_item.tolist()} tokens each, in order; rows 0..{b} hold "
+                f"{int(ends[b])}): build input_ids with the model's processor, which expands each {modality} "
+                f"placeholder to its token count")
+        at = int(ends[-1]) if ends.numel() else 0  # every row's placeholders
+        per_item = per_item.tolist()
         if at != sum(per_item):
             raise UnsupportedInput(
                 f"input_ids hold {at} {modality} placeholder tokens, but {grid_name} gives {sum(per_item)} "
