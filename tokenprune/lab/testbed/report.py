@@ -142,11 +142,16 @@ def _iv(row: dict[str, Any], metric: str, c: str, digits: int = 3) -> str:
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _vs_reference(row: dict[str, Any], metric: str) -> dict[str, dict] | None:
+    """A run's paired tests against the reference on ``metric`` (``accuracy`` or a fidelity
+    metric), per class; ``None`` for the reference itself or a run without one."""
+    return row.get("vs_reference") if metric == "accuracy" else row.get("fidelity_vs_reference", {}).get(metric)
+
+
 def _test(row: dict[str, Any], metric: str, c: str = "overall", alpha: float = 0.05, digits: int = 3) -> str:
     """The paired difference from the reference on ``metric`` (``accuracy`` or a fidelity metric),
     its p-value and the difference the test could detect; ``**`` marks p < ``alpha``."""
-    tests = row.get("vs_reference") if metric == "accuracy" else row.get("fidelity_vs_reference", {}).get(metric)
-    t = (tests or {}).get(c)
+    t = (_vs_reference(row, metric) or {}).get(c)
     if t is None:
         return ""
     mark = "**" if t["p"] < alpha else ""
@@ -194,14 +199,12 @@ def detectable_table(report: dict[str, Any]) -> str:
     the median over the runs paired with the reference, per class and overall (markdown)."""
     import statistics
 
-    metrics = (("accuracy", lambda r: r.get("vs_reference")),
-               *((m, lambda r, m=m: r.get("fidelity_vs_reference", {}).get(m))
-                 for m in ("agreement", "decisive_agreement", "kl")))
     lines = ["| metric | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
-    for name, tests_of in metrics:
+    for name in ("accuracy", "agreement", "decisive_agreement", "kl"):
+        tests = [_vs_reference(r, name) for r in report["runs"]]
         cells = []
         for c in COLUMNS:
-            ds = [t[c]["detectable"] for t in map(tests_of, report["runs"]) if t and c in t and "detectable" in t[c]]
+            ds = [t[c]["detectable"] for t in tests if t and c in t and "detectable" in t[c]]
             cells.append(f"{statistics.median(ds):.3f}" if ds else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -398,8 +401,7 @@ def _paired_panel(ax, rs: list[dict], metric: str, c: str, x: list[float], i: in
     """One variant's paired differences from the reference on ``metric``, with 95 % intervals."""
     from .stats import Z95
 
-    tests = [(r.get("vs_reference") if metric == "accuracy" else r.get("fidelity_vs_reference", {}).get(metric))
-             for r in rs]
+    tests = [_vs_reference(r, metric) for r in rs]
     pts = [(xx, t[c]) for xx, t in zip(x, tests, strict=True) if t and c in t]
     if not pts:
         return
