@@ -45,13 +45,12 @@ class Commands:
         self.origin = "tokenprune (core)"
 
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        detached = argparse.ArgumentParser(prog=f"tokenprune {name}", add_help=False)
         if self._registry is not None and self._registry.disabled.hits(f"command:{name}",
                                                                         what=f"command '{name}' of {self.origin}"):
-            return detached  # the plugin's flags land on a parser no one reads
+            return _detached(name)  # the plugin's flags land on a parser no one reads
         if name in self.owners:
             self.clashes.setdefault(name, [self.owners[name]]).append(self.origin)
-            return detached
+            return _detached(name)
         self.owners[name] = self.origin
         self._parsers[name] = self._sub.add_parser(name, **kwargs)
         return self._parsers[name]
@@ -64,6 +63,11 @@ class Commands:
                    f"(TOKENPRUNE_DISABLE=<distribution>, see `tokenprune plugins`) or rename the command in one "
                    "of them. Every other command works.")
             self._parsers[name].set_defaults(func=_refusal(msg))
+
+
+def _detached(name: str) -> argparse.ArgumentParser:
+    """A parser for a command that is not added (switched off, or registered twice)."""
+    return argparse.ArgumentParser(prog=f"tokenprune {name}", add_help=False)
 
 
 def _refusal(message: str):

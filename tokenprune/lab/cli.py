@@ -302,7 +302,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from .testbed.model import resolve_dir
-    from .testbed.results import plan, read_manifest, run_plan, stale_because
+    from .testbed.results import code_digest, plan, read_manifest, run_plan, stale_because
 
     if not Path("specs/ablations").is_dir() or not Path("docs").is_dir():
         raise ValueError("tokenprune results rewrites docs/results/ of a checkout: run it from the repository root")
@@ -310,8 +310,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     model_dir = resolve_dir(args.model)
     if args.list:
         done = read_manifest()
+        code = code_digest()  # once for every step
         for s in steps:
-            why = stale_because(s, model_dir, done)
+            why = stale_because(s, model_dir, done, code)
             print(f"{s.name:<13} {'up to date' if why is None else 'to run':<11} tokenprune {' '.join(s.argv)}"
                   + ("" if why is None else f"   ({why})"))
         return 0
