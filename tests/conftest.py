@@ -31,9 +31,14 @@ def device(request) -> str:
     return request.param
 
 
+#: intra-op threads per test process: the cores shared among pytest-xdist's workers (``make test``
+#: runs one per core), so that workers do not oversubscribe the machine
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(2, THREADS))
     yield
 
 

@@ -145,6 +145,47 @@ def test_an_adapter_that_overrides_image_token_id_is_obeyed(monkeypatch):
         m.config.image_token_id = 199  # this test's own model: its config no longer names the placeholder
         adapter = tp.adapters.adapter_for(m)
         assert adapter.placeholder_ids == (IMG,)
-        _, record = adapter.prepare(inp, tp.Pipeline(IDENTITY), tp.Budget.parse(3), prompts=None, tokenizer=None,
-                                    entry="forward")
+        _, record = tp.PrunedCall(adapter, tp.Pipeline(IDENTITY), tp.Budget.parse(3), tp.KEEP_ALL).run(inp)
     assert torch.equal(record.keep_mask, want)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_a_budget_is_parsed_once_and_defaulted_once_per_handle(family, monkeypatch):
+    """Follow a budget through ``apply``: the handle parses and defaults it once; each call turns it
+    into counts (``PrunedCall.item_budgets``) and hands counts down, so neither parsing nor the
+    spec's default runs again below it, however many calls follow. A call's own
+    ``tokenprune_budget=`` is parsed once, at that call."""
+    from test_models import IDENTITY
+    from tiny_models import batch, build, samples
+
+    spec = IDENTITY.replace(budget=3)
+    seen = {"parse": 0, "default": 0, "counts": []}
+    parse, default, counts = tp.Budget.parse.__func__, tp.PipelineSpec.budget_or_default, tp.Budget.counts
+
+    def counted_parse(cls, value):
+        seen["parse"] += 1
+        return parse(cls, value)
+
+    def counted_default(self, budget=None):
+        seen["default"] += 1
+        return default(self, budget)
+
+    def counted_counts(self, valid):
+        seen["counts"].append(str(self))
+        return counts(self, valid)
+
+    monkeypatch.setattr(tp.Budget, "parse", classmethod(counted_parse))
+    monkeypatch.setattr(tp.PipelineSpec, "budget_or_default", counted_default)
+    monkeypatch.setattr(tp.Budget, "counts", counted_counts)
+    m = build(family)
+    inp = batch(m, family, samples(family, 2))
+    with torch.no_grad(), tp.apply(m, spec) as h:
+        assert (seen["parse"], seen["default"]) == (1, 1)
+        m(**inp)
+        m(**inp)
+        assert h.last.kept.tolist() == [3, 3]
+        assert (seen["parse"], seen["default"]) == (1, 1)  # two calls: nothing parsed or defaulted again
+        assert seen["counts"] == ["3 tokens per image"] * 2  # one resolution to counts per call
+        m(**inp, tokenprune_budget=2)
+        assert h.last.kept.tolist() == [2, 2]
+        assert (seen["parse"], seen["default"]) == (2, 1)

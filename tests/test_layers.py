@@ -267,3 +267,52 @@ def test_stages_adapters_and_commands_are_switched_off_by_name(monkeypatch, caps
     with pytest.raises(SystemExit):
         main(["demo"])
     assert "invalid choice: 'demo'" in capsys.readouterr().err
+
+
+#: the core's layers, lowest first: a module imports only from its own layer or below (plugins
+#: and third-party families come in through entry points, by name, never by an upward import)
+CORE_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("tomlfile", "quiet", "packages", "outputs", "prompts", "ops", "budget"),  # leaves
+    ("contract", "classes", "checks"),  # the stage contract's data
+    ("stages", "merging", "hookspecs"),  # what a plugin implements
+    ("registry",),  # finds plugins by entry point
+    ("spec",),  # a validated choice of stages
+    ("pipeline",),  # runs a spec on visual tokens
+    ("adapters.sequence", "adapters.capture", "adapters.base", "adapters.patch_grid", "adapters.llava",
+     "adapters.onevision", "adapters.qwen", "adapters.llm_site", "adapters"),  # model families
+    ("call",),  # one pruned call
+    ("apply",),  # the handle on a model
+    ("", "cli", "testing", "testing.inputs", "testing.tiny", "testing.conformance", "testing.adapters",
+     "testing.plugin", "testing.selected"),  # the package's face: API, command line, the kits
+)
+
+
+def _layer_of() -> dict[str, int]:
+    return {("tokenprune." + name).rstrip("."): i for i, names in enumerate(CORE_LAYERS) for name in names}
+
+
+def upward_imports(paths: list[Path], layer: dict[str, int]) -> list[str]:
+    """Every run-time import of a module from a higher layer than the importer's."""
+    modules = {_module_name(p): p for p in paths}
+    return [f"{m} (layer {layer[m]}) imports {t} (layer {layer[t]})" for m, p in modules.items()
+            for t in sorted(runtime_edges(p, set(modules))) if layer[t] > layer[m]]
+
+
+def test_every_core_module_has_a_layer():
+    missing = sorted(set(map(_module_name, _core_files())) - set(_layer_of()))
+    assert not missing, f"give these modules a layer in CORE_LAYERS: {missing}"
+
+
+def test_no_core_module_imports_from_a_higher_layer():
+    assert upward_imports(_core_files(), _layer_of()) == []
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "tokenprune"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ops.py").write_text("def f():\n    from .pipeline import Pipeline\n")
+    (pkg / "pipeline.py").write_text("from . import ops\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    found = upward_imports(sorted(pkg.glob("*.py")), _layer_of())
+    assert found == ["tokenprune.ops (layer 0) imports tokenprune.pipeline (layer 5)"]

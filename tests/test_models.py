@@ -28,6 +28,7 @@ from tiny_models import (
     default_sizes,
     greedy_token,
     hand_kept,
+    rows_of,
     samples,
 )
 from transformers import DynamicCache
@@ -71,28 +72,6 @@ def gather_seq(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """x (B, S, V) at the columns src (B, S') (-1 -> zeros)."""
     out = x.gather(1, src.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return out.masked_fill((src < 0).unsqueeze(-1), 0)
-
-
-def rows_of(inp: dict, b: int, family: str, per_image: list[int]) -> dict:
-    """The b-th sample of a batch as its own unpadded batch of one."""
-    keep = inp["attention_mask"][b].bool()
-    out = {"input_ids": inp["input_ids"][b, keep][None], "attention_mask": inp["attention_mask"][b, keep][None]}
-    first = sum(per_image[:b])
-    sl = slice(first, first + per_image[b])
-    if family.startswith("llava"):
-        out["pixel_values"] = inp["pixel_values"][sl]
-        if family in ("llava-next", "llava-onevision"):
-            out["image_sizes"] = inp["image_sizes"][sl]
-        if family == "llava-onevision":
-            out["batch_num_images"] = inp["batch_num_images"][b : b + 1]
-    else:
-        grid = inp["image_grid_thw"]
-        patches = grid.prod(-1)
-        start = int(patches[:first].sum())
-        out["pixel_values"] = inp["pixel_values"][start:start + int(patches[sl].sum())]
-        out["image_grid_thw"] = grid[sl]
-        out["mm_token_type_ids"] = inp["mm_token_type_ids"][b, keep][None]
-    return out
 
 
 # -- 1. identity stages at a full budget reproduce the unpruned model ----------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import ops
 from .apply import PruningHandle, apply
 from .budget import KEEP_ALL, Budget
+from .call import PrunedCall, PruneRecord
 from .classes import CLASSES, ClassTable
 from .contract import (
     Fused,
@@ -32,6 +33,8 @@ __all__ = [
     "KEEP_ALL",
     "CLASSES",
     "ClassTable",
+    "PruneRecord",
+    "PrunedCall",
     "PruningHandle",
     "apply",
     "Fused",

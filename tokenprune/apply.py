@@ -6,7 +6,7 @@
 
 How it patches: ``forward`` and ``generate`` get *instance* attributes that wrap the bound
 methods (the class, other instances and transformers' globals are untouched). A call that carries
-images is rewritten into a pruned call (see :mod:`tokenprune.adapters.base`); every other call,
+images is rewritten into a pruned call (:class:`tokenprune.call.PrunedCall`); every other call,
 including the decode steps inside ``generate``, goes straight to the original method. Handles
 stack: applying again on the same model makes the newest handle the active one, and removing a
 handle (in any order) re-activates the one below; removing the last restores the instance
@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter, PruneRecord, UnsupportedInput, UnsupportedModel, adapter_for, capture
+from .adapters import Adapter, UnsupportedInput, UnsupportedModel, adapter_for, capture
 from .adapters.base import Entry, cache_keyword, cache_of
 from .adapters.llm_site import LlmSite, Session
-from .budget import Budget, BudgetLike
+from .budget import KEEP_ALL, Budget, BudgetLike
+from .call import PrunedCall, PruneRecord
 from .pipeline import Pipeline
 from .spec import PipelineSpec
 
@@ -75,7 +76,7 @@ class PruningHandle:
             (``handle.budget = 32``; ``None`` restores the spec's); ``tokenprune_budget=`` on one
             call overrides it.
         tokenizer: decodes ``input_ids`` into the router's prompt text (a tokenizer or processor).
-        last: :class:`~tokenprune.adapters.PruneRecord` of the last pruned call (``None`` before
+        last: :class:`~tokenprune.call.PruneRecord` of the last pruned call (``None`` before
             any call with images): routed classes, kept indices and provenance per image, the keep
             mask over the caller's sequence, timings.
     """
@@ -93,6 +94,9 @@ class PruningHandle:
         self.pipeline = pipeline
         self.adapter = adapter
         self._budget = budget
+        spec = pipeline.spec
+        #: what the pre-LLM stages keep under an in-LLM spec, parsed once here
+        self._pre_llm = KEEP_ALL if spec.pre_llm_budget is None else Budget.parse(spec.pre_llm_budget)
         self.tokenizer = tokenizer
         self.last: PruneRecord | None = None
         self._modules = [
@@ -180,10 +184,9 @@ class PruningHandle:
 
     # -- one call ------------------------------------------------------------------------------------------
     def _prepare(self, kwargs: dict[str, Any], prompts: Any, budget: BudgetLike | None, entry: Entry):
-        new, record = self.adapter.prepare(
-            kwargs, self.pipeline, self.budget if budget is None else Budget.parse(budget),
-            prompts=prompts, tokenizer=self.tokenizer, entry=entry,
-        )
+        call = PrunedCall(self.adapter, self.pipeline, self.budget if budget is None else Budget.parse(budget),
+                          self._pre_llm, prompts=prompts, tokenizer=self.tokenizer, entry=entry)
+        new, record = call.run(kwargs)
         self.last = record
         return new
 

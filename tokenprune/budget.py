@@ -21,7 +21,7 @@ from typing import Literal, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Budget", "BudgetLike", "KEEP_ALL"]
+__all__ = ["Budget", "BudgetLike", "KEEP_ALL", "row_counts"]
 
 #: What a user may pass as a budget.
 BudgetLike = Union[int, float, Sequence[int], Tensor, "Budget"]
@@ -134,3 +134,26 @@ class Budget:
 
 #: Keep every token (what the pre-LLM stages do under an in-LLM spec).
 KEEP_ALL = Budget("all")
+
+
+def row_counts(budget: Budget | None, valid_counts: Tensor, fixed: Tensor | None, fixer: str) -> Tensor:
+    """``R`` ``(N,)`` int64: each row's count under ``budget``, clipped to its ``valid_counts``;
+    or, when a stage fixes the counts (``fixed``, pooling's one token per window), those counts,
+    refusing a budget that asks for others. ``fixer`` names that stage in the error.
+
+    Raises:
+        ValueError: no budget and no fixed counts; a budget that disagrees with the fixed counts.
+    """
+    if fixed is None:
+        if budget is None:
+            raise ValueError("no budget given: pass budget=<tokens per image> or a ratio in (0, 1], "
+                             "or set 'budget' / 'budget_ratio' in the spec")
+        return budget.counts(valid_counts)
+    R = fixed.to(valid_counts.device)
+    asked = None if budget is None or budget == KEEP_ALL else budget.counts(valid_counts)
+    if asked is not None and not torch.equal(asked, R):
+        raise ValueError(
+            f"{fixer} decides how many tokens each image keeps ({R.tolist()} here), but the budget asks for "
+            f"{asked.tolist()}: leave the budget out (budget=None and no budget in the spec) for this stage"
+        )
+    return R

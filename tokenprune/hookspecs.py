@@ -276,9 +276,9 @@ def register_adapters(register: Callable[[str, type[Adapter]], None]) -> None:
     with a registered adapter, so an adapter registered for a subclass wins over its parent's.
     An adapter implements ``encode`` (the vision tower once, as
     :class:`tokenprune.adapters.Encoded`) and a few accessors (``image_token_id``,
-    ``num_layers``, ``attention_module``, ``decoder_layers``...); the four steps of
-    ``Adapter.prepare`` (``route``, ``encode_batch``, ``select``, ``assemble``) are shared and
-    may be overridden one at a time. ``docs/adapters.md`` walks through a whole family. The
+    ``num_layers``, ``attention_module``, ``positions``, ``encoder_output``...); the per-call
+    work (route, encode, budget, select, assemble) is :class:`tokenprune.call.PrunedCall`'s, the
+    same for every family. ``docs/adapters.md`` walks through a whole family. The
     built-in families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) are registered
     through this hook too.
     """

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import checks, ops
-from .budget import KEEP_ALL, Budget, BudgetLike
+from .budget import Budget, BudgetLike, row_counts
 from .contract import Fused, Provenance, Requirements, Routing, Selection, VisualTokens
 from .prompts import extract_question
 from .registry import stage_label
@@ -95,7 +95,8 @@ class Pipeline:
         routing: Routing | None = None,
         timer: Timer | None = None,
     ) -> Selection:
-        """Select the tokens to keep.
+        """Select the tokens to keep, with the budget a user gives (the API boundary: it is
+        parsed and defaulted here, then :meth:`run` takes counts).
 
         Args:
             tokens: the batch.
@@ -107,12 +108,37 @@ class Pipeline:
         Returns:
             :class:`~tokenprune.contract.Selection`.
         """
+        fixer = f"completion '{self.spec.stage_name('completion')}'"
+        R = row_counts(self.spec.budget_or_default(budget), tokens.valid().sum(1), self.fixed_budget(tokens), fixer)
+        return self.run(tokens, R, routing, timer)
+
+    def run(
+        self,
+        tokens: VisualTokens,
+        counts: Tensor,
+        routing: Routing | None = None,
+        timer: Timer | None = None,
+    ) -> Selection:
+        """Select ``counts[b]`` tokens of row ``b``: the budget already resolved to counts
+        (:func:`tokenprune.budget.row_counts`; :class:`tokenprune.call.PrunedCall` does it once
+        per call).
+
+        Args:
+            tokens: the batch.
+            counts: ``(B,)`` integer tokens to keep per row, each in ``0..valid`` (the row's real
+                tokens); a stage that fixes the counts (pooling) must be given exactly those.
+            routing: as in :meth:`__call__`.
+            timer: as in :meth:`__call__`.
+        """
         tick = timer or (lambda name: contextlib.nullcontext())
         spec = self.spec
         B, M = tokens.shape
         valid = tokens.valid()
         fixed = self.fixed_budget(tokens)
-        R = self.row_budgets(tokens, budget, fixed)  # (B,)
+        R = _checked_counts(counts, valid.sum(1))  # (B,)
+        if fixed is not None and not torch.equal(R, fixed.to(R.device)):
+            raise ValueError(f"completion '{spec.stage_name('completion')}' decides how many tokens each row keeps "
+                             f"({fixed.tolist()} here), but Pipeline.run was given {R.tolist()}")
 
         if (problem := checks.non_finite_signals(tokens, self.signal_requirements(tokens.num_layers))) is not None:
             raise ValueError(f"{problem}: the stages would select from it. Check the pixel values, and run the "
@@ -175,24 +201,22 @@ class Pipeline:
         with tick("output"):
             return _selection(pivots, extra, merged, fused, routing, a)
 
-    def row_budgets(self, tokens: VisualTokens, budget: BudgetLike | None, fixed: Tensor | None) -> Tensor:
-        """``R`` ``(B,)``: the call's budget (else the spec's) per row, clipped to the row's real
-        tokens; or the counts a completion stage fixes (pooling), refusing a budget that asks
-        for others."""
-        spec = self.spec
-        parsed = spec.budget_or_default(budget)
-        counts_valid = tokens.valid().sum(1)  # (B,)
-        if fixed is None:
-            return Budget.parse(parsed).counts(counts_valid)
-        R = fixed.to(counts_valid.device)
-        asked = None if parsed is None or parsed == KEEP_ALL else parsed.counts(counts_valid)
-        if asked is not None and not torch.equal(asked, R):
-            raise ValueError(
-                f"completion '{spec.stage_name('completion')}' decides how many tokens each image keeps "
-                f"({R.tolist()} here), but the budget asks for {asked.tolist()}: "
-                "leave the budget out (budget=None and no budget in the spec) for this stage"
-            )
-        return R
+
+def _checked_counts(counts: Tensor, real: Tensor) -> Tensor:
+    """``counts`` as ``(B,)`` int64 on ``real``'s device, refused unless each is in ``0..real``."""
+    if not isinstance(counts, Tensor) or counts.dtype.is_floating_point or counts.dtype == torch.bool:
+        raise TypeError(f"Pipeline.run takes the counts per row as an integer tensor, got {counts!r}: "
+                        "call the pipeline itself (pipe(tokens, budget=64)) to give a budget")
+    if counts.shape != real.shape:
+        raise ValueError(f"Pipeline.run got counts of shape {tuple(counts.shape)} for {real.shape[0]} rows: "
+                         "give one count per row")
+    R = counts.to(device=real.device, dtype=torch.int64)
+    bad = (R < 0) | (real < R)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise ValueError(f"Pipeline.run was asked to keep {int(R[b])} tokens of row {b}, which has {int(real[b])} "
+                         "real tokens: a count is in 0..(real tokens); Budget.counts clips a budget to them")
+    return R
 
 
 def _selection(pivots: Tensor, extra: Tensor, merged: Tensor | None, fused: Fused, routing: Routing,

@@ -10,17 +10,15 @@ from __future__ import annotations
 from torch import nn
 
 from ..hookspecs import hookimpl
-from .base import Adapter, Batch, Chosen, Encoded, PruneRecord, UnsupportedInput
-from .llava import LlavaAdapter, LlavaNextAdapter, UnsupportedModel
+from .base import Adapter, Batch, Encoded, UnsupportedInput, UnsupportedModel
+from .llava import LlavaAdapter, LlavaNextAdapter
 from .onevision import LlavaOnevisionAdapter
 from .qwen import Qwen3Adapter, Qwen25Adapter, QwenAdapter
 
 __all__ = [
     "Adapter",
     "Batch",
-    "Chosen",
     "Encoded",
-    "PruneRecord",
     "UnsupportedInput",
     "UnsupportedModel",
     "adapter_for",

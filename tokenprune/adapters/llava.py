@@ -22,12 +22,9 @@ from torch import Tensor, nn
 
 from ..contract import Requirements, VisualTokens, grid_positions, normalize_layer
 from . import capture
-from .base import Adapter, Encoded
+from .base import Encoded, UnsupportedModel
+from .patch_grid import PatchGridAdapter
 from .sequence import pad_flat
-
-
-class UnsupportedModel(ValueError):
-    """The model's configuration is outside what the adapter handles; the message says why."""
 
 
 def _tower_layers(need: Requirements, feature_layer: int, num_layers: int) -> list[int]:
@@ -35,22 +32,7 @@ def _tower_layers(need: Requirements, feature_layer: int, num_layers: int) -> li
     return sorted(layers)
 
 
-def _tower_attentions(tower: nn.Module) -> list[nn.Module]:
-    """The self-attention module of each tower block, in order: ``encoder.layers[i].self_attn``
-    (CLIP, SigLIP) or ``encoder.layer[i].attention`` (DINOv2). Both call their kernel through
-    ``AttentionInterface``, which is what attention capture needs."""
-    encoder: Any = getattr(tower, "encoder", None)  # an untyped module tree
-    if hasattr(encoder, "layers") and all(hasattr(b, "self_attn") for b in encoder.layers):
-        return [b.self_attn for b in encoder.layers]
-    if hasattr(encoder, "layer") and all(hasattr(b, "attention") for b in encoder.layer):
-        return [b.attention for b in encoder.layer]
-    raise UnsupportedModel(
-        f"the vision tower {type(tower).__name__} has neither encoder.layers[i].self_attn (CLIP/SigLIP) nor "
-        "encoder.layer[i].attention (DINOv2); tokenprune's LLaVA adapter supports those towers"
-    )
-
-
-class LlavaAdapter(Adapter):
+class LlavaAdapter(PatchGridAdapter):
     family = "llava"
     llm_site = True
     downsample = True
@@ -69,20 +51,14 @@ class LlavaAdapter(Adapter):
                 f"vision_feature_layer={cfg.vision_feature_layer} concatenates several layers; "
                 "tokenprune supports one feature layer"
             )
-        self.tower: Any = self.model.model.vision_tower
-        self._attentions = _tower_attentions(self.tower)
 
-    @property
-    def num_layers(self) -> int:
-        return len(self._attentions)
-
-    def attention_module(self, layer: int) -> nn.Module:
-        return self._attentions[layer - 1]
-
-    def _project(self, x: Tensor) -> Tensor:
-        return self.model.model.multi_modal_projector(x)  # (N, M, Dv) -> (N, M, D)
-
-    def _features(self, inputs: dict[str, Any], need: Requirements, **extra: Any):
+    def tower_features(self, inputs: dict[str, Any], need: Requirements,
+                       **extra: Any) -> tuple[Any, dict[int, Tensor], dict[int, Tensor]]:
+        """The model's own ``get_image_features`` on ``inputs["pixel_values"]`` asked for the hidden
+        states the pipeline reads: its output (``pooler_output``, the per-image LLM features), the
+        patch features ``{layer: (C, M, Dv)}`` of ``need.layers`` ([CLS] dropped) and each crop's
+        [CLS] state ``{layer: (C, Dv)}`` of ``need.cls_token``. ``extra`` goes to
+        ``get_image_features``."""
         cfg = self.model.config
         layers = _tower_layers(need, cfg.vision_feature_layer, self.num_layers)
         out = self.model.model.get_image_features(
@@ -98,7 +74,7 @@ class LlavaAdapter(Adapter):
         return out, feats, cls
 
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
-        out, feats, cls = self._features(inputs, need)
+        out, feats, cls = self.tower_features(inputs, need)
         own = torch.stack(list(out.pooler_output))  # (N, M, D)
         N, M, _ = own.shape
         patches = next(iter(feats.values())).shape[1]
@@ -112,21 +88,11 @@ class LlavaAdapter(Adapter):
             layers=feats,
             num_layers=self.num_layers,
             positions=grid_positions(side, M // side, N, own.device) if side * side == M else None,
-            project=self._project,
+            project=self.project,
             cls_token=cls,
-            **self._captured(need, recorder),
+            **self.patch_signals(need, recorder),
         )
         return Encoded(tokens, own, torch.full((N,), M, dtype=torch.long, device=own.device))
-
-    @staticmethod
-    def _captured(need: Requirements, recorder: capture.Recorder) -> dict[str, Any]:  # VisualTokens keywords
-        """The recorded attention signals and keys of a one-crop-per-image tower, [CLS] dropped."""
-        return dict(
-            cls_attention={li: recorder.take(li, "cls")[0][:, :, 1:] for li in need.cls_attention},
-            received_attention={li: recorder.take(li, "received")[0][:, :, 1:] for li in need.received_attention},
-            attention_keys={li: recorder.take(li, "keys")[0][:, 1:] for li in need.attention_keys},
-        )
-
 
     def placeholders_per_image(self, inputs: dict[str, Any]) -> int:
         """Patches per image at the size the processor gave (a tower's ``image_size`` is the size
@@ -152,7 +118,7 @@ class LlavaAdapter(Adapter):
         pix = inputs["pixel_values"]
         small = F.interpolate(pix.float(), size=(side * v.patch_size,) * 2, mode="bicubic", antialias=True,
                               align_corners=False).to(pix.dtype)
-        out, feats, cls = self._features({"pixel_values": small}, need, interpolate_pos_encoding=True)
+        out, feats, cls = self.tower_features({"pixel_values": small}, need, interpolate_pos_encoding=True)
         own_small = torch.stack(list(out.pooler_output))  # (N, s*s, D)
         N, M, D = own_small.shape
         own = own_small.new_zeros(N, P, D)
@@ -161,7 +127,7 @@ class LlavaAdapter(Adapter):
         slot_token = torch.where(slot_token < M, slot_token, -1)
         tokens_ = VisualTokens(
             layers=feats, num_layers=self.num_layers, positions=grid_positions(side, side, N, own.device),
-            project=self._project, cls_token=cls, **self._captured(need, recorder),
+            project=self.project, cls_token=cls, **self.patch_signals(need, recorder),
         )
         return Encoded(tokens_, own, torch.full((N,), P, dtype=torch.long, device=own.device), slot_token)
 
@@ -180,7 +146,7 @@ class LlavaNextAdapter(LlavaAdapter):
         sizes = inputs.get("image_sizes")
         if sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes next to pixel_values (the processor returns both)")
-        out, feats, _ = self._features(inputs, need, image_sizes=sizes)  # per-crop [CLS]: refused up front
+        out, feats, _ = self.tower_features(inputs, need, image_sizes=sizes)  # per-crop [CLS]: refused up front
         packed = list(out.pooler_output)  # per image (P_i, D), newline slots included
         slots = torch.tensor([p.shape[0] for p in packed], device=packed[0].device)  # (N,)
         own, _ = pad_flat(torch.cat(packed), slots)  # (N, P, D)
@@ -241,7 +207,7 @@ class LlavaNextAdapter(LlavaAdapter):
             cls_attention=attention("cls", need.cls_attention),
             received_attention=attention("received", need.received_attention),
             attention_keys={li: per_token(recorder.take(li, "keys")[0][:, 1:]) for li in need.attention_keys},
-            project=self._project,
+            project=self.project,
         )
         return Encoded(tokens, own, slots, slot_token, layout={"rows": rows, "newline": newline})
 

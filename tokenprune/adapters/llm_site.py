@@ -177,7 +177,7 @@ class LlmSite:
         """A session for the pruned call ``inputs`` (already pre-LLM pruned): ``kept`` ``(N,)``
         visual tokens per image in it, ``budget`` ``(N,)`` after the last step; ``newline`` and
         ``grid_row`` ``(B, S)`` over ``inputs``' columns for a family with row newlines
-        (:attr:`~tokenprune.adapters.PruneRecord.newline_mask`)."""
+        (:attr:`~tokenprune.call.PruneRecord.newline_mask`)."""
         ids: Tensor = inputs["input_ids"]  # (B, S)
         B, S = ids.shape
         mask = inputs.get("attention_mask")

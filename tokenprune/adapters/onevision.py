@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from ..contract import Requirements, VisualTokens, normalize_layer
 from . import capture
 from .base import Adapter, Encoded, UnsupportedInput
-from .llava import LlavaNextAdapter, UnsupportedModel, _tower_attentions
+from .llava import LlavaNextAdapter, UnsupportedModel
+from .patch_grid import PatchGridAdapter
 from .sequence import pad_flat
 
 
@@ -48,7 +49,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     modeling = "transformers.models.llava_onevision.modeling_llava_onevision"
 
     def __init__(self, model: nn.Module):  # not LlavaAdapter's: OneVision's "full" strategy has no [CLS] to drop
-        Adapter.__init__(self, model)
+        PatchGridAdapter.__init__(self, model)
         cfg = self.model.config
         if cfg.vision_feature_select_strategy not in ("default", "full"):
             raise UnsupportedModel(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}; "
@@ -56,8 +57,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if not isinstance(cfg.vision_feature_layer, int):
             raise UnsupportedModel(f"vision_feature_layer={cfg.vision_feature_layer} concatenates several layers; "
                                    "tokenprune supports one feature layer")
-        self.tower: Any = self.model.model.vision_tower
-        self._attentions = _tower_attentions(self.tower)
         self.skip = 1 if cfg.vision_feature_select_strategy == "default" else 0  # leading [CLS] column
 
     def check_inputs(self, inputs: dict[str, Any]) -> None:
@@ -242,7 +241,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             positions=per_token("pos"),
             received_attention={li: per_token(f"received{li}").transpose(1, 2) for li in need.received_attention},
             attention_keys={li: per_token(f"keys{li}") for li in need.attention_keys},
-            project=self._project,
+            project=self.project,
         )
         frames = torch.stack([it["frames"] for it in items]).to(dev)  # (N,) 1 per image
         return Encoded(tokens, own, slots, slot_token, layout={"rows": rows, "newline": newline & slot_valid},

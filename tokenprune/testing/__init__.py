@@ -14,7 +14,12 @@ or, in a test module of the plugin's own suite::
     class TestGreedy(StageConformance):
         stage = "completion:greedy"
 
-The properties are in :mod:`tokenprune.testing.conformance`, the random inputs in
+The adapter kit does the same for a model family (:mod:`tokenprune.testing.adapters`)::
+
+    pytest --tokenprune-adapter llava                       # a built-in family
+    pytest --tokenprune-adapter my_family.testing:TinyMine  # a FamilyCase of your own
+
+The stage properties are in :mod:`tokenprune.testing.conformance`, the random inputs in
 :mod:`tokenprune.testing.inputs`, and the pytest plugin (loaded through the ``pytest11`` entry
 point) in :mod:`tokenprune.testing.plugin`. This module imports nothing heavy, so the plugin
 costs nothing in a pytest run that does not use it.
@@ -24,12 +29,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StageConformance", "stage_under_test", "properties", "run"]
+_STAGE_KIT = ("StageConformance", "stage_under_test", "properties", "run")
+_ADAPTER_KIT = ("AdapterConformance", "FamilyCase", "TinyFamily", "family_case", "run_property", "ADAPTER_PROPERTIES")
+__all__ = [*_STAGE_KIT, *_ADAPTER_KIT]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in _STAGE_KIT:
         from . import conformance
 
         return getattr(conformance, name)
+    if name in _ADAPTER_KIT:
+        from . import adapters
+
+        return getattr(adapters, name)
     raise AttributeError(f"module 'tokenprune.testing' has no attribute '{name}'")
