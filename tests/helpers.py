@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import tokenprune as tp
 from tokenprune.spec import PipelineSpec
 from tokenprune.testing.inputs import DTYPES, PROMPTS, batches, make_tokens, permute, row, snapshot
 
-__all__ = ["DTYPES", "PROMPTS", "batches", "make_tokens", "permute", "row", "snapshot", "clasp_spec", "make_dist"]
+__all__ = ["DTYPES", "PROMPTS", "batches", "make_tokens", "permute", "row", "snapshot", "clasp_spec", "make_dist",
+           "page_block", "install_page_block"]
 
 
 def clasp_spec(L: int = 4, **changes) -> PipelineSpec:
@@ -28,3 +30,19 @@ def make_dist(root: Path, dist: str, module: str, body: str, ep_name: str = "sta
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
     (info / "entry_points.txt").write_text(f"[{group}]\n{ep_name} = {module}\n")
+
+
+def page_block(page: str, first_line: str) -> str:
+    """The one ```python block of ``page`` whose first line is ``first_line``."""
+    blocks = re.findall(rf"```python\n({re.escape(first_line)}\n.*?)```", Path(page).read_text(), re.S)
+    assert len(blocks) == 1, f"{page} has {len(blocks)} blocks starting {first_line!r}"
+    return blocks[0]
+
+
+def install_page_block(site: Path, monkeypatch, code: str, dist: str, module: str, ep_name: str):
+    """``code`` installed as the distribution ``dist`` (module ``module``, entry point ``ep_name``)
+    on ``site``, and a registry that sees it, made the process's registry for the test."""
+    make_dist(site, dist, module, code, ep_name=ep_name)
+    reg = tp.build_registry()
+    monkeypatch.setattr("tokenprune.registry.get_registry", lambda: reg)
+    return reg

@@ -9,17 +9,15 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import DEVICES
-from helpers import make_dist
+from helpers import install_page_block, page_block
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenprune as tp
 from tokenprune.adapters import LlavaAdapter
-from tokenprune.registry import build_registry
 from tokenprune.testing import ADAPTER_PROPERTIES, AdapterConformance, FamilyCase, TinyFamily, run_property
 from tokenprune.testing.tiny import FAMILIES
 
@@ -67,17 +65,13 @@ class TinyInternVL(FamilyCase):
 
 
 def _internvl_block() -> str:
-    blocks = re.findall(r"```python\n(# internvl_family\.py\n.*?)```", Path("docs/adapters.md").read_text(), re.S)
-    assert len(blocks) == 1
-    return blocks[0]
+    return page_block("docs/adapters.md", "# internvl_family.py")
 
 
 @pytest.fixture
 def internvl(site, monkeypatch):
-    make_dist(site, "tp-thirdparty-internvl", "tp_thirdparty_internvl", _internvl_block(), ep_name="internvl_family")
-    reg = build_registry()
-    monkeypatch.setattr("tokenprune.registry.get_registry", lambda: reg)
-    return reg
+    return install_page_block(site, monkeypatch, _internvl_block(), "tp-thirdparty-internvl", "tp_thirdparty_internvl",
+                              "internvl_family")
 
 
 def test_the_page_uses_public_names_only():

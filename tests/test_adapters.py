@@ -3,12 +3,9 @@ the worked example of docs/adapters.md, installed from the page itself."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import make_dist
+from helpers import install_page_block, page_block
 from tiny_models import BOS, IMG, _clip, _text, left_pad
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -18,17 +15,14 @@ from tokenprune.registry import RegistryError, build_registry
 
 
 def _worked_example() -> str:
-    blocks = re.findall(r"```python\n(# pooled_llava\.py\n.*?)```", Path("docs/adapters.md").read_text(), re.S)
-    assert len(blocks) == 1
-    return blocks[0]
+    return page_block("docs/adapters.md", "# pooled_llava.py")
 
 
 @pytest.fixture
 def pooled(site, monkeypatch):
     """The page's module as the distribution tp-thirdparty-pooled, and the registry that sees it."""
-    make_dist(site, "tp-thirdparty-pooled", "tp_thirdparty_pooled", _worked_example(), ep_name="pooled_llava")
-    reg = build_registry()
-    monkeypatch.setattr("tokenprune.registry.get_registry", lambda: reg)
+    reg = install_page_block(site, monkeypatch, _worked_example(), "tp-thirdparty-pooled", "tp_thirdparty_pooled",
+                             "pooled_llava")
     import tp_thirdparty_pooled
 
     return tp_thirdparty_pooled, reg

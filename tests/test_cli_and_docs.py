@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenprune_lab.bench import stages as bench
 
 import tokenprune as tp
 from tokenprune import hookspecs
 from tokenprune.cli import main
-from tokenprune.lab.bench import stages as bench
 from tokenprune.stages import KINDS
 
 
@@ -294,8 +294,9 @@ def test_bench_stages_keeps_every_finished_row_when_interrupted(tmp_path, capsys
 
 
 def test_bench_stages_quick_mode_is_one_small_run():
+    from tokenprune_lab.cli import QUICK
+
     from tokenprune.cli import build_parser
-    from tokenprune.lab.cli import QUICK
 
     args = build_parser().parse_args(["bench", "stages", "--quick"])
     assert args.quick and QUICK["batch"] == [1] and len(QUICK["budgets"]) == 1 and "," not in QUICK["shapes"]
@@ -304,9 +305,9 @@ def test_bench_stages_quick_mode_is_one_small_run():
 def test_loading_the_shipped_model_is_quiet_and_leaves_logging_as_it_was(capsys):
     import sys
 
+    from tokenprune_lab.testbed.model import load
     from transformers.utils import logging
 
-    from tokenprune.lab.testbed.model import load
     from tokenprune.quiet import quiet_transformers
 
     before = (logging.get_verbosity(), logging.is_progress_bar_enabled())

@@ -24,6 +24,8 @@ def _module_name(path: Path) -> str:
     parts = list(rel.parts)
     if parts[0] == "plugins":
         parts[0] = "tokenprune_plugins"
+    elif parts[0] == "lab":  # the lab's distribution: lab/tokenprune_lab/...
+        parts = parts[1:]
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -51,13 +53,16 @@ def _files(folder: str) -> list[Path]:
 
 
 def _core_files() -> list[Path]:
-    return [p for p in _files("tokenprune") if "lab" not in p.relative_to(ROOT / "tokenprune").parts]
+    return _files("tokenprune")
+
+
+def _lab_files() -> list[Path]:
+    return _files("lab/tokenprune_lab")
 
 
 def test_the_core_imports_nothing_from_the_lab():
-    found = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for p in _core_files()
-             for mod, names, line in imports(p)
-             if mod.startswith("tokenprune.lab") or (mod == "tokenprune" and "lab" in names)]
+    found = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for p in _core_files() + _files("plugins")
+             for mod, names, line in imports(p) if mod.startswith("tokenprune_lab")]
     assert not found, found
 
 
@@ -85,8 +90,8 @@ def test_the_adapters_and_the_kit_do_not_reach_up():
     assert not found, found
 
 
-@pytest.mark.parametrize("bad, expected", [("from tokenprune.lab.testbed import model\n", "tokenprune.lab.testbed"),
-                                           ("def f():\n    from .lab import cli\n", "tokenprune.lab")])
+@pytest.mark.parametrize("bad, expected", [("from tokenprune_lab.testbed import model\n", "tokenprune_lab.testbed"),
+                                           ("def f():\n    import tokenprune_lab.cli\n", "tokenprune_lab.cli")])
 def test_the_graph_check_sees_imports_at_any_depth(tmp_path, monkeypatch, bad, expected):
     folder = ROOT / "tokenprune"
     probe = folder / "_probe_layers.py"
@@ -170,7 +175,7 @@ def import_cycles(paths: list[Path]) -> list[list[str]]:
 def test_the_import_graph_has_no_circle():
     """No module of the core, the plugins or the lab reaches itself through the modules it imports
     at run time (the registry finds plugins through entry points, by name, not by import)."""
-    assert import_cycles(_files("tokenprune") + _files("plugins")) == []
+    assert import_cycles(_core_files() + _files("plugins") + _lab_files()) == []
 
 
 def test_the_circle_check_finds_a_planted_circle(tmp_path, monkeypatch):
@@ -234,15 +239,15 @@ def test_a_third_party_command_joins_the_command_line(site, monkeypatch, capsys)
     assert main(["hello"]) == 0 and capsys.readouterr().out == "hello world from a third party\n"
     assert main(["eval", "--scenes", "1"]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"the command 'eval' is registered by distribution tokenprune [\d.]+ and by distribution "
+    assert re.search(r"the command 'eval' is registered by distribution tokenprune-lab [\d.]+ and by distribution "
                      r"tp-thirdparty-clash 1.2.3; switch all but one off \(TOKENPRUNE_DISABLE=<distribution>", err)
     assert main(["plugins"]) == 0
-    assert re.search(r"eval +distribution tokenprune [\d.]+ +REFUSED: also registered by distribution "
+    assert re.search(r"eval +distribution tokenprune-lab [\d.]+ +REFUSED: also registered by distribution "
                      r"tp-thirdparty-clash 1.2.3", capsys.readouterr().out)
     reg = build_registry(disabled=Disabled(("tp-thirdparty-clash",)))  # switched off: eval is the lab's again
     monkeypatch.setattr("tokenprune.cli.get_registry", lambda: reg)
     args = build_parser().parse_args(["eval"])
-    assert args.func.__module__ == "tokenprune.lab.cli"
+    assert args.func.__module__ == "tokenprune_lab.cli"
     assert reg.disabled.matched == {"tp-thirdparty-clash": ["distribution tp-thirdparty-clash 1.2.3: entry point "
                                                             "stages = tp_thirdparty_clash"]}
 
@@ -316,3 +321,22 @@ def test_the_layer_check_finds_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     found = upward_imports(sorted(pkg.glob("*.py")), _layer_of())
     assert found == ["tokenprune.ops (layer 0) imports tokenprune.pipeline (layer 5)"]
+
+
+def test_the_core_wheel_ships_no_lab_and_importing_the_core_loads_none_of_it(tmp_path):
+    """``pip install .`` builds the core alone: no lab module and no testbed weights in its wheel;
+    ``import tokenprune`` does not import the lab (which, installed, joins only as a plugin does,
+    through its entry point when the registry loads the plugins)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("tokenprune-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.startswith("tokenprune_lab") or "testbed" in n], names
+    assert "tokenprune/call.py" in names and "tokenprune_plugins/completion.py" in names
+    probe = "import sys, tokenprune, tokenprune_plugins; print(sorted(m for m in sys.modules if m.startswith('tokenprune_lab')))"
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "[]"

@@ -15,14 +15,14 @@ import pytest
 import torch
 from lmms_eval.api.instance import Instance
 from PIL import Image
+from tokenprune_lab.lmms.model import PrunedTokenCounts, TokenPrune
+from tokenprune_lab.lmms.task import write_task
+from tokenprune_lab.testbed.evaluate import Variant, evaluate
+from tokenprune_lab.testbed.model import load, prompt
+from tokenprune_lab.testbed.splits import examples, scene
 
 import tokenprune as tp
 from tokenprune.adapters.base import UnsupportedInput
-from tokenprune.lab.lmms.model import PrunedTokenCounts, TokenPrune
-from tokenprune.lab.lmms.task import write_task
-from tokenprune.lab.testbed.evaluate import Variant, evaluate
-from tokenprune.lab.testbed.model import load, prompt
-from tokenprune.lab.testbed.splits import examples, scene
 from tokenprune.spec import load_spec, spec_file
 
 SCENES = 2
@@ -141,8 +141,8 @@ def test_data_parallel_equals_one_process(runs):
 
 
 def test_the_table_pairs_each_run_with_the_unpruned_one(runs, report):
-    from tokenprune.lab.lmms.table import collect, markdown
-    from tokenprune.lab.testbed.stats import mcnemar
+    from tokenprune_lab.lmms.table import collect, markdown
+    from tokenprune_lab.testbed.stats import mcnemar
 
     table = markdown(collect([runs[("none", 1)][2], runs[("clasp", 1)][2]])).splitlines()
     assert table[0].startswith("| run | model | spec | budget | tokenprune_testbed accuracy | rel. |")

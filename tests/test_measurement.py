@@ -14,12 +14,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from tokenprune.lab.testbed.evaluate import Variant, evaluate, kept_cells
-from tokenprune.lab.testbed.questions import QA_CLASSES, ask
-from tokenprune.lab.testbed.scenes import GRID
-from tokenprune.lab.testbed.splits import scene
-from tokenprune.lab.testbed.stats import Z95, bootstrap_mean, detectable, mcnemar, paired_mean_test, paired_se, wilson
+from tokenprune_lab.testbed.evaluate import Variant, evaluate, kept_cells
+from tokenprune_lab.testbed.questions import QA_CLASSES, ask
+from tokenprune_lab.testbed.scenes import GRID
+from tokenprune_lab.testbed.splits import scene
+from tokenprune_lab.testbed.stats import Z95, bootstrap_mean, detectable, mcnemar, paired_mean_test, paired_se, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +169,8 @@ def test_detectable_difference_is_the_power_formula():
 # -- the evaluation report -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report():
-    from tokenprune.lab.testbed.model import load
+    from tokenprune_lab.testbed.model import load
+
     from tokenprune.spec import load_spec
 
     model, processor = load()
@@ -204,8 +204,9 @@ def test_evidence_recall_is_one_when_every_token_is_kept(report):
 
 
 def test_tower_memo_gives_the_same_report_and_restores_the_tower():
-    from tokenprune.lab.testbed.memo import memoized_tower
-    from tokenprune.lab.testbed.model import load
+    from tokenprune_lab.testbed.memo import memoized_tower
+    from tokenprune_lab.testbed.model import load
+
     from tokenprune.spec import load_spec
 
     model, processor = load()
@@ -229,8 +230,8 @@ def test_tower_memo_serves_any_choice_of_hidden_states_from_one_pass():
     """A row holds every hidden state, so fusions over different layers and the unpruned forward
     share one tower pass; each call gets back exactly what the tower itself returns for its
     arguments (the states it asked for, ``None`` for the others)."""
-    from tokenprune.lab.testbed.memo import memoized_tower
-    from tokenprune.lab.testbed.model import load
+    from tokenprune_lab.testbed.memo import memoized_tower
+    from tokenprune_lab.testbed.model import load
 
     model, processor = load("v1")
     tower = model.model.vision_tower
@@ -254,8 +255,8 @@ def test_a_memoized_tower_is_timed_as_if_it_had_run(monkeypatch):
     """Each row's compute time is charged to every call it serves, so a forward timed with
     ``tower_cost`` reports the same tower cost whether its rows were computed or replayed (on a
     fake clock: the tower costs 1 s per image row, replaying costs nothing)."""
-    from tokenprune.lab.testbed import memo
-    from tokenprune.lab.testbed.model import load
+    from tokenprune_lab.testbed import memo
+    from tokenprune_lab.testbed.model import load
 
     model, processor = load("v1")
     tower = model.model.vision_tower
@@ -285,7 +286,7 @@ def test_a_memoized_tower_is_timed_as_if_it_had_run(monkeypatch):
 
 # -- make results: a plan that resumes ------------------------------------------------------------
 def _results_fixture(tmp_path):
-    from tokenprune.lab.testbed.results import Step
+    from tokenprune_lab.testbed.results import Step
 
     model = tmp_path / "model"
     model.mkdir()
@@ -306,7 +307,7 @@ def _results_fixture(tmp_path):
 
 
 def test_results_plan_resumes_and_reruns_exactly_what_changed(tmp_path):
-    from tokenprune.lab.testbed.results import run_plan
+    from tokenprune_lab.testbed.results import run_plan
 
     model, spec, steps, calls, run = _results_fixture(tmp_path)
     manifest = tmp_path / "manifest.json"
@@ -331,7 +332,7 @@ def test_results_plan_resumes_and_reruns_exactly_what_changed(tmp_path):
 def test_results_plan_reruns_every_step_when_the_code_changes(tmp_path):
     """A change to a source file of the packages (the DPP rule, say) marks each step to run again,
     and ``stale_because`` says it was the code; an untouched tree re-runs nothing."""
-    from tokenprune.lab.testbed.results import code_digest, run_plan, stale_because
+    from tokenprune_lab.testbed.results import code_digest, run_plan, stale_because
 
     model, spec, steps, calls, run = _results_fixture(tmp_path)
     src = tmp_path / "src" / "pkg"
@@ -356,16 +357,17 @@ def test_results_plan_reruns_every_step_when_the_code_changes(tmp_path):
     assert code_digest([src]) != after
 
 
-def test_the_code_digest_covers_the_installed_packages_and_the_plugins():
-    from tokenprune.lab.testbed.results import code_roots
+def test_the_code_digest_covers_the_installed_packages_the_plugins_and_the_lab():
+    from tokenprune_lab.testbed.results import code_roots
 
     names = {p.name for p in code_roots()}
-    assert names == {"tokenprune", "plugins"} or names == {"tokenprune", "tokenprune_plugins"}
+    assert names in ({"tokenprune", "plugins", "tokenprune_lab"}, {"tokenprune", "tokenprune_plugins", "tokenprune_lab"})
     assert any((r / "completion.py").exists() for r in code_roots())
+    assert any((r / "testbed" / "evaluate.py").exists() for r in code_roots())
 
 
 def test_results_plan_stops_at_a_failing_step_and_names_it(tmp_path):
-    from tokenprune.lab.testbed.results import run_plan
+    from tokenprune_lab.testbed.results import run_plan
 
     model, _, steps, calls, run = _results_fixture(tmp_path)
     manifest = tmp_path / "manifest.json"
@@ -378,7 +380,7 @@ def test_results_plan_stops_at_a_failing_step_and_names_it(tmp_path):
 
 
 def test_results_plan_covers_every_shipped_ablation():
-    from tokenprune.lab.testbed.results import plan
+    from tokenprune_lab.testbed.results import plan
 
     names = {s.name for s in plan()}
     assert {p.stem for p in (ROOT / "specs/ablations").glob("*.toml")} <= names
@@ -392,8 +394,9 @@ def test_an_interrupted_evaluation_resumes_from_its_checkpoint_and_reports_the_s
     evidence recall) and deletes its checkpoint; other arguments ignore the file."""
     import json
 
-    from tokenprune.lab.testbed import resume
-    from tokenprune.lab.testbed.model import load
+    from tokenprune_lab.testbed import resume
+    from tokenprune_lab.testbed.model import load
+
     from tokenprune.spec import load_spec
 
     model, processor = load("v1")
@@ -438,7 +441,7 @@ def test_an_interrupted_evaluation_resumes_from_its_checkpoint_and_reports_the_s
 
 # -- docs/results.md: its tables are rendered from the committed results ----------------------------
 def test_fill_report_renders_each_marked_block_from_its_json(tmp_path):
-    from tokenprune.lab.testbed.results import fill_report, render
+    from tokenprune_lab.testbed.results import fill_report, render
 
     results = tmp_path / "results"
     results.mkdir()
@@ -467,7 +470,7 @@ def test_fill_report_renders_each_marked_block_from_its_json(tmp_path):
 def test_the_tables_of_results_md_are_the_committed_results():
     """docs/results.md and docs/routing.md show what docs/results/*.json hold (`tokenprune
     results` re-renders them)."""
-    from tokenprune.lab.testbed.results import _BLOCK, REPORTS, _only, render
+    from tokenprune_lab.testbed.results import _BLOCK, REPORTS, _only, render
 
     for doc in REPORTS:
         blocks = list(_BLOCK.finditer((ROOT / doc).read_text()))
@@ -493,9 +496,10 @@ def test_full_budget_agrees_with_unpruned_and_moves_no_probability(report):
 def test_kl_and_agreement_equal_a_forward_by_hand(report):
     """The recorded KL and agreement of a pruned run equal what the public API gives: the next-token
     distributions of the unpruned and the pruned model on the same questions."""
+    from tokenprune_lab.testbed.model import load, prompt
+    from tokenprune_lab.testbed.splits import examples
+
     import tokenprune as tp
-    from tokenprune.lab.testbed.model import load, prompt
-    from tokenprune.lab.testbed.splits import examples
     from tokenprune.spec import load_spec
 
     model, processor = load()
@@ -536,7 +540,7 @@ def test_fidelity_has_intervals_and_paired_tests_against_the_reference(report):
 
 
 def test_fidelity_tables_and_plot_render(report, tmp_path):
-    from tokenprune.lab.testbed.report import detectable_table, fidelity_class_table, fidelity_table, plot_fidelity
+    from tokenprune_lab.testbed.report import detectable_table, fidelity_class_table, fidelity_table, plot_fidelity
 
     table = fidelity_table(report)
     assert table.count("\n") == len(report["runs"]) + 1 and "| random | 32 |" in table

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenprune_lab.testbed.questions import QA_CLASSES, ask
+from tokenprune_lab.testbed.splits import scene
 
 import tokenprune as tp
-from tokenprune.lab.testbed.questions import QA_CLASSES, ask
-from tokenprune.lab.testbed.splits import scene
 from tokenprune.prompts import extract_question
 
 #: Chat templates as the families render one user turn with one image (the image placeholder as
@@ -116,7 +116,7 @@ def test_a_router_may_ask_for_the_whole_prompt():
 def test_the_adapter_routes_the_question_of_a_harness_prompt_on_a_real_model():
     """Through ``tp.apply`` on the shipped testbed LLaVA: a harness suffix after the question
     leaves the routed class (and so the kept tokens) as they were."""
-    from tokenprune.lab.testbed.model import load, prompt
+    from tokenprune_lab.testbed.model import load, prompt
 
     model, processor = load("v1")
     sc = scene("test", 1)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenprune_lab.bench import smollm
 
 import tokenprune as tp
-from tokenprune.lab.bench import smollm
 
 pytestmark = pytest.mark.slow  # ~25 s; CI runs it (make test installs the weights)
 

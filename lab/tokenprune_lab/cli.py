@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..cli import _default_spec
-from ..hookspecs import hookimpl
-from ..outputs import announce_replacing
-from ..spec import load_spec
+from tokenprune import __version__
+from tokenprune.cli import _default_spec
+from tokenprune.hookspecs import hookimpl
+from tokenprune.outputs import announce_replacing
+from tokenprune.spec import load_spec
+
 from .cli_router import add_router_parser
 from .testbed.protocol import BUDGETS, CALIBRATION_BUDGETS, CALIBRATION_RATIOS, OBJECTIVES
 

@@ -14,7 +14,7 @@ The answer is the argmax of the next-token logits after ``assistant:`` (every an
 token, so this is greedy decoding's first token). Prefill time is the wall time of the model's
 forward on a batch, pruning included, per example.
 
-Uncertainty and evidence (:mod:`~tokenprune.lab.testbed.stats`):
+Uncertainty and evidence (:mod:`~tokenprune_lab.testbed.stats`):
 
 - every accuracy carries a 95 % Wilson interval (``interval``);
 - every run is compared with the *reference* run at the same budget (by default the first
@@ -46,8 +46,9 @@ from typing import Any
 
 import torch
 
-from ...pipeline import Pipeline
-from ...spec import PipelineSpec
+from tokenprune.pipeline import Pipeline
+from tokenprune.spec import PipelineSpec
+
 from .memo import memoized_tower, tower_cost
 from .model import prompt
 from .protocol import DECISIVE_MARGIN
@@ -122,7 +123,7 @@ def chance(exs: Sequence[Example]) -> dict[str, float]:
 def _batches(exs: Sequence[Example], batch_size: int) -> list[list[int]]:
     """Single-class batches, block by block of ``batch_size`` scenes: every class's questions about
     scenes 0-15, then 16-31, ... so that a block's images stay in the tower memo
-    (:mod:`~tokenprune.lab.testbed.memo`) while all its classes are asked."""
+    (:mod:`~tokenprune_lab.testbed.memo`) while all its classes are asked."""
     block = lambda i: exs[i].index // batch_size  # noqa: E731
     order = sorted(range(len(exs)), key=lambda i: (block(i), QA_CLASSES.index(exs[i].klass), exs[i].index, i))
     batches: list[list[int]] = []
@@ -257,9 +258,9 @@ def evaluate(
     variant (default: the first) and against the unpruned model, share retained, routing accuracy
     and prefill time of each variant at each budget, plus the unpruned model. Returns plain data
     (the JSON that ``tokenprune eval`` writes). ``memo``: compute each image's tower pass once per
-    evaluation (:func:`~tokenprune.lab.testbed.memo.memoized_tower`). ``checkpoint``: a file that keeps
+    evaluation (:func:`~tokenprune_lab.testbed.memo.memoized_tower`). ``checkpoint``: a file that keeps
     the finished batches, so an interrupted evaluation with the same model and arguments resumes
-    (:mod:`~tokenprune.lab.testbed.resume`; one file per process rank, deleted at the end)."""
+    (:mod:`~tokenprune_lab.testbed.resume`; one file per process rank, deleted at the end)."""
     dist = dist or Dist()
     exs = examples(split, scenes)
     if classes is not None:
@@ -411,7 +412,7 @@ def _answer(model, inputs: dict, truth: torch.Tensor, use: Pipeline | None, vari
             tok, cuda: bool, tower_stats: dict | None = None,
             reference_logp: torch.Tensor | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """One run on one batch: correctness, predictions, log p of the truth, time (the tower counted
-    as if it had run, when it is memoized: :func:`~tokenprune.lab.testbed.memo.tower_cost`), and for a
+    as if it had run, when it is memoized: :func:`~tokenprune_lab.testbed.memo.tower_cost`), and for a
     pruned run the tokens kept and the (B, M) cells that reached the LLM. Also returns the ``(B, V)``
     float32 log-probabilities of the answer slot. The unpruned run (``use`` None) records each
     answer's probability margin over the runner-up; a run given ``reference_logp`` (the unpruned

@@ -50,7 +50,7 @@ def markdown_report(reports: dict, part: str) -> str:
     """Accuracy per class (Wilson 95 % intervals) for each router, then each one's confusion matrix."""
     from tokenprune_plugins.routers import ROUTED
 
-    from tokenprune.lab.testbed.stats import wilson
+    from tokenprune_lab.testbed.stats import wilson
 
     def cell(k: int, n: int) -> str:
         lo, hi = wilson(k, n)

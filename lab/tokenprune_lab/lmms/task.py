@@ -55,7 +55,7 @@ _UTILS = '''\
 """Written by `tokenprune lmms-eval task`: the task's functions, bound to this folder."""
 from pathlib import Path
 
-from tokenprune.lab.lmms.task import task_functions
+from tokenprune_lab.lmms.task import task_functions
 
 doc_to_visual, doc_to_text, process_results = task_functions(Path(__file__).resolve().parent)
 '''

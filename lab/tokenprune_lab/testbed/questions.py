@@ -1,4 +1,4 @@
-"""Questions about a :class:`~tokenprune.lab.testbed.scenes.Scene`, in CLASP's seven classes.
+"""Questions about a :class:`~tokenprune_lab.testbed.scenes.Scene`, in CLASP's seven classes.
 
 Every question has a one-word answer. Each class has several phrasings with synonyms, chosen at
 random, so that a router is not handed one template per class. Existence negatives are POPE-style

@@ -27,7 +27,7 @@ every 50 steps (about 0.45 s a step on one core). Variants are one JSON object:
 
 Usage (from the repository root, after the pool is built):
 
-  .venv/bin/python tools/v2_recipe_proxy.py '{"steps": 250, "classes": ["attribute"]}' [threads]
+  .venv/bin/python lab/tools/v2_recipe_proxy.py '{"steps": 250, "classes": ["attribute"]}' [threads]
 
 It is a research tool, not part of the package; docs/testbed.md records what it measured.
 """
@@ -42,12 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from tokenprune.lab.testbed import train as recipe
-from tokenprune.lab.testbed.features import FeaturePool, pool_scene
-from tokenprune.lab.testbed.model import ARCH_V2, arch_with, build, build_processor
-from tokenprune.lab.testbed.questions import ask, ask_aux
-from tokenprune.lab.testbed.train_v2 import _Pools
+from tokenprune_lab.testbed import train as recipe
+from tokenprune_lab.testbed.features import FeaturePool, pool_scene
+from tokenprune_lab.testbed.model import ARCH_V2, arch_with, build, build_processor
+from tokenprune_lab.testbed.questions import ask, ask_aux
+from tokenprune_lab.testbed.train_v2 import _Pools
 
 POOL = Path("runs/v2/features")
 POOL_SIZE = 3200
@@ -109,7 +108,7 @@ def _oracle(kind, scenes, feats: torch.Tensor) -> torch.Tensor:
 def _answer_init(model, tok) -> None:
     """Start "yes" at the mean embedding of the colour and shape words and "no" at the mean of the
     background words (tied embeddings: the read-out of "an object was attended" exists from step 0)."""
-    from tokenprune.lab.testbed.scenes import BACKGROUNDS, COLORS, SHAPES
+    from tokenprune_lab.testbed.scenes import BACKGROUNDS, COLORS, SHAPES
 
     emb = model.get_input_embeddings().weight
     ids = lambda words: [tok.convert_tokens_to_ids(w) for w in words]  # noqa: E731

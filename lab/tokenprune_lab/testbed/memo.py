@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...adapters import capture
+from tokenprune.adapters import capture
 
 __all__ = ["memoized_tower", "tower_cost"]
 

@@ -32,7 +32,7 @@ def _is_testbed_folder(path: Path) -> bool:
 def load_model(pretrained: str, device: torch.device, dtype: torch.dtype, attn: str):
     """``(model, processor)`` in eval mode on ``device``. Testbed weights (a name of
     :data:`TESTBED_NAMES` or a folder that ``tokenprune testbed train`` wrote) load through
-    :func:`tokenprune.lab.testbed.model.load`; anything else through ``AutoModelForImageTextToText``
+    :func:`tokenprune_lab.testbed.model.load`; anything else through ``AutoModelForImageTextToText``
     and ``AutoProcessor``."""
     if pretrained in TESTBED_NAMES or _is_testbed_folder(Path(pretrained)):
         from ..testbed.model import load

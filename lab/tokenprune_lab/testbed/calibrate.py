@@ -42,8 +42,9 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-from ...classes import CLASSES, STRATEGIES, Band, ClassEntry, ClassTable
-from ...spec import PipelineSpec
+from tokenprune.classes import CLASSES, STRATEGIES, Band, ClassEntry, ClassTable
+from tokenprune.spec import PipelineSpec
+
 from .evaluate import Dist, Variant, evaluate
 from .memo import memoized_tower
 from .protocol import CALIBRATION_BUDGETS, CALIBRATION_RATIOS, OBJECTIVES
@@ -86,7 +87,7 @@ def calibrate(
     """Returns the fitted table and the grid of scores (``grid``: ``{class: {cell: metrics}}``
     averaged over the budgets; ``by_budget``: ``{class: {budget: {cell: metrics}}}``; ``guard``
     and ``bands``: the decisions). ``checkpoint``: per class, the file its evaluation resumes from
-    (see :func:`~tokenprune.lab.testbed.evaluate.evaluate`), so an interrupted calibration loses at
+    (see :func:`~tokenprune_lab.testbed.evaluate.evaluate`), so an interrupted calibration loses at
     most a minute of work."""
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ...packages import package_dir
+from tokenprune.packages import package_dir
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
@@ -48,7 +48,7 @@ def load(
         LlavaProcessor,
     )
 
-    from ...quiet import quiet_transformers
+    from tokenprune.quiet import quiet_transformers
 
     d = weights_dir()
     with quiet_transformers():

@@ -4,7 +4,7 @@ lmms-eval (0.7) finds external models through the Python entry-point group ``lmm
 tokenprune's ``pyproject.toml`` registers :func:`manifest` there, so ``pip install
 tokenprune[lmms-eval]`` is all it takes: no fork, no copy, no environment variable.
 
-- :mod:`.model`: :class:`~tokenprune.lab.lmms.model.TokenPrune`, the lmms-eval model (batches, data
+- :mod:`.model`: :class:`~tokenprune_lab.lmms.model.TokenPrune`, the lmms-eval model (batches, data
   parallelism through accelerate, per-sample pruning records in the logged samples).
 - :mod:`.loading`: the model and processor from ``pretrained`` (a Hugging Face folder or hub id, or
   the shipped testbed model).
@@ -23,4 +23,4 @@ def manifest():
     """The lmms-eval model manifest (the ``lmms_eval.models`` entry point calls this)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=MODEL_ID, simple_class_path="tokenprune.lab.lmms.model.TokenPrune")
+    return ModelManifest(model_id=MODEL_ID, simple_class_path="tokenprune_lab.lmms.model.TokenPrune")

@@ -39,9 +39,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ...spec import load_spec
-from ...stages import KINDS
-from ...tomlfile import describe_problems, read_toml
+from tokenprune.spec import load_spec
+from tokenprune.stages import KINDS
+from tokenprune.tomlfile import describe_problems, read_toml
+
 from .evaluate import Variant
 from .protocol import BUDGETS
 

@@ -13,7 +13,7 @@ For the 64 held-out val scenes (the training curve's), one question per class, i
 Usage (from the repository root, after ``tokenprune testbed train --version 2`` built the val
 features):
 
-  .venv/bin/python tools/v2_readout_probe.py checkpoints/testbed-v2/checkpoint.pt
+  .venv/bin/python lab/tools/v2_readout_probe.py checkpoints/testbed-v2/checkpoint.pt
 
 A research tool, not part of the package; docs/testbed.md records what it measured.
 """
@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from tokenprune.lab.testbed.features import FeaturePool
-from tokenprune.lab.testbed.model import ARCH_V2, arch_with, build
-from tokenprune.lab.testbed.questions import QA_CLASSES, _cells, ask
-from tokenprune.lab.testbed.scenes import COLORS, SHAPES
-from tokenprune.lab.testbed.splits import scene as split_scene
-from tokenprune.lab.testbed.train import Packer, _align_targets
+from tokenprune_lab.testbed.features import FeaturePool
+from tokenprune_lab.testbed.model import ARCH_V2, arch_with, build
+from tokenprune_lab.testbed.questions import QA_CLASSES, _cells, ask
+from tokenprune_lab.testbed.scenes import COLORS, SHAPES
+from tokenprune_lab.testbed.splits import scene as split_scene
+from tokenprune_lab.testbed.train import Packer, _align_targets
 
 M = 576
 

@@ -41,9 +41,10 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from loguru import logger
 
-from ...adapters.base import UnsupportedInput
-from ...apply import PruningHandle, apply
-from ...spec import load_spec
+from tokenprune.adapters.base import UnsupportedInput
+from tokenprune.apply import PruningHandle, apply
+from tokenprune.spec import load_spec
+
 from .loading import load_model, torch_dtype
 
 __all__ = ["TokenPrune", "PrunedTokenCounts", "UNPRUNED_SPECS"]

@@ -91,13 +91,15 @@ def _ablation_outputs(results: Path, name: str) -> tuple[Path, ...]:
 
 
 def code_roots() -> tuple[Path, ...]:
-    """The source folders whose files a step's code digest covers: the installed ``tokenprune``
-    and ``tokenprune_plugins`` packages (the checkout's folders under an editable install)."""
+    """The source folders whose files a step's code digest covers: the installed ``tokenprune``,
+    ``tokenprune_plugins`` and ``tokenprune_lab`` packages (the checkout's folders under an
+    editable install)."""
     import tokenprune_plugins
 
     import tokenprune
+    import tokenprune_lab
 
-    return tuple(Path(m.__file__).resolve().parent for m in (tokenprune, tokenprune_plugins))
+    return tuple(Path(m.__file__).resolve().parent for m in (tokenprune, tokenprune_plugins, tokenprune_lab))
 
 
 def code_digest(roots: Sequence[Path] | None = None) -> str:
@@ -115,7 +117,8 @@ def code_digest(roots: Sequence[Path] | None = None) -> str:
 def fingerprint(step: Step, model_dir: Path, code: str | None = None) -> str:
     """sha256 over the step's arguments, the model's files, every spec it resolves and ``code``
     (default :func:`code_digest` of the installed packages)."""
-    from ...spec import load_spec
+    from tokenprune.spec import load_spec
+
     from .ablation import load_ablation
 
     h = hashlib.sha256(json.dumps(step.argv).encode())
@@ -182,7 +185,7 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
     if unknown:
         raise ValueError(f"unknown results step(s) {unknown}; the plan has {[s.name for s in steps]}")
     if run is None:
-        from ...cli import main as run
+        from tokenprune.cli import main as run
     done = read_manifest(manifest)
     code = code if code is not None else code_digest()
     for step in steps:

@@ -1,4 +1,4 @@
-"""Tables and plots of :func:`~tokenprune.lab.testbed.evaluate.evaluate` reports.
+"""Tables and plots of :func:`~tokenprune_lab.testbed.evaluate.evaluate` reports.
 
 Accuracies are shown with their 95 % Wilson interval; ``recall`` is the evidence recall (share of
 the question's evidence cells that reached the LLM); ``vs ref`` is the paired difference from the

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...packages import package_dir
+from tokenprune.packages import package_dir
 
 __all__ = ["TOWER", "IMAGENET_MEAN", "IMAGENET_STD", "cache_dir", "onnx_file", "convert", "tower_weights",
            "tower_config", "load_tower"]
