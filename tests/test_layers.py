@@ -340,3 +340,23 @@ def test_the_core_wheel_ships_no_lab_and_importing_the_core_loads_none_of_it(tmp
     probe = "import sys, tokenprune, tokenprune_plugins; print(sorted(m for m in sys.modules if m.startswith('tokenprune_lab')))"
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "[]"
+
+
+#: functions longer than LONGEST lines that stay in one piece: numeric kernels whose loop is the
+#: algorithm (each one step per pick or per iteration, with its shapes commented inline)
+NUMERIC_KERNELS = {"plugins/greedy.py:greedy_dpp_map", "plugins/greedy.py:greedy_max_min",
+                   "plugins/vispruner.py:bipartite_dedup", "plugins/kmeans.py:spherical_kmeans"}
+LONGEST = 60
+
+
+def _function_lengths(paths: list[Path]) -> dict[str, int]:
+    return {f"{p.relative_to(ROOT)}:{node.name}": node.end_lineno - node.lineno + 1
+            for p in paths for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None}
+
+
+def test_no_function_of_the_core_or_the_plugins_is_longer_than_sixty_lines():
+    lengths = _function_lengths(_core_files() + _files("plugins"))
+    long = {name: n for name, n in lengths.items() if n > LONGEST and name not in NUMERIC_KERNELS}
+    assert not long, f"split these functions (or, for a numeric kernel, say why in NUMERIC_KERNELS): {long}"
+    assert set(lengths) >= NUMERIC_KERNELS, f"kernels no longer found: {NUMERIC_KERNELS - set(lengths)}"

@@ -181,6 +181,28 @@ class VisualTokens:
     cls_token: Mapping[int, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        ref = self._check_layers()
+        B, M, _ = ref.shape
+        self._check_per_token(ref)
+        for name in ("cls_attention", "received_attention"):
+            for key, a in getattr(self, name).items():
+                normalize_layer(key, self.num_layers)
+                if a.shape[0] != B or a.shape[-1] != M or a.dim() not in (2, 3):
+                    raise ValueError(
+                        f"{name}[{key}] must be (B, H, M) or (B, M) = ({B}, ..., {M}), got {tuple(a.shape)}"
+                    )
+        for key, k in self.attention_keys.items():
+            normalize_layer(key, self.num_layers)
+            if k.dim() != 3 or k.shape[:2] != (B, M):
+                raise ValueError(f"attention_keys[{key}] must be (B, M, Dk) = ({B}, {M}, ·), got {tuple(k.shape)}")
+        for key, c in self.cls_token.items():
+            normalize_layer(key, self.num_layers)
+            if c.shape != (B, ref.shape[-1]):
+                raise ValueError(f"cls_token[{key}] must be (B, Dv) = ({B}, {ref.shape[-1]}), got {tuple(c.shape)}")
+
+    def _check_layers(self) -> Tensor:
+        """Refuse layers that are missing, not ``(B, M, Dv)`` floats, or disagree with each other;
+        the first layer's features, which the other fields are checked against."""
         if not self.layers:
             raise ValueError("VisualTokens.layers is empty: pass at least one encoder layer")
         if self.num_layers < 1:
@@ -203,6 +225,11 @@ class VisualTokens:
                     f"layers are {tuple(ref.shape)} {ref.dtype} on {ref.device}; all layers must agree"
                 )
         assert ref is not None  # layers is not empty
+        return ref
+
+    def _check_per_token(self, ref: Tensor) -> None:
+        """Refuse a mask, positions, text embedding, projection, prompts or sample keys whose shape is not
+        the batch's."""
         B, M, _ = ref.shape
         if self.mask is not None:
             if self.mask.shape != (B, M) or self.mask.dtype != torch.bool:
@@ -215,21 +242,6 @@ class VisualTokens:
             raise ValueError(
                 f"positions must have shape ({B}, {M}, 2), got {tuple(self.positions.shape)}"
             )
-        for name in ("cls_attention", "received_attention"):
-            for key, a in getattr(self, name).items():
-                normalize_layer(key, self.num_layers)
-                if a.shape[0] != B or a.shape[-1] != M or a.dim() not in (2, 3):
-                    raise ValueError(
-                        f"{name}[{key}] must be (B, H, M) or (B, M) = ({B}, ..., {M}), got {tuple(a.shape)}"
-                    )
-        for key, k in self.attention_keys.items():
-            normalize_layer(key, self.num_layers)
-            if k.dim() != 3 or k.shape[:2] != (B, M):
-                raise ValueError(f"attention_keys[{key}] must be (B, M, Dk) = ({B}, {M}, ·), got {tuple(k.shape)}")
-        for key, c in self.cls_token.items():
-            normalize_layer(key, self.num_layers)
-            if c.shape != (B, ref.shape[-1]):
-                raise ValueError(f"cls_token[{key}] must be (B, Dv) = ({B}, {ref.shape[-1]}), got {tuple(c.shape)}")
         if self.text_embedding is not None and (
             self.text_embedding.dim() != 2 or self.text_embedding.shape[0] != B
         ):

@@ -131,75 +131,102 @@ class Pipeline:
             timer: as in :meth:`__call__`.
         """
         tick = timer or (lambda name: contextlib.nullcontext())
-        spec = self.spec
-        B, M = tokens.shape
         valid = tokens.valid()
         fixed = self.fixed_budget(tokens)
-        R = _checked_counts(counts, valid.sum(1))  # (B,)
-        if fixed is not None and not torch.equal(R, fixed.to(R.device)):
-            raise ValueError(f"completion '{spec.stage_name('completion')}' decides how many tokens each row keeps "
-                             f"({fixed.tolist()} here), but Pipeline.run was given {R.tolist()}")
-
+        R = self._checked_counts(counts, valid.sum(1), fixed)  # (B,)
         if (problem := checks.non_finite_signals(tokens, self.signal_requirements(tokens.num_layers))) is not None:
             raise ValueError(f"{problem}: the stages would select from it. Check the pixel values, and run the "
                              "vision tower in fp32 or bf16 if fp16 overflows")
         with tick("routing"):
-            if routing is None:
-                if not tokens.prompts:
-                    raise ValueError(
-                        "no prompts to route: pass VisualTokens(prompts=[...]) or routing=Routing(...)"
-                    )
-                routing = self.route(tokens.prompts)
-            elif len(routing.classes) != B:
-                raise ValueError(f"routing has {len(routing.classes)} entries for a batch of {B}")
-            routing = dataclasses.replace(routing, budgets=R.cpu())  # a banded class table reads them
+            routing = self._routing(tokens, routing, R)
         with tick("fusion"):
-            with _inside(spec, "fusion"):
-                fused = spec.fusion.fuse(tokens, routing, self.table)
-            _enforce(spec, "fusion", B, M, answer=fused)
-            _check_finite(fused, tokens, valid, spec)
+            fused = self._fused(tokens, routing, valid)
         with tick("scoring"):
-            with _inside(spec, "scoring"):
-                phi = spec.scoring.score(tokens, fused)
-            _enforce(spec, "scoring", valid, answer=phi)
-            if (problem := checks.non_finite_scores(phi, valid)) is not None:
-                raise ValueError(f"the {stage_label(spec.scoring, spec.stage_name('scoring'))} {problem}")
+            phi = self._scored(tokens, fused, valid)
         with tick("budget"):
-            with _inside(spec, "budget_policy"):
-                a = spec.budget_policy.pivot_ratio(routing, self.table)
-            _enforce(spec, "budget_policy", B, answer=a)
-            a = a.to(torch.float64)
-            k1 = torch.floor(a.to(R.device) * R + 1e-6).long()  # (B,) eq. 34
-            if fixed is not None and bool(k1.any()):
-                raise ValueError(
-                    f"completion '{spec.stage_name('completion')}' fixes the whole selection, so the budget "
-                    "policy must give no pivots: use [budget_policy] stage = \"fixed\", ratio = 0.0"
-                )
-            if not spec.scoring.gives_signal and bool(k1.any()):
-                raise ValueError(
-                    f"the {stage_label(spec.budget_policy, spec.stage_name('budget_policy'))} gives pivots "
-                    f"(a = {a.tolist()}), but the {stage_label(spec.scoring, spec.stage_name('scoring'))} carries no "
-                    "saliency to choose them by: give the spec a [scoring] stage (cls-attention, "
-                    "received-attention, ...) or a budget policy without pivots")
+            a, k1 = self._pivot_counts(routing, R, fixed)
             k2 = R - k1
         with tick("selection"):
-            with _inside(spec, "selection"):
-                pivots = spec.selection.select(phi, k1, valid, fused)
-            _enforce(spec, "selection", k1, valid, answer=pivots)
+            with _inside(self.spec, "selection"):
+                pivots = self.spec.selection.select(phi, k1, valid, fused)
+            _enforce(self.spec, "selection", k1, valid, answer=pivots)
         with tick("completion"):
-            pool = valid & ~pivots
-            if bool(torch.equal(k2, pool.sum(1))):  # every row keeps its whole pool
-                extra, merged = pool, None
-            elif not bool(k2.any()):  # pivots fill every budget
-                extra, merged = torch.zeros_like(pool), None
-            else:
-                req = CompletionRequest(phi, pivots, k2, valid, tokens, fused)  # u_t computed on first use
-                with _inside(spec, "completion"):
-                    res = spec.completion.complete(req)
-                extra, merged = res.mask, res.features
-                _enforce(spec, "completion", k2, pool, answer=extra)
+            extra, merged = self._completed(CompletionRequest(phi, pivots, k2, valid, tokens, fused))
         with tick("output"):
             return _selection(pivots, extra, merged, fused, routing, a)
+
+    # -- the steps of run ---------------------------------------------------------------------------
+    def _checked_counts(self, counts: Tensor, real: Tensor, fixed: Tensor | None) -> Tensor:
+        """``counts`` as ``(B,)`` int64 on ``real``'s device, refused unless each is in ``0..real``
+        and, when the completion fixes the counts, equal to them."""
+        R = _checked_counts(counts, real)
+        if fixed is not None and not torch.equal(R, fixed.to(R.device)):
+            raise ValueError(f"completion '{self.spec.stage_name('completion')}' decides how many tokens each row "
+                             f"keeps ({fixed.tolist()} here), but Pipeline.run was given {R.tolist()}")
+        return R
+
+    def _routing(self, tokens: VisualTokens, routing: Routing | None, R: Tensor) -> Routing:
+        """The given routing (checked against the batch), else the router's on ``tokens.prompts``;
+        with each row's count, which a banded class table reads."""
+        B = tokens.shape[0]
+        if routing is None:
+            if not tokens.prompts:
+                raise ValueError("no prompts to route: pass VisualTokens(prompts=[...]) or routing=Routing(...)")
+            routing = self.route(tokens.prompts)
+        elif len(routing.classes) != B:
+            raise ValueError(f"routing has {len(routing.classes)} entries for a batch of {B}")
+        return dataclasses.replace(routing, budgets=R.cpu())
+
+    def _fused(self, tokens: VisualTokens, routing: Routing, valid: Tensor) -> Fused:
+        spec = self.spec
+        with _inside(spec, "fusion"):
+            fused = spec.fusion.fuse(tokens, routing, self.table)
+        _enforce(spec, "fusion", *tokens.shape, answer=fused)
+        _check_finite(fused, tokens, valid, spec)
+        return fused
+
+    def _scored(self, tokens: VisualTokens, fused: Fused, valid: Tensor) -> Tensor:
+        spec = self.spec
+        with _inside(spec, "scoring"):
+            phi = spec.scoring.score(tokens, fused)  # (B, M)
+        _enforce(spec, "scoring", valid, answer=phi)
+        if (problem := checks.non_finite_scores(phi, valid)) is not None:
+            raise ValueError(f"the {stage_label(spec.scoring, spec.stage_name('scoring'))} {problem}")
+        return phi
+
+    def _pivot_counts(self, routing: Routing, R: Tensor, fixed: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The budget policy's pivot ratio ``a`` ``(B,)`` float64 and the pivots per row
+        ``k1 = floor(a * R)`` (eq. 34), refused when no stage can choose pivots."""
+        spec = self.spec
+        with _inside(spec, "budget_policy"):
+            a = spec.budget_policy.pivot_ratio(routing, self.table)
+        _enforce(spec, "budget_policy", R.shape[0], answer=a)
+        a = a.to(torch.float64)
+        k1 = torch.floor(a.to(R.device) * R + 1e-6).long()  # (B,)
+        if fixed is not None and bool(k1.any()):
+            raise ValueError(
+                f"completion '{spec.stage_name('completion')}' fixes the whole selection, so the budget "
+                "policy must give no pivots: use [budget_policy] stage = \"fixed\", ratio = 0.0")
+        if not spec.scoring.gives_signal and bool(k1.any()):
+            raise ValueError(
+                f"the {stage_label(spec.budget_policy, spec.stage_name('budget_policy'))} gives pivots "
+                f"(a = {a.tolist()}), but the {stage_label(spec.scoring, spec.stage_name('scoring'))} carries no "
+                "saliency to choose them by: give the spec a [scoring] stage (cls-attention, "
+                "received-attention, ...) or a budget policy without pivots")
+        return a, k1
+
+    def _completed(self, req: CompletionRequest) -> tuple[Tensor, Tensor | None]:
+        """The completion's ``(B, M)`` mask of ``k2`` tokens from the pool, and its merged features
+        (``None`` unless it merges); a pool kept whole, or no completion budget, skips the stage."""
+        pool = req.valid & ~req.pivots  # (B, M)
+        if bool(torch.equal(req.k2, pool.sum(1))):  # every row keeps its whole pool
+            return pool, None
+        if not bool(req.k2.any()):  # pivots fill every budget
+            return torch.zeros_like(pool), None
+        with _inside(self.spec, "completion"):
+            res = self.spec.completion.complete(req)
+        _enforce(self.spec, "completion", req.k2, pool, answer=res.mask)
+        return res.mask, res.features
 
 
 def _checked_counts(counts: Tensor, real: Tensor) -> Tensor:

@@ -141,8 +141,6 @@ class LlavaNextAdapter(LlavaAdapter):
     modeling = "transformers.models.llava_next.modeling_llava_next"
 
     def encode(self, inputs: dict[str, Any], need: Requirements, recorder: capture.Recorder) -> Encoded:
-        model = self.model.model
-        cfg = self.model.config
         sizes = inputs.get("image_sizes")
         if sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes next to pixel_values (the processor returns both)")
@@ -150,66 +148,61 @@ class LlavaNextAdapter(LlavaAdapter):
         packed = list(out.pooler_output)  # per image (P_i, D), newline slots included
         slots = torch.tensor([p.shape[0] for p in packed], device=packed[0].device)  # (N,)
         own, _ = pad_flat(torch.cat(packed), slots)  # (N, P, D)
-        N = slots.shape[0]
-
-        # map each packed slot to (crop, patch) through the model's own packer
-        ref = next(iter(feats.values()))  # (C, 576, Dv) crops of all images
-        C, Mc, _ = ref.shape
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        C, Mc, _ = next(iter(feats.values())).shape  # crops of all images, 576 patches each
         crops = self._crops_per_image(sizes)  # (N,)
-        flat_ids = torch.arange(C * Mc, dtype=torch.float64, device=ref.device).view(C, Mc, 1)
-        per_image = torch.split(flat_ids, crops.tolist())
-        mapped, _ = model.pack_image_features(
-            list(per_image), sizes, "default", image_newline=torch.tensor([-1.0], dtype=torch.float64, device=ref.device)
-        )
-        slot_flat, _ = pad_flat(torch.cat(mapped).squeeze(-1).round().long(), slots)  # (N, P); -1 newline
-        slot_valid = torch.arange(slot_flat.shape[1], device=ref.device) < slots.unsqueeze(1)
+        slot_flat = self._slot_patches(sizes, crops, C * Mc, slots)  # (N, P) crop * Mc + patch, -1 newline
+        slot_valid = torch.arange(slot_flat.shape[1], device=slot_flat.device) < slots.unsqueeze(1)
         is_token = slot_valid & (slot_flat >= 0)  # (N, P)
         slot_token = torch.where(is_token, is_token.long().cumsum(1) - 1, -1)  # (N, P)
-        counts = is_token.sum(1)  # (N,)
-        token_flat, token_valid = pad_flat(slot_flat[is_token], counts)  # (N, M) global crop*576+patch
+        token_flat, token_valid = pad_flat(slot_flat[is_token], is_token.sum(1))  # (N, M) crop * Mc + patch
+        newline, rows = _grid_rows(slot_flat, slot_valid, is_token, crops, Mc)
 
-        # newline bookkeeping: the grid row each slot belongs to (-1: base crop / not in the grid)
-        newline = slot_valid & (slot_flat < 0)
-        row = newline.long().cumsum(1) - newline.long()  # newlines strictly before the slot
-        crop_start = (crops.cumsum(0) - crops).to(ref.device)  # (N,)
-        local_crop = torch.div(slot_flat.clamp_min(0), Mc, rounding_mode="floor") - crop_start.unsqueeze(1)
-        in_base = is_token & (local_crop == 0) & (crops.to(ref.device).unsqueeze(1) > 1)
-        rows = torch.where(in_base | ~slot_valid, -1, row)  # (N, P)
+        def per_token(x: Tensor) -> Tensor:  # (C, Mc, ...) -> (N, M, ...)
+            return _at_tokens(x, token_flat, token_valid)
 
-        # features, attention and positions per token
-        def per_token(x: Tensor) -> Tensor:  # (C, 576, ...) -> (N, M, ...)
-            flat = x.reshape(C * Mc, *x.shape[2:])
-            out = flat.index_select(0, token_flat.flatten()).view(N, -1, *x.shape[2:])
-            return out.masked_fill(~token_valid.view(N, -1, *([1] * (x.dim() - 2))), 0)
+        def attention(signal: str, layers: frozenset[int]) -> dict[int, Tensor]:  # (C, H, 1 + Mc) -> (N, H, M)
+            return {li: per_token(recorder.take(li, signal)[0][:, :, 1:].transpose(1, 2)).transpose(1, 2)
+                    for li in layers}
 
-        def attention(signal: str, layers: frozenset[int]) -> dict[int, Tensor]:
-            return {
-                li: per_token(recorder.take(li, signal)[0][:, :, 1:].transpose(1, 2)).transpose(1, 2)
-                for li in layers
-            }  # (C, H, 577) -> (N, H, M)
-
-        grids = torch.tensor([self._grid_shape(s) for s in sizes.tolist()], device=ref.device)  # (N, 2) crops high x wide
-        local = token_flat % Mc
-        pr, pc = torch.div(local, side, rounding_mode="floor"), local % side
-        lc = torch.div(token_flat, Mc, rounding_mode="floor") - crop_start.unsqueeze(1)  # 0 = base crop
-        gh, gw = grids[:, :1], grids[:, 1:]
-        grid_r = torch.div(lc - 1, gw, rounding_mode="floor") * side + pr
-        grid_c = ((lc - 1) % gw) * side + pc
-        base = lc == 0
-        r = torch.where(base, pr * gh, grid_r).float()
-        c = torch.where(base, pc * gw, grid_c).float()
         tokens = VisualTokens(
             layers={li: per_token(h) for li, h in feats.items()},
             num_layers=self.num_layers,
             mask=token_valid,
-            positions=torch.stack([r, c], -1),
+            positions=self._token_positions(token_flat, sizes, crops, Mc),
             cls_attention=attention("cls", need.cls_attention),
             received_attention=attention("received", need.received_attention),
             attention_keys={li: per_token(recorder.take(li, "keys")[0][:, 1:]) for li in need.attention_keys},
             project=self.project,
         )
         return Encoded(tokens, own, slots, slot_token, layout={"rows": rows, "newline": newline})
+
+    def _slot_patches(self, sizes: Tensor, crops: Tensor, patches: int, slots: Tensor) -> Tensor:
+        """``(N, P)`` the global patch (``crop * Mc + patch``) behind each packed slot, ``-1`` for a
+        newline: an index tensor pushed through the model's own ``pack_image_features``, so no
+        layout rule is re-implemented."""
+        device = slots.device
+        flat_ids = torch.arange(patches, dtype=torch.float64, device=device).view(int(crops.sum()), -1, 1)
+        mapped, _ = self.model.model.pack_image_features(
+            list(torch.split(flat_ids, crops.tolist())), sizes, "default",
+            image_newline=torch.tensor([-1.0], dtype=torch.float64, device=device))
+        return pad_flat(torch.cat(mapped).squeeze(-1).round().long(), slots)[0]
+
+    def _token_positions(self, token_flat: Tensor, sizes: Tensor, crops: Tensor, Mc: int) -> Tensor:
+        """``(N, M, 2)`` each token's (row, column) on its image's full-resolution patch grid; a base
+        crop token sits at its patch scaled to the grid."""
+        cfg = self.model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        device = token_flat.device
+        grids = torch.tensor([self._grid_shape(s) for s in sizes.tolist()], device=device)  # (N, 2) crops high x wide
+        crop_start = (crops.cumsum(0) - crops).to(device)  # (N,)
+        local = token_flat % Mc
+        pr, pc = torch.div(local, side, rounding_mode="floor"), local % side
+        lc = torch.div(token_flat, Mc, rounding_mode="floor") - crop_start.unsqueeze(1)  # 0 = base crop
+        gh, gw = grids[:, :1], grids[:, 1:]
+        base = lc == 0
+        r = torch.where(base, pr * gh, torch.div(lc - 1, gw, rounding_mode="floor") * side + pr).float()
+        c = torch.where(base, pc * gw, ((lc - 1) % gw) * side + pc).float()
+        return torch.stack([r, c], -1)
 
     def _crops_per_image(self, sizes: Tensor) -> Tensor:
         """``(N,)`` crops of each anyres image (base crop included), by the model's own rule."""
@@ -227,3 +220,23 @@ class LlavaNextAdapter(LlavaAdapter):
         cfg = self.model.config
         shape = importlib.import_module(self.modeling).get_anyres_image_grid_shape
         return shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+
+
+def _at_tokens(x: Tensor, token_flat: Tensor, token_valid: Tensor) -> Tensor:
+    """``x`` ``(C, Mc, ...)`` per crop and patch, read at each item's tokens ``token_flat`` ``(N, M)``
+    (``crop * Mc + patch``): ``(N, M, ...)``, zero on padding."""
+    N = token_flat.shape[0]
+    flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    out = flat.index_select(0, token_flat.flatten()).view(N, -1, *x.shape[2:])
+    return out.masked_fill(~token_valid.view(N, -1, *([1] * (x.dim() - 2))), 0)
+
+
+def _grid_rows(slot_flat: Tensor, slot_valid: Tensor, is_token: Tensor, crops: Tensor, Mc: int) -> tuple[Tensor, Tensor]:
+    """The ``(N, P)`` newline slots and each slot's grid row (newlines strictly before it; ``-1``
+    for the base crop and padding), which ``slot_keep`` and the in-LLM site read."""
+    newline = slot_valid & (slot_flat < 0)
+    row = newline.long().cumsum(1) - newline.long()
+    crop_start = (crops.cumsum(0) - crops).to(slot_flat.device)  # (N,)
+    local_crop = torch.div(slot_flat.clamp_min(0), Mc, rounding_mode="floor") - crop_start.unsqueeze(1)
+    in_base = is_token & (local_crop == 0) & (crops.to(slot_flat.device).unsqueeze(1) > 1)
+    return newline, torch.where(in_base | ~slot_valid, -1, row)

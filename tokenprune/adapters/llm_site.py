@@ -240,6 +240,8 @@ class LlmSite:
         return w / w.sum(1, keepdim=True).clamp_min(1)
 
     def _after(self, step: int, layer: int):
+        """The hook after the decoder layer before ``layer``: in-LLM step ``step`` picks the visual
+        tokens to keep and the hidden states leave with only those (and every text token)."""
         def hook(module, args, kwargs, output):
             call = _CALL.get()
             if call is None or call.site is not self or not call.session.prefilling:
@@ -248,56 +250,8 @@ class LlmSite:
             hidden = output[0] if isinstance(output, tuple) else output  # (B, S, D)
             if hidden.shape[1] != s.valid.shape[1]:
                 raise RuntimeError(f"in-LLM pruning expected {s.valid.shape[1]} positions at layer {layer}, got {hidden.shape[1]}")
-            N, M = s.image_slots.shape
-            rows = s.rows.unsqueeze(1)  # (N, 1)
-            hid = hidden[rows, s.image_slots]  # (N, M, D)
-            att = keyn = txt_keyn = None
-            if self.attention_signal is not None:
-                a = call.recorder.take(layer - 1, self.attention_signal)[-1].mean(1)  # (B, H, S) -> (B, S)
-                att = a[rows, s.image_slots].masked_fill(~s.image_ok, 0)
-            if self.key_signal is not None:
-                kn = call.recorder.take(layer - 1, self.key_signal)[-1]  # (B, S)
-                keyn = kn[rows, s.image_slots]
-                txt_keyn = kn[rows, s.text_slots]
-            keep_n = s.keep[step]
-            order = s.prompt_index.gather(1, s.source)  # (B, S) prompt index of each current slot
-            req = LlmRequest(
-                layer=layer, step=step, hidden=hid, valid=s.image_ok, keep=keep_n, attention=att,
-                key_norms=keyn, text_hidden=hidden[rows, s.text_slots], text_valid=s.text_ok,
-                text_key_norms=txt_keyn, norm=self.norm,
-                index=order[rows, s.image_slots], text_index=order[rows, s.text_slots],
-            )
-            try:
-                chosen = self.pruner.select(req)
-            except Exception as exc:
-                exc.add_note(f"raised inside the {self.label} before decoder layer {layer}")
-                raise
-            problem = check_mask(chosen, keep_n, s.image_ok)
-            if problem is not None:
-                raise RuntimeError(f"the {self.label} {problem} (images as rows, before decoder layer {layer})")
-            B, S = s.valid.shape
-            keep = s.valid & ~s.is_image  # (B, S)
-            flat = (rows * S + s.image_slots)[chosen]
-            keep.view(-1)[flat] = True
-            if s.line_ok is not None:  # a newline stays when a token of its grid row does
-                s.line_ok = s.line_ok & _groups_hit(s.token_group, chosen, s.line_group)
-                keep[s.line_rows[s.line_ok], s.line_slots[s.line_ok]] = True
-            src, ok = left_pack(keep)  # (B, S')
-            packed = hidden.gather(1, src.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, S', D)
-            new_slot = torch.full((B, S + 1), -1, dtype=torch.long, device=src.device)
-            cols = torch.arange(src.shape[1], device=src.device).expand_as(src)
-            new_slot.scatter_(1, torch.where(ok, src, S), cols)
-            new_slot = new_slot[:, :S]  # (B, S) old slot -> new slot, -1 = dropped
-            img_new = new_slot[rows, s.image_slots]  # (N, M)
-            if s.token_group is not None:
-                s.token_group, _ = _repack(s.token_group, chosen)
-                s.line_slots = new_slot[s.line_rows, s.line_slots].clamp_min(0)
-            s.image_slots, s.image_ok = _repack(img_new, chosen)
-            s.text_slots = new_slot[rows, s.text_slots].clamp_min(0)
-            s.is_image = s.is_image.gather(1, src) & ok
-            s.source = s.source.gather(1, src)
-            s.valid = ok
-            s.steps.append(Step(s.source, ok))
+            chosen = self._choose(self._request(call, hidden, step, layer), s.image_ok, layer)  # (N, M)
+            packed = _drop_unchosen(s, hidden, chosen)  # (B, S', D)
             if call.recorder is not None:
                 call.recorder.query_weights = self._text_weights(s)
             call.masks.clear()
@@ -306,6 +260,38 @@ class LlmSite:
             return packed
 
         return hook
+
+    def _request(self, call: Any, hidden: Tensor, step: int, layer: int) -> LlmRequest:
+        """What the pruner reads before ``layer``: the images' hidden states (one row per image),
+        the recorded attention or key norms, the question's tokens."""
+        s = call.session
+        rows = s.rows.unsqueeze(1)  # (N, 1)
+        att = keyn = txt_keyn = None
+        if self.attention_signal is not None:
+            a = call.recorder.take(layer - 1, self.attention_signal)[-1].mean(1)  # (B, H, S) -> (B, S)
+            att = a[rows, s.image_slots].masked_fill(~s.image_ok, 0)
+        if self.key_signal is not None:
+            kn = call.recorder.take(layer - 1, self.key_signal)[-1]  # (B, S)
+            keyn, txt_keyn = kn[rows, s.image_slots], kn[rows, s.text_slots]
+        order = s.prompt_index.gather(1, s.source)  # (B, S) prompt index of each current slot
+        return LlmRequest(
+            layer=layer, step=step, hidden=hidden[rows, s.image_slots], valid=s.image_ok, keep=s.keep[step],
+            attention=att, key_norms=keyn, text_hidden=hidden[rows, s.text_slots], text_valid=s.text_ok,
+            text_key_norms=txt_keyn, norm=self.norm, index=order[rows, s.image_slots],
+            text_index=order[rows, s.text_slots],
+        )
+
+    def _choose(self, req: LlmRequest, image_ok: Tensor, layer: int) -> Tensor:
+        """The pruner's ``(N, M)`` keep mask, checked; errors name the pruner and the layer."""
+        try:
+            chosen = self.pruner.select(req)
+        except Exception as exc:
+            exc.add_note(f"raised inside the {self.label} before decoder layer {layer}")
+            raise
+        problem = check_mask(chosen, req.keep, image_ok)
+        if problem is not None:
+            raise RuntimeError(f"the {self.label} {problem} (images as rows, before decoder layer {layer})")
+        return chosen
 
     def _before(self, layer: int):
         st = sum(1 for k in self.schedule if k <= layer)  # steps done before this layer runs
@@ -440,3 +426,32 @@ def _gather_last(p: Tensor, source: Tensor) -> Tensor:
     lead = p.shape[:-2]
     p = p.expand(*lead, B, p.shape[-1])
     return p.gather(-1, source.view(*([1] * len(lead)), B, -1).expand(*lead, B, source.shape[1]))
+
+
+def _drop_unchosen(s: Any, hidden: Tensor, chosen: Tensor) -> Tensor:
+    """Keep the text and the ``chosen`` ``(N, M)`` visual tokens (and a newline whose grid row keeps
+    a token) of ``hidden`` ``(B, S, D)``, left-packed into ``(B, S', D)``; the session ``s`` is
+    moved onto the new columns."""
+    B, S = s.valid.shape
+    rows = s.rows.unsqueeze(1)  # (N, 1)
+    keep = s.valid & ~s.is_image  # (B, S)
+    keep.view(-1)[(rows * S + s.image_slots)[chosen]] = True
+    if s.line_ok is not None:  # a newline stays when a token of its grid row does
+        s.line_ok = s.line_ok & _groups_hit(s.token_group, chosen, s.line_group)
+        keep[s.line_rows[s.line_ok], s.line_slots[s.line_ok]] = True
+    src, ok = left_pack(keep)  # (B, S')
+    packed = hidden.gather(1, src.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, S', D)
+    new_slot = torch.full((B, S + 1), -1, dtype=torch.long, device=src.device)
+    cols = torch.arange(src.shape[1], device=src.device).expand_as(src)
+    new_slot.scatter_(1, torch.where(ok, src, S), cols)
+    new_slot = new_slot[:, :S]  # (B, S) old slot -> new slot, -1 = dropped
+    if s.token_group is not None:
+        s.token_group, _ = _repack(s.token_group, chosen)
+        s.line_slots = new_slot[s.line_rows, s.line_slots].clamp_min(0)
+    s.image_slots, s.image_ok = _repack(new_slot[rows, s.image_slots], chosen)
+    s.text_slots = new_slot[rows, s.text_slots].clamp_min(0)
+    s.is_image = s.is_image.gather(1, src) & ok
+    s.source = s.source.gather(1, src)
+    s.valid = ok
+    s.steps.append(Step(s.source, ok))
+    return packed
