@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -137,8 +138,35 @@ def test_readme_has_python_blocks():
 @pytest.mark.parametrize("block", README_BLOCKS, ids=[f"block{i}" for i in range(len(README_BLOCKS))])
 def test_readme_code_runs(block):
     """Each ```python block of the README, run as written, on its own (one test each, so a slow
-    or failing block is named)."""
-    exec(compile(block, "README.md", "exec"), {})
+    or failing block is named), prints what the page shows: a ``print(...)`` line ending in
+    ``# -> TEXT`` must print exactly ``TEXT``."""
+    printed = run_printing(block)
+    shown = shown_outputs(block)
+    assert shown or "print(" not in block, "a block that prints shows what it prints (# -> ...)"
+    assert {line: printed.get(line) for line in shown} == shown
+
+
+def run_printing(code: str) -> dict[int, str]:
+    """Run ``code`` and return what each of its ``print`` calls printed, by line number."""
+    printed: dict[int, str] = {}
+
+    def record(*args, sep=" ", end="\n", **kwargs):
+        printed[sys._getframe(1).f_lineno] = sep.join(map(str, args))
+
+    exec(compile(code, "README.md", "exec"), {"print": record})
+    return printed
+
+
+def shown_outputs(code: str) -> dict[int, str]:
+    """What the page says each ``print`` line prints: its ``# -> TEXT`` comment, by line number."""
+    return {i: m.group(1).strip() for i, line in enumerate(code.split("\n"), 1)
+            if (m := re.search(r"print\(.*#\s*->\s*(.*)$", line))}
+
+
+def test_a_shown_output_that_drifted_fails_the_check():
+    code = "x = [1, 2]\nprint(len(x))   # -> 3\nprint(x)   # -> [1, 2]\n"
+    assert shown_outputs(code) == {2: "3", 3: "[1, 2]"}
+    assert run_printing(code) == {2: "2", 3: "[1, 2]"}
 
 
 def test_readme_network_blocks_are_complete_scripts():
@@ -351,3 +379,42 @@ def test_the_in_llm_pages_spec_snippets_are_valid_over_the_clasp_preset():
         snippet = tomllib.loads(block)
         spec = tp.PipelineSpec.model_validate({**base, **snippet})
         assert spec.llm is not None
+
+
+def _anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings (outside code blocks): lower case, punctuation
+    dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+
+
+def broken_links(pages: list[Path]) -> list[str]:
+    """Every relative link of ``pages`` (outside code blocks) whose file or heading anchor is missing."""
+    bad = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+://|^mailto:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = page.parent / path if path else page
+            if not target.exists():
+                bad.append(f"{page}: {link} (no such file)")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text()):
+                bad.append(f"{page}: {link} (no heading with that anchor in {target})")
+    return bad
+
+
+def test_every_relative_link_and_anchor_of_the_readme_and_docs_resolves():
+    pages = [Path("README.md"), *sorted(Path("docs").rglob("*.md"))]
+    assert len(pages) > 10
+    assert broken_links(pages) == []
+
+
+def test_the_link_check_finds_a_missing_file_and_a_missing_anchor(tmp_path):
+    (tmp_path / "a.md").write_text("# Top part\n\n[ok](#top-part) [gone](b.md) [wrong](#nowhere)\n"
+                                   "```\n[in code](c.md)\n```\n")
+    assert broken_links([tmp_path / "a.md"]) == [f"{tmp_path / 'a.md'}: b.md (no such file)",
+                                                 f"{tmp_path / 'a.md'}: #nowhere (no heading with that anchor in "
+                                                 f"{tmp_path / 'a.md'})"]
