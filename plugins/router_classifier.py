@@ -72,7 +72,8 @@ CUES: dict[str, str] = {
     "what is this": r"\bwhat (is|are) (this|these|shown|in the|depicted)\b",
     "kind of": r"\bwhat (kind|type|sort) of\b",
     "any": r"\b(any|anything|anyone|anybody|someone|somebody)\b",
-    "presence verb": r"\b(wearing|holding|carrying|have|has|contains?|see|visible|present|show|shows|include)\b",
+    "presence verb": r"\b(wearing|holding|carrying|have|has|contains?|see|visible|present|show|shows|include|"
+                     r"features?|appears?)\b",
     # cues for the kinds real benchmark questions showed to be hard (issue 32)
     "is/are there with a relation": r"\b(is|are) there\b.*\b(left|right|above|below|behind|in front|next to|beside|"
                                     r"between|under|beneath|underneath|on top|near)\b",
@@ -82,6 +83,12 @@ CUES: dict[str, str] = {
     "yes/no with a digit to read": _YES_NO + r".*(\b(sign|label|jersey|shirt|receipt|price|total|limit|score|plate|"
                                    r"clock|display|screen|page|number)\b.*\d|\d.*\b(on|printed|written|shown)\b)",
     "translate": r"\b(translat\w*|in (english|french|spanish|german|chinese|japanese|italian))\b",
+    # stop 35: the kinds check B still found weak
+    "pattern": r"\b(pattern(ed|s)?|stripe[sd]?|floral|dots|dotted|polka|checkered|plaid|spotted|design)\b",
+    "which of two, compared": r"\bwhich (one |of the two |of them )?(\w+ )?(is|looks|seems|appears)\b.*"
+                              r"\b(\w{3,}er|more|less)\b",
+    "a reading": r"\b(reads?|reading|display(s|ed)?|rating|review|going by|according to|scoreboard|"
+                 r"speedometer|thermometer|timer|gauge|meter|label lists?)\b",
 }
 
 

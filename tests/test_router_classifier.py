@@ -110,15 +110,19 @@ def test_router_eval_prints_the_table_and_the_confusion_matrix(capsys):
 
 def test_the_phrasing_checks_share_no_question_with_the_development_set():
     """The check files judge the router on phrasings it was not fitted on: none of their questions
-    (by text, ignoring case) is a row of the development set, and each covers every class."""
+    (by text, ignoring case) is a row of the development set or of another check, and each covers
+    every class."""
     from importlib import resources
 
     from tokenprune_plugins.router_dev import load_dev_set
     from tokenprune_plugins.routers import ROUTED
 
     dev = {r.text.lower() for r in load_dev_set()}
-    for name in ("router_check_a.tsv", "router_check_b.tsv"):
+    seen: set[str] = set()
+    for name in ("router_check_a.tsv", "router_check_b.tsv", "router_check_c.tsv"):
         path = resources.files("tokenprune_plugins").joinpath(f"data/{name}")
         rows = load_dev_set(str(path))
         assert not [r.text for r in rows if r.text.lower() in dev], name
+        assert not [r.text for r in rows if r.text.lower() in seen], f"{name} repeats an earlier check"
         assert {r.klass for r in rows} == set(ROUTED), name
+        seen |= {r.text.lower() for r in rows}
