@@ -331,6 +331,41 @@ def test_calibrate_writes_a_table_a_spec_can_use(mini, tmp_path, objective):
     assert load_spec(spec).class_table == table
 
 
+def test_an_interrupted_calibration_keeps_every_finished_class(mini, tmp_path, monkeypatch):
+    """Each class's evaluation keeps its checkpoint until every class is fitted: stopped in its
+    second class, a calibration resumes without answering the first class again, fits the table
+    an uninterrupted run fits, and only then deletes the checkpoints."""
+    from tokenprune_lab.testbed import calibrate as cal
+    from tokenprune_lab.testbed.model import load as load_model
+
+    from tokenprune.spec import load_spec
+
+    model, processor = load_model(mini)
+    base = load_spec(REPO / "specs/clasp.toml")
+    args = dict(scenes=1, budgets=(32,), strategies=("A",), ratios=(0.5,), batch_size=4)
+    whole, _ = cal.calibrate(model, processor, base, **args)
+    files = lambda c: tmp_path / f".table-{c}.partial.json"  # noqa: E731
+    real, calls = cal.evaluate, []
+
+    def stop_in_the_second_class(*a, **kw):
+        calls.append(kw["classes"][0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cal, "evaluate", stop_in_the_second_class)
+    with pytest.raises(KeyboardInterrupt):
+        cal.calibrate(model, processor, base, **args, checkpoint=files)
+    assert files(calls[0]).exists()
+    monkeypatch.setattr(cal, "evaluate", real)
+    answered: dict[str, list[int]] = {}
+    table, _ = cal.calibrate(model, processor, base, **args, checkpoint=files,
+                             progress=lambda c: lambda done, total: answered.setdefault(c, []).append(done))
+    assert calls[0] not in answered and calls[1] in answered  # the finished class is read back, not re-run
+    assert table == whole
+    assert not list(tmp_path.glob(".table-*"))
+
+
 def test_calibration_guard_keeps_the_pooled_row_unless_a_cell_beats_it_beyond_noise():
     from tokenprune_lab.testbed.calibrate import _guarded
 

@@ -45,7 +45,7 @@ from typing import Any
 from tokenprune.classes import CLASSES, STRATEGIES, Band, ClassEntry, ClassTable
 from tokenprune.spec import PipelineSpec
 
-from .evaluate import Dist, Variant, evaluate
+from .evaluate import Dist, Variant, drop_checkpoint, evaluate
 from .memo import memoized_tower
 from .protocol import CALIBRATION_BUDGETS, CALIBRATION_RATIOS, OBJECTIVES
 from .questions import QA_CLASSES
@@ -87,8 +87,8 @@ def calibrate(
     """Returns the fitted table and the grid of scores (``grid``: ``{class: {cell: metrics}}``
     averaged over the budgets; ``by_budget``: ``{class: {budget: {cell: metrics}}}``; ``guard``
     and ``bands``: the decisions). ``checkpoint``: per class, the file its evaluation resumes from
-    (see :func:`~tokenprune_lab.testbed.evaluate.evaluate`), so an interrupted calibration loses at
-    most a minute of work."""
+    (see :func:`~tokenprune_lab.testbed.evaluate.evaluate`), kept until every class is fitted, so an
+    interrupted calibration loses at most a minute of work, whichever class it was in."""
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"unknown strategies {bad}; valid: {list(STRATEGIES)}")
@@ -105,7 +105,7 @@ def calibrate(
                         for name, (s, a) in cells_of.items()]
             report = evaluate(model, processor, variants, budgets, split, scenes=scenes, classes=[c], memo=False,
                               batch_size=batch_size, dist=dist, progress=progress(c) if progress else None,
-                              checkpoint=checkpoint(c) if checkpoint else None)
+                              checkpoint=checkpoint(c) if checkpoint else None, keep_checkpoint=True)
             fits[c] = _ClassFit(report, budgets, objective)
     pooled = {k: {m: sum(fits[c].grid[k][m] for c in QA_CLASSES) / len(QA_CLASSES) for m in _METRICS}
               for k in cells_of}
@@ -124,6 +124,9 @@ def calibrate(
         for c in QA_CLASSES}
     rows["general"] = ClassEntry(**cell(general))
     table = ClassTable(source=source, classes=rows)
+    if checkpoint is not None:  # every class is fitted: the checkpoints kept for each have served
+        for c in QA_CLASSES:
+            drop_checkpoint(checkpoint(c), dist)
     return table, {"budgets": list(budgets), "split": split, "scenes": scenes, "objective": objective,
                    "grid": {c: fits[c].summary() for c in QA_CLASSES},
                    "by_budget": {c: fits[c].by_budget for c in QA_CLASSES}, "pooled": pooled,

@@ -253,6 +253,7 @@ def evaluate(
     reference: str | None = None,
     memo: bool = True,
     checkpoint: str | Path | None = None,
+    keep_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Accuracy (with 95 % intervals), evidence recall, paired tests against the ``reference``
     variant (default: the first) and against the unpruned model, share retained, routing accuracy
@@ -260,7 +261,9 @@ def evaluate(
     (the JSON that ``tokenprune eval`` writes). ``memo``: compute each image's tower pass once per
     evaluation (:func:`~tokenprune_lab.testbed.memo.memoized_tower`). ``checkpoint``: a file that keeps
     the finished batches, so an interrupted evaluation with the same model and arguments resumes
-    (:mod:`~tokenprune_lab.testbed.resume`; one file per process rank, deleted at the end)."""
+    (:mod:`~tokenprune_lab.testbed.resume`; one file per process rank, deleted at the end unless
+    ``keep_checkpoint``: a caller that runs several evaluations as one job keeps each finished one's
+    file until the whole job is done, then :func:`drop_checkpoint`)."""
     dist = dist or Dist()
     exs = examples(split, scenes)
     if classes is not None:
@@ -321,7 +324,10 @@ def evaluate(
         for r, recs in part.items():
             gathered.setdefault(r, {}).update(recs)
     unpruned = _run_summary(exs, batches, gathered[0])
-    saved.finish()
+    if keep_checkpoint:
+        saved.save()
+    else:
+        saved.finish()
     decisive = [m >= DECISIVE_MARGIN for m in unpruned["margin"]]
     summaries = [_run_summary(exs, batches, gathered[r], decisive) for r in range(1, len(runs))]
     ref_name = reference if reference is not None else (variants[0].name if variants else None)
@@ -398,14 +404,23 @@ def _run_summary(exs: Sequence[Example], batches: list[list[int]], recs: dict[in
     return out
 
 
+def _rank_path(path: str | Path, dist: Dist) -> Path:
+    """This process's checkpoint file: ``path`` itself, or one per rank with several."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{dist.rank}{path.suffix}") if dist.world > 1 else path
+
+
 def _checkpoint(path: str | Path | None, model, dist: Dist, **what: Any) -> Checkpoint:
     """The evaluation's checkpoint (in memory only without ``path``; per rank with several)."""
     if path is None:
         return Checkpoint(None)
-    path = Path(path)
-    if dist.world > 1:
-        path = path.with_name(f"{path.stem}.rank{dist.rank}{path.suffix}")
-    return Checkpoint(path, run_key(model, world=dist.world, rank=dist.rank, **what))
+    return Checkpoint(_rank_path(path, dist), run_key(model, world=dist.world, rank=dist.rank, **what))
+
+
+def drop_checkpoint(path: str | Path | None, dist: Dist | None = None) -> None:
+    """Delete the checkpoint an evaluation kept (``keep_checkpoint``), once its job is done."""
+    if path is not None:
+        _rank_path(path, dist or Dist()).unlink(missing_ok=True)
 
 
 def _answer(model, inputs: dict, truth: torch.Tensor, use: Pipeline | None, variant: Variant, budget,
