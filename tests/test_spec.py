@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,9 @@ def test_spec_file_errors_name_the_file_and_tables_without_library_internals(tmp
     assert "input_value" not in msg and "pydantic" not in msg
     bad.write_text('name = "x"\n[scoring]\nstage = "feature-norm"\n')  # a completion has no default
     with pytest.raises(ValueError, match=r"missing \[completion\]"):
+        tp.load_spec(bad)
+    bad.write_bytes(b'name = "x"\n\x8e\x00\xff')  # not text at all: the file is named, not the codec
+    with pytest.raises(ValueError, match=rf"spec file '{re.escape(str(bad))}' is not UTF-8 text \(byte 0x8e at offset 11\)"):
         tp.load_spec(bad)
 
 

@@ -19,6 +19,9 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
             return tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{what} '{path}' is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{what} '{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start}): a TOML file is UTF-8; is it the file you meant?") from None
 
 
 def describe_problems(exc, model, what: str, path: str | Path) -> str:
