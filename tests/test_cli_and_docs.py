@@ -25,6 +25,9 @@ def test_plugins_lists_every_builtin(capsys):
     for info in tp.get_registry():
         assert re.search(rf"^\s+{re.escape(info.name)}\s+tokenprune 0\.1\.0", out, re.M), info.name
     assert "iterations=10" in out
+    # a long default (the keyword router's table) is shortened, saying how long it is and where it is whole
+    assert max(map(len, out.splitlines())) < 300
+    assert re.search(r"keywords=\{'reasoning'.*\.\.\. \(\d+ characters; --json shows it\)", out)
 
 
 def test_plugins_json(capsys):
@@ -32,6 +35,8 @@ def test_plugins_json(capsys):
     out = json.loads(capsys.readouterr().out)
     clasp = next(r for r in out["stages"] if r["kind"] == "completion" and r["name"] == "clasp")
     assert clasp["distribution"] == "tokenprune" and clasp["parameters"]["iterations"]["default"] == 10
+    keyword = next(r for r in out["stages"] if r["kind"] == "router" and r["name"] == "keyword")
+    assert len(json.dumps(keyword["parameters"]["keywords"]["default"])) > 1000  # whole here
     llava = next(a for a in out["adapters"] if a["model_class"] == "LlavaForConditionalGeneration")
     assert llava["class"] == "tokenprune.adapters.llava.LlavaAdapter" and llava["distribution"] == "tokenprune"
     owners = {c["name"]: c["distribution"] for c in out["commands"]}

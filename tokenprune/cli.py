@@ -122,10 +122,21 @@ def _print_stages(reg: Any) -> None:
         for name in reg.names(kind.name):
             info = reg.get(kind.name, name)
             params = ", ".join(
-                f"{p}={v['default']!r}" if not v["required"] else f"{p} (required)"
+                f"{p}={_short(v['default'])}" if not v["required"] else f"{p} (required)"
                 for p, v in info.parameters().items()
             )
             print(f"  {info.name:<20} {info.distribution} {info.version:<8} {params}")
+
+
+#: the longest default `tokenprune plugins` prints in full (`--json` gives every value whole)
+SHOWN = 80
+
+
+def _short(value: Any) -> str:
+    """A parameter's default as `tokenprune plugins` lists it: whole when short, else its start and
+    how long it is (a router's keyword table runs to thousands of characters)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN - 20]}... ({len(text)} characters; --json shows it)"
 
 
 def _toml_value(v) -> str:
