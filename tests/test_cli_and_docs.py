@@ -307,8 +307,8 @@ def test_a_second_run_says_which_outputs_it_replaces(tmp_path, capsys):
     assert "replacing" not in capsys.readouterr().err
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert f"replacing {tmp_path / 'clasp-test.json'} (written " in err
-    assert f"replacing {tmp_path / 'clasp-test.png'}" in err
+    assert f"replacing {tmp_path / 'clasp-test-first1.json'} (written " in err  # a partial run is named so
+    assert f"replacing {tmp_path / 'clasp-test-first1.png'}" in err
 
 
 def test_bench_stages_keeps_every_finished_row_when_interrupted(tmp_path, capsys, monkeypatch):

@@ -212,13 +212,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dist = Dist.from_env()
     model, processor = load(args.model, device=args.device)
     check_budgets_fit(args.budgets, model, "--budgets")
-    stem = args.name or "-".join(s.name for s in specs) + f"-{args.split}"
+    part = f"first{args.scenes}" if args.scenes else ""  # a partial run does not overwrite the whole split's files
+    stem = args.name or "-".join(s.name for s in specs) + f"-{args.split}" + (f"-{part}" if part else "")
     report = evaluate(model, processor, variants, args.budgets, args.split, scenes=args.scenes,
                       batch_size=args.batch, dist=dist, progress=None if args.quiet else progress_bar("eval"),
                       device=args.device, reference=args.reference, checkpoint=_partial(args.out, stem))
     if dist.rank == 0:
         print(text_table(report))
-        _write_report(report, Path(args.out), stem, f"{', '.join(s.name for s in specs)} on the {args.split} split")
+        where = f"the first {args.scenes} scenes of the {args.split} split" if part else f"the {args.split} split"
+        _write_report(report, Path(args.out), stem, f"{', '.join(s.name for s in specs)} on {where}")
     return 0
 
 
