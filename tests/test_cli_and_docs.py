@@ -278,6 +278,18 @@ def test_budget_errors_name_the_flag_and_come_before_any_output(capsys):
     assert out == "" and "--budget 10000: this model has 576 visual tokens per image" in err
 
 
+@pytest.mark.parametrize("command", [["eval"], ["ablate", "specs/ablations/completion.toml"], ["calibrate"]])
+def test_a_budget_above_the_tokens_per_image_is_refused_before_the_model_loads(command, capsys, monkeypatch):
+    from tokenprune_lab.testbed import model as testbed_model
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the budget was checked")
+
+    monkeypatch.setattr(testbed_model, "load", never)
+    assert main([*command, "--budgets", "32,10000", "--model", "v2", "--quiet"]) == 2
+    assert "--budgets 10000: this model has 576 visual tokens per image" in capsys.readouterr().err
+
+
 def test_every_command_and_flag_has_plain_help_text():
     import argparse
 

@@ -210,8 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # a stage that fixes its own count (pooling) runs once, at that count
     variants = [Variant(s.name, s, budgets=(None,) if s.completion_fixes_budget else None) for s in specs]
     dist = Dist.from_env()
+    check_budgets_fit(args.budgets, args.model, "--budgets")  # before the model loads
     model, processor = load(args.model, device=args.device)
-    check_budgets_fit(args.budgets, model, "--budgets")
     part = f"first{args.scenes}" if args.scenes else ""  # a partial run does not overwrite the whole split's files
     stem = args.name or "-".join(s.name for s in specs) + f"-{args.split}" + (f"-{part}" if part else "")
     report = evaluate(model, processor, variants, args.budgets, args.split, scenes=args.scenes,
@@ -235,8 +235,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     split = args.split or abl.split
     budgets = args.budgets or abl.budgets
     dist = Dist.from_env()
+    check_budgets_fit(budgets, args.model, "--budgets" if args.budgets else f"{args.file}: budgets")
     model, processor = load(args.model, device=args.device)
-    check_budgets_fit(budgets, model, "--budgets" if args.budgets else f"{args.file}: budgets")
     report = evaluate(model, processor, variants, budgets, split, scenes=args.scenes, batch_size=args.batch,
                       dist=dist, progress=None if args.quiet else progress_bar(f"ablate {abl.name}"),
                       device=args.device, reference=args.reference,
@@ -271,9 +271,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _threads(args)
     base = load_spec(args.spec or _default_spec())
     dist = Dist.from_env()
-    model, processor = load(args.model, device=args.device)
     budgets = args.budgets
-    check_budgets_fit(budgets, model, "--budgets")
+    check_budgets_fit(budgets, args.model, "--budgets")
+    model, processor = load(args.model, device=args.device)
     ratios = [float(x) for x in args.ratios.split(",")]
     source = (f"calibrated by `tokenprune calibrate --split {args.split}` ({args.scenes or 'all'} scenes, "
               f"budgets {budgets}, strategies {args.strategies}, pivot ratios {ratios}, objective {args.objective}"

@@ -79,16 +79,22 @@ def resolve_dir(directory: str | Path | None) -> Path:
 
 def tokens_per_image(model) -> int:
     """Visual tokens the LLM reads per testbed image: ``(336 / patch_size) ** 2`` = 576. (Not the
-    tower's ``image_size``: v2's DINOv2 says 518, the size it was pretrained at.)"""
+    tower's ``image_size``: v2's DINOv2 says 518, the size it was pretrained at.) ``model``: the
+    loaded model, or what :func:`resolve_dir` takes (its ``config.json`` is read, nothing loaded)."""
     from .scenes import SIZE
 
-    return (SIZE // model.config.vision_config.patch_size) ** 2
+    if hasattr(model, "config"):
+        patch = model.config.vision_config.patch_size
+    else:
+        patch = json.loads((resolve_dir(model) / "config.json").read_text())["vision_config"]["patch_size"]
+    return (SIZE // patch) ** 2
 
 
 def check_budgets_fit(budgets, model, flag: str) -> None:
     """Refuse a token count larger than the model's visual tokens per image (it would be clamped
     to all of them, and a table would label the run with a budget it never had). ``flag`` names
-    where the budget came from, for the message."""
+    where the budget came from, for the message; ``model`` as in :func:`tokens_per_image`, so the
+    check can run before the model loads."""
     n = tokens_per_image(model)
     over = [b for b in budgets if isinstance(b, int) and b > n]
     if over:
