@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench results clean
+.PHONY: venv demo test bench results figures clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,11 @@ bench: $(STAMP)
 # (docs/results/manifest.json); `tokenprune results --force` re-runs everything.
 results: $(STAMP)
 	$(VENV)/bin/tokenprune results
+
+# The README's figures (install, demo, a 20-scene eval, bench --quick, make test), measured in a fresh
+# clone of this checkout, with the machine and its load: lab/tools/readme_figures.py.
+figures: $(STAMP)
+	$(PY) lab/tools/readme_figures.py --json docs/readme-figures.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

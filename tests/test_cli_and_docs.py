@@ -331,11 +331,13 @@ def test_bench_stages_keeps_every_finished_row_when_interrupted(tmp_path, capsys
 
     monkeypatch.setattr(bench, "run_methods", interrupted)
     out_json = tmp_path / "b.json"
-    with pytest.raises(KeyboardInterrupt):
-        main(["bench", "stages", "--shapes", "48x4x16x24", "--batch", "1", "--budgets", "8,16", "--repeats", "1",
-              "--quiet", "--json", str(out_json)])
+    assert main(["bench", "stages", "--shapes", "48x4x16x24", "--batch", "1", "--budgets", "8,16", "--repeats", "1",
+                 "--quiet", "--json", str(out_json)]) == 130
     assert [r["budget"] for r in json.loads(out_json.read_text())["clasp"]] == [8, 16]
-    assert capsys.readouterr().out.count("| cpu | 48x4x16x24 |") == 2
+    out, err = capsys.readouterr()
+    assert out.count("| cpu | 48x4x16x24 |") == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"tokenprune: interrupted: the 2 finished rows are kept in {out_json}; "
+                                            "bench stages does not resume: a new run starts over")
 
 
 def test_bench_stages_quick_mode_is_one_small_run():
@@ -435,3 +437,35 @@ def test_the_link_check_finds_a_missing_file_and_a_missing_anchor(tmp_path):
     assert broken_links([tmp_path / "a.md"]) == [f"{tmp_path / 'a.md'}: b.md (no such file)",
                                                  f"{tmp_path / 'a.md'}: #nowhere (no heading with that anchor in "
                                                  f"{tmp_path / 'a.md'})"]
+
+
+def _leaf_parsers(parser, path=("tokenprune",)):
+    """Every command's own parser (``tokenprune bench stages``, ``tokenprune eval``, ...) and its words."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _leaf_parsers(sub, (*path, name))
+
+
+def test_every_command_shows_examples_that_parse_and_every_flag_says_its_default():
+    import argparse
+    import shlex
+
+    from tokenprune.cli import build_parser
+
+    leaves = list(_leaf_parsers(build_parser()))
+    assert len(leaves) >= 17 and ("tokenprune", "bench", "prefill") in [p for p, _ in leaves]
+    for path, leaf in leaves:
+        command = " ".join(path)
+        assert (leaf.epilog or "").startswith("examples:\n"), f"`{command} --help` shows no examples"
+        for line in leaf.epilog.splitlines()[1:]:
+            argv = shlex.split(re.split(r"\s{2,}", line.strip())[0])
+            assert tuple(argv[:len(path)]) == path, f"`{command} --help` shows an example of another command: {line}"
+            build_parser().parse_args(argv[1:])  # an example that no longer parses exits here
+        for a in leaf._actions:
+            if a.default not in (None, False, argparse.SUPPRESS) and a.help not in (None, argparse.SUPPRESS):
+                assert "default" in a.help, f"`{command} --help`: {'/'.join(a.option_strings)} hides its default {a.default!r}"

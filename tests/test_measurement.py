@@ -379,6 +379,82 @@ def test_results_plan_stops_at_a_failing_step_and_names_it(tmp_path):
     assert calls == []
 
 
+def test_ctrl_c_keeps_the_finished_batches_says_so_in_one_line_and_the_same_command_resumes(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    """A real SIGINT to an ``eval`` after its second batch: the command ends with exit 130 and one
+    ``interrupted`` line naming what it kept and how to resume (no traceback); the same command then
+    says it resumed, answers the rest and gives the uninterrupted report."""
+    import os
+    import signal
+
+    from tokenprune_lab.testbed import evaluate as ev
+
+    from tokenprune.cli import main
+
+    argv = ["eval", "--scenes", "1", "--budgets", "32", "--out", str(tmp_path), "--name", "e"]
+    runs = 2  # unpruned and CLASP at 32
+
+    armed = [True]
+
+    def progress_bar(desc):
+        def update(done, total, label=""):
+            if done == 2 * runs and armed[0]:
+                os.kill(os.getpid(), signal.SIGINT)
+        return update
+
+    monkeypatch.setattr(ev, "progress_bar", progress_bar)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "interrupted" in x]
+    partial = tmp_path / ".e.partial.json"
+    assert "Traceback" not in err and len(lines) == 1
+    assert lines[0].startswith("tokenprune: interrupted: kept 2 of ") and str(partial) in lines[0]
+    assert lines[0].endswith("the same command resumes from them") and partial.exists()
+    total = int(lines[0].split("kept 2 of ")[1].split()[0])
+
+    armed[0] = False
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {partial}: 2 of {total} batches already answered by every run" in err
+    assert not partial.exists()
+    resumed = json.loads((tmp_path / "e.json").read_text())
+    assert main([*argv[:-1], "whole"]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    for x, y in zip([whole["unpruned"], *whole["runs"]], [resumed["unpruned"], *resumed["runs"]], strict=True):
+        assert x["predictions"] == y["predictions"] and x.get("agreement") == y.get("agreement")
+
+
+def test_an_interrupt_without_a_checkpoint_says_nothing_was_kept(capsys, monkeypatch):
+    from tokenprune_lab import cli as lab_cli
+
+    from tokenprune.cli import main
+
+    def stop(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lab_cli, "cmd_bench_stages", stop)
+    assert main(["bench", "stages", "--quick"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tokenprune: interrupted: nothing was kept; run the same command to start again"]
+
+
+def test_an_interrupted_results_step_names_the_step_and_what_it_kept(tmp_path):
+    from tokenprune_lab.testbed.results import run_plan
+    from tokenprune_lab.testbed.resume import Interrupted
+
+    model, _, steps, calls, run = _results_fixture(tmp_path)
+    log = []
+
+    def interrupted(argv):
+        raise Interrupted("kept 3 of 9 finished batches in x.json; the same command resumes from them")
+
+    with pytest.raises(Interrupted) as stop:
+        run_plan(steps, model, manifest=tmp_path / "m.json", run=interrupted, log=log.append)
+    assert str(stop.value) == ("results step 'one': kept 3 of 9 finished batches in x.json; the same command "
+                               "resumes from them (`tokenprune results` resumes at this step)")
+    assert log[0] == f"results: {len(steps)} of {len(steps)} steps to run"
+
+
 def test_results_plan_covers_every_shipped_ablation():
     from tokenprune_lab.testbed.results import plan
 
@@ -428,7 +504,7 @@ def test_an_interrupted_evaluation_resumes_from_its_checkpoint_and_reports_the_s
     seen = []
     resumed = evaluate(model, processor, variants, **args, checkpoint=ck,
                        progress=lambda done, total: seen.append(done))
-    assert seen == [5, 6, 7, 8]  # started after the 4 saved answers
+    assert seen == [4, 5, 6, 7, 8]  # started at the 4 saved answers (the bar starts there, not at 0)
     assert not ck.exists()
     for x, y in zip([whole["unpruned"], *whole["runs"]], [resumed["unpruned"], *resumed["runs"]], strict=True):
         assert x["predictions"] == y["predictions"] and x["accuracy"] == y["accuracy"]

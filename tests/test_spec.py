@@ -243,6 +243,11 @@ def test_spec_file_errors_name_the_file_and_tables_without_library_internals(tmp
     assert "unknown key 'budgt'; valid keys: budget, budget_policy, budget_ratio" in msg
     assert "[completion] unknown completion 'kmeanz'; valid choices: clasp," in msg
     assert "input_value" not in msg and "pydantic" not in msg
+    bad.write_text('name = "x"\nbudget = "x"\n[completion]\nstage = "clasp"\nk = "two"\n')
+    with pytest.raises(ValueError) as err:  # a top-level key is named as a key, a table's key under its table
+        tp.load_spec(bad)
+    assert "  - 'budget': Input should be a valid integer" in str(err.value) and "[budget]" not in str(err.value)
+    assert "  - [completion] " in str(err.value)
     bad.write_text('name = "x"\n[scoring]\nstage = "feature-norm"\n')  # a completion has no default
     with pytest.raises(ValueError, match=r"missing \[completion\]"):
         tp.load_spec(bad)

@@ -304,7 +304,7 @@ def test_ablation_errors_name_the_variant(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         load_ablation(f)
     f.write_text('name = "x"\nbudgets = "many"\n')  # the file's own fields: a clear error, not a NameError
-    with pytest.raises(ValueError, match=r"ablation file '.*bad.toml': 2 problems\n  - missing base, variant\n  - \[budgets\]"):
+    with pytest.raises(ValueError, match=r"ablation file '.*bad.toml': 2 problems\n  - missing base, variant\n  - 'budgets': Input should be a valid list"):
         load_ablation(f)
 
 
@@ -337,6 +337,7 @@ def test_an_interrupted_calibration_keeps_every_finished_class(mini, tmp_path, m
     an uninterrupted run fits, and only then deletes the checkpoints."""
     from tokenprune_lab.testbed import calibrate as cal
     from tokenprune_lab.testbed.model import load as load_model
+    from tokenprune_lab.testbed.resume import Interrupted
 
     from tokenprune.spec import load_spec
 
@@ -350,18 +351,23 @@ def test_an_interrupted_calibration_keeps_every_finished_class(mini, tmp_path, m
     def stop_in_the_second_class(*a, **kw):
         calls.append(kw["classes"][0])
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise Interrupted("kept 0 of 1 finished batches in f.json; the same command resumes from them")
         return real(*a, **kw)
 
     monkeypatch.setattr(cal, "evaluate", stop_in_the_second_class)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as stop:
         cal.calibrate(model, processor, base, **args, checkpoint=files)
+    assert str(stop.value) == (f"calibration: classes finished: {calls[0]} (kept until every class is fitted); "
+                               f"class '{calls[1]}': kept 0 of 1 finished batches in f.json; the same command "
+                               "resumes from them")
     assert files(calls[0]).exists()
     monkeypatch.setattr(cal, "evaluate", real)
-    answered: dict[str, list[int]] = {}
+    seen: list[tuple[int, int, str]] = []
     table, _ = cal.calibrate(model, processor, base, **args, checkpoint=files,
-                             progress=lambda c: lambda done, total: answered.setdefault(c, []).append(done))
-    assert calls[0] not in answered and calls[1] in answered  # the finished class is read back, not re-run
+                             progress=lambda done, total, c: seen.append((done, total, c)))
+    assert [d for d, _, c in seen if c == calls[0]] == [seen[0][0]]  # the finished class is read back, not re-run
+    assert {t for _, t, _ in seen} == {seen[-1][0]}  # one estimate for the whole calibration, reached at its end
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
     assert table == whole
     assert not list(tmp_path.glob(".table-*"))
 

@@ -26,6 +26,14 @@ from .spec import load_spec, spec_file
 from .stages import KINDS
 
 
+def examples(*lines: tuple[str, str]) -> dict[str, Any]:
+    """``add_parser`` keyword arguments that show ``lines`` (a command line and what it does) under
+    the command's ``--help``. The tests parse every example shown, so one that stops parsing fails."""
+    width = max(len(cmd) for cmd, _ in lines) + 2
+    return {"epilog": "examples:\n" + "\n".join(f"  {cmd:<{width}}{what}" for cmd, what in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 class Commands:
     """What a ``register_commands`` hook receives: :meth:`add_parser` gives a new command its own
     ``argparse`` parser, on which the plugin adds its flags and ``set_defaults(func=run)``, ``run``
@@ -225,18 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands = Commands(sub, registry)
     p.set_defaults(commands=commands)
 
-    pl = commands.add_parser("plugins", help="list registered stages, adapters and commands, and what is switched off")
+    pl = commands.add_parser("plugins", help="list registered stages, adapters and commands, and what is switched off",
+                             **examples(("tokenprune plugins", "every stage, adapter and command, and who registers it"),
+                                        ("tokenprune plugins --json", "the same as JSON")))
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plugins)
 
     sp = commands.add_parser("spec", help="work with pipeline specs")
     spsub = sp.add_subparsers(dest="spec_command", required=True)
-    show = spsub.add_parser("show", help="print the resolved spec")
+    show = spsub.add_parser("show", help="print the resolved spec",
+                            **examples(("tokenprune spec show specs/clasp.toml", "every default filled in, as TOML"),
+                                       ("tokenprune spec show divprune --json", "a preset by name, as JSON")))
     show.add_argument("file", help="a spec TOML file, e.g. specs/clasp.toml")
     show.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     show.set_defaults(func=cmd_spec_show)
 
-    ro = commands.add_parser("route", help="the class a router gives each question (from a prompt as the model sees it)")
+    ro = commands.add_parser("route", help="the class a router gives each question (from a prompt as the model sees it)",
+                             **examples(('tokenprune route "What number is on the sign?"', "the shipped router's class"),
+                                        ('tokenprune route --router keyword --explain "How many cats?"',
+                                         "which rules matched")))
     ro.add_argument("prompt", nargs="*", help="prompts to route (default: one per line on stdin)")
     ro.add_argument("--router", help="router stage name, e.g. keyword or embedding (default: the spec's)")
     ro.add_argument("--spec", help="spec (file or preset name) whose router is used (default: specs/clasp.toml)")
@@ -250,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the exceptions :func:`main` reports as one ``tokenprune: error:`` line (bad input), not a traceback
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RegistryError, ModuleNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -259,10 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RegistryError, ModuleNotFoundError) as exc:
+    except USER_ERRORS as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"tokenprune: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, what was kept (a resumable job says), no traceback
+        print(f"tokenprune: interrupted: {str(exc) or 'nothing was kept; run the same command to start again'}",
+              file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader left (`tokenprune plugins | head`): not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- so the interpreter's final flush is silent
         return 0

@@ -293,7 +293,11 @@ def register_commands(commands: Commands) -> None:
 
     :param commands: call ``commands.add_parser(name, help=...)`` for each command; it returns
         the command's own ``argparse.ArgumentParser``. Add its flags there and
-        ``parser.set_defaults(func=run)``, ``run(args) -> int`` returning the exit status.
+        ``parser.set_defaults(func=run)``, ``run(args) -> int`` returning the exit status. Pass
+        ``**tokenprune.cli.examples(("tokenprune NAME --flag x", "what it does"), ...)`` to
+        ``add_parser`` to show examples under ``--help`` (the built-in commands all do, and a test
+        parses each one). ``Ctrl-C`` ends ``run`` with one ``tokenprune: interrupted:`` line; raise
+        ``KeyboardInterrupt("what was kept and how to resume")`` to say more than "nothing was kept".
 
     ``tokenprune --help`` lists every registered command; a name registered twice is an error
     naming both distributions. Import heavy modules inside ``run``, not at the top of the plugin

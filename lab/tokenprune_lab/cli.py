@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tokenprune import __version__
-from tokenprune.cli import _default_spec
+from tokenprune.cli import _default_spec, examples
 from tokenprune.hookspecs import hookimpl
 from tokenprune.outputs import announce_replacing
 from tokenprune.spec import load_spec
@@ -116,6 +116,25 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
 
     if args.json:
         announce_replacing(args.json)
+    try:
+        _bench_tables(args, tables, spec, devices, shapes, dtype, say, keep)
+    except KeyboardInterrupt:
+        from .testbed.resume import Interrupted
+
+        rows = sum(map(len, done.values()))
+        where = f"kept in {args.json}" if args.json else "printed above (--json keeps them in a file)"
+        raise Interrupted(f"the {rows} finished rows are {where}; bench stages does not resume: "
+                          "a new run starts over") from None
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _bench_tables(args, tables, spec, devices, shapes, dtype, say, keep) -> None:
+    """The tables of ``bench stages`` that ``tables`` names, each row handed to ``keep`` as it finishes."""
+    from .bench import released
+    from .bench import stages as bench
+
     if "clasp" in tables:
         print("\n".join(bench.table_head()), flush=True)
         bench.run(spec, devices, shapes, args.batch, args.budgets, repeats=args.repeats, dtype=dtype, progress=say,
@@ -131,9 +150,6 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
         print("\n".join(released.table_head()), flush=True)
         released.run(_default_spec().parent, devices, shapes, args.batch, args.budgets[0], repeats=args.repeats,
                      dtype=dtype, progress=say, on_group=lambda g: keep("released", g))
-    if args.json:
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0
 
 
 def cmd_bench_router(args: argparse.Namespace) -> int:
@@ -282,7 +298,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                             strategies=args.strategies.split(","), ratios=ratios, batch_size=args.batch,
                             dist=dist, source=source, guard_z=args.guard_z, objective=args.objective,
                             bands=args.bands,
-                            progress=None if args.quiet else (lambda c: progress_bar(f"calibrate {c}")),
+                            progress=None if args.quiet else progress_bar("calibrate"),
                             checkpoint=lambda c: _partial(Path(args.out).parent, f"{Path(args.out).stem}-{c}"))
     if dist.rank == 0:
         out = Path(args.out)
@@ -411,9 +427,10 @@ def register_commands(commands) -> None:
 
 def _testbed_args(q: argparse.ArgumentParser, split: str | None, out: str) -> None:
     """The flags every testbed evaluation takes."""
-    q.add_argument("--split", default=split, help="train, val, calibration, test or hard")
+    q.add_argument("--split", default=split, help="train, val, calibration, test or hard (default "
+                   + (split or "the ablation file's split") + ")")
     q.add_argument("--scenes", type=int, help="use only the first N scenes of the split")
-    q.add_argument("--batch", type=int, default=16, help="questions per forward")
+    q.add_argument("--batch", type=int, default=16, help="questions per forward (default 16)")
     q.add_argument("--model", help=MODEL_HELP)
     q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     q.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
@@ -425,40 +442,49 @@ def _testbed_args(q: argparse.ArgumentParser, split: str | None, out: str) -> No
 def _bench_commands(sub) -> None:
     bp = sub.add_parser("bench", help="benchmarks")
     bsub = bp.add_subparsers(dest="bench_command", required=True)
-    bs = bsub.add_parser("stages", help="time each stage of CLASP, and every method's selection beside it")
+    bs = bsub.add_parser("stages", help="time each stage of CLASP, and every method's selection beside it",
+                         **examples(("tokenprune bench stages --quick", "one shape, batch 1, budget 64"),
+                                    ("tokenprune bench stages --json docs/bench-stages-cpu.json",
+                                     "every table, written as JSON too")))
     bs.add_argument("--spec", help="spec file or preset name (default: specs/clasp.toml)")
     bs.add_argument("--devices", help="comma list (default: cpu, plus cuda when available)")
     bs.add_argument("--shapes", default="llava-1.5-7b,llava-next-7b",
-                    help="comma list of llava-1.5-7b, llava-next-7b or MxLxDvxD (e.g. 48x4x16x24)")
+                    help="comma list of llava-1.5-7b, llava-next-7b or MxLxDvxD (e.g. 48x4x16x24); "
+                         "default llava-1.5-7b,llava-next-7b")
     bs.add_argument("--batch", type=count_list, default=[1, 8], help="batch sizes (default 1,8)")
     bs.add_argument("--budgets", type=count_list, default=[64, 128, 192],
                     help="tokens kept per image (default 64,128,192; the shapes differ in tokens, so no ratios)")
-    bs.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    bs.add_argument("--repeats", type=int, default=5, help="timed repeats, their median reported (default 5)")
     bs.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="feature dtype (default fp32)")
     bs.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     bs.add_argument("--json", help="also write the rows as JSON to this file (rewritten after every row)")
     bs.add_argument("--tables", default="clasp,methods,released",
                     help="comma list of the tables to run: clasp (CLASP's stages at every budget), methods (every "
-                         "method at the first budget), released (each as-released preset beside the released rule)")
+                         "method at the first budget), released (each as-released preset beside the released rule); default all three")
     bs.add_argument("--clasp-only", action="store_true", help="the same as --tables clasp")
     bs.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bs.add_argument("--quick", action="store_true",
                     help="one shape (llava-1.5-7b), batch 1, budget 64, 3 repeats: about a minute on 2 cores")
     bs.set_defaults(func=cmd_bench_stages)
 
-    br = bsub.add_parser("router", help="routing cost per question, one call each and one call for all")
-    br.add_argument("--routers", default="keyword,embedding,classifier", help="comma list of router stages")
-    br.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    br = bsub.add_parser("router", help="routing cost per question, one call each and one call for all",
+                         **examples(("tokenprune bench router", "every router"),
+                                    ("tokenprune bench router --routers keyword --repeats 5", "one router")))
+    br.add_argument("--routers", default="keyword,embedding,classifier",
+                    help="comma list of router stages (default keyword,embedding,classifier)")
+    br.add_argument("--repeats", type=int, default=3, help="timed repeats, their median reported (default 3)")
     br.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     br.add_argument("--json", help="also write the rows as JSON to this file")
     br.set_defaults(func=cmd_bench_router)
 
-    bf = bsub.add_parser("prefill", help="end-to-end prefill/decode latency and memory, unpruned vs pruned")
+    bf = bsub.add_parser("prefill", help="end-to-end prefill/decode latency and memory, unpruned vs pruned",
+                         **examples(("tokenprune bench prefill --batch 1 --budgets 64", "SmolLM2 in a LLaVA, one row"),
+                                    ("tokenprune bench prefill --model qwen2-vl-video", "16-frame clips on Qwen2-VL")))
     bf.add_argument("--model", default="smollm2",
                     choices=["smollm2", "llava-1.5-7b", "tiny", "qwen2-vl-video", "qwen2-vl-2b-video"],
                     help="smollm2: real SmolLM2-135M LM in a LLaVA (CPU); llava-1.5-7b: full-size random (GPU); "
                          "qwen2-vl-video: a small random Qwen2-VL fed 16-frame clips (CPU); qwen2-vl-2b-video: "
-                         "Qwen2-VL-2B's architecture, random, 16-frame clips (GPU)")
+                         "Qwen2-VL-2B's architecture, random, 16-frame clips (GPU); default smollm2")
     bf.add_argument("--spec", help="spec file or preset name (default: specs/clasp.toml; "
                                    "specs/variants/clasp-qwen.toml for the video models)")
     bf.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -467,8 +493,8 @@ def _bench_commands(sub) -> None:
     bf.add_argument("--budgets", type=budget_list,
                     help="visual tokens kept per image or video, or shares in (0, 1] (default 192,128,64 of 576; "
                          "0.1,0.25,0.5 for the video models)")
-    bf.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
-    bf.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per token")
+    bf.add_argument("--repeats", type=int, default=3, help="timed repeats, their median reported (default 3)")
+    bf.add_argument("--new-tokens", type=int, default=8, help="decode steps timed, per token (default 8)")
     bf.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     bf.add_argument("--json", help="also write the result as JSON to this file")
     bf.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -476,18 +502,23 @@ def _bench_commands(sub) -> None:
 
 
 def _demo_command(sub) -> None:
-    dp = sub.add_parser("demo", help="the testbed model answers questions, unpruned and pruned, with PNGs")
+    dp = sub.add_parser("demo", help="the testbed model answers questions, unpruned and pruned, with PNGs",
+                        **examples(("tokenprune demo", "CLASP at 64 tokens per image"),
+                                   ("tokenprune demo --spec divprune --budget 16", "another method, a tighter budget")))
     dp.add_argument("--spec", help="spec file or preset name (default: specs/clasp.toml)")
     dp.add_argument("--budget", type=budget_value, default=64,
                     help="tokens per image (default 64) or a ratio in (0, 1]")
-    dp.add_argument("--out", default="out/demo", help="folder for the PNGs")
+    dp.add_argument("--out", default="out/demo", help="folder for the PNGs (default out/demo)")
     dp.add_argument("--model", help=MODEL_HELP)
     dp.add_argument("--synthetic", action="store_true", help="CLASP on synthetic tensors instead (no model)")
     dp.set_defaults(func=cmd_demo)
 
 
 def _evaluation_commands(sub) -> None:
-    ep = sub.add_parser("eval", help="accuracy vs budget on the testbed (JSON + PNG)")
+    ep = sub.add_parser("eval", help="accuracy vs budget on the testbed (JSON + PNG)",
+                        **examples(("tokenprune eval --scenes 20 --budgets 16,64", "CLASP on the first 20 test scenes"),
+                                   ("tokenprune eval --spec clasp --spec divprune --budgets 8,16",
+                                    "two methods, paired against the first")))
     ep.add_argument("--spec", action="append", help="spec file or preset name; repeat to compare (default: specs/clasp.toml)")
     ep.add_argument("--budgets", type=budget_list, default=list(BUDGETS),
                     help="comma list of budgets: tokens per image (64) or ratios in (0, 1] (0.25); "
@@ -497,14 +528,20 @@ def _evaluation_commands(sub) -> None:
     _testbed_args(ep, "test", "out/eval")
     ep.set_defaults(func=cmd_eval)
 
-    ap = sub.add_parser("ablate", help="a grid of swapped stages x budgets (markdown + PNG + JSON)")
+    ap = sub.add_parser("ablate", help="a grid of swapped stages x budgets (markdown + PNG + JSON)",
+                        **examples(("tokenprune ablate specs/ablations/fusion.toml --scenes 20", "one ablation, briefly"),
+                                   ("tokenprune ablate specs/ablations/methods.toml --budgets 16",
+                                    "every method at one budget")))
     ap.add_argument("file", help="an ablation file, e.g. specs/ablations/fusion.toml")
     ap.add_argument("--budgets", type=budget_list, help="override the file's budgets (tokens per image or ratios)")
     ap.add_argument("--reference", help="the variant every other is paired against (default: the file's first)")
     _testbed_args(ap, None, "out/ablate")
     ap.set_defaults(func=cmd_ablate)
 
-    cp = sub.add_parser("calibrate", help="fit CLASP's class table on the calibration split")
+    cp = sub.add_parser("calibrate", help="fit CLASP's class table on the calibration split",
+                        **examples(("tokenprune calibrate --scenes 10 --budgets 16", "a quick look at the grid"),
+                                   ("tokenprune calibrate --no-bands --out out/paper-table.toml",
+                                    "one cell per class, as the paper")))
     cp.add_argument("--spec", help="base spec file or preset name (default: specs/clasp.toml)")
     cp.add_argument("--budgets", type=budget_list, default=list(CALIBRATION_BUDGETS),
                     help="budgets each cell is scored at, tokens per image or ratios "
@@ -521,13 +558,16 @@ def _evaluation_commands(sub) -> None:
                          "(default; --no-bands: the paper's one cell per class)")
     cp.add_argument("--grid", help="where the grid of scores goes (default: beside --out, .json)")
     cp.add_argument("--guard-z", type=float, default=1.96,
-                    help="a class's own cell must beat the pooled row by this many paired SEs (0: no guard)")
+                    help="a class's own cell must beat the pooled row by this many paired SEs (default 1.96; "
+                         "0: no guard)")
     _testbed_args(cp, "calibration", "out/class_table.toml")
     cp.set_defaults(func=cmd_calibrate)
 
 
 def _results_command(sub) -> None:
-    rp = sub.add_parser("results", help="re-run the figures of docs/results.md that are not up to date")
+    rp = sub.add_parser("results", help="re-run the figures of docs/results.md that are not up to date",
+                        **examples(("tokenprune results --list", "which steps are up to date, and why not"),
+                                   ("tokenprune results --only hard", "one step")))
     rp.add_argument("--model", help=MODEL_HELP)
     rp.add_argument("--force", action="store_true", help="re-run steps even where their inputs are unchanged")
     rp.add_argument("--only", help="comma list of step names (see --list)")
@@ -538,14 +578,17 @@ def _results_command(sub) -> None:
 def _lmms_commands(sub) -> None:
     lp = sub.add_parser("lmms-eval", help="lmms-eval integration (the model is `lmms-eval --model tokenprune`)")
     lsub = lp.add_subparsers(dest="lmms_command", required=True)
-    lt = lsub.add_parser("task", help="write a local lmms-eval task from testbed scenes (offline)")
+    lt = lsub.add_parser("task", help="write a local lmms-eval task from testbed scenes (offline)",
+                         **examples(("tokenprune lmms-eval task --out out/lmms-task --scenes 8", "an 8-scene task")))
     lt.add_argument("--out", required=True, help="folder for the task (YAML, utils.py, questions.jsonl, images)")
     lt.add_argument("--split", default="test", help="testbed split (default test)")
     lt.add_argument("--scenes", type=int, default=4, help="first N scenes of the split (default 4)")
     lt.add_argument("--name", default="tokenprune_testbed", help="task name (default tokenprune_testbed)")
     lt.set_defaults(func=cmd_lmms_task)
     lb = lsub.add_parser("table", help="the paper-style table (scores, %% of unpruned, paired tests) from "
-                                       "lmms-eval --output_path folders")
+                                       "lmms-eval --output_path folders",
+                         **examples(("tokenprune lmms-eval table out/lmms-unpruned out/lmms-clasp-64",
+                                     "two runs' table")))
     lb.add_argument("folders", nargs="+", help="lmms-eval output folders (searched recursively)")
     lb.add_argument("--out", help="also write the markdown table to this file")
     lb.set_defaults(func=cmd_lmms_table)
@@ -554,10 +597,12 @@ def _lmms_commands(sub) -> None:
 def _testbed_commands(sub) -> None:
     tp_ = sub.add_parser("testbed", help="the testbed model")
     tsub = tp_.add_subparsers(dest="testbed_command", required=True)
-    tt = tsub.add_parser("train", help="train (or resume) the testbed model")
+    tt = tsub.add_parser("train", help="train (or resume) the testbed model",
+                         **examples(("tokenprune testbed train --version 2 --max-minutes 60",
+                                     "the v2 model, paused after an hour (the same command resumes)")))
     tt.add_argument("--version", type=int, choices=(1, 2), default=1,
-                    help="1: CLIP tower trained from scratch; 2: the pretrained DINOv2 tower, frozen")
-    tt.add_argument("--out", default="runs/testbed", help="checkpoint and output folder")
+                    help="1: CLIP tower trained from scratch (default); 2: the pretrained DINOv2 tower, frozen")
+    tt.add_argument("--out", default="runs/testbed", help="checkpoint and output folder (default runs/testbed)")
     tt.add_argument("--steps", type=int, help="v2: training steps (default: TrainConfigV2.steps)")
     tt.add_argument("--features", help="v2: the cached pool features' folder (default: <out>/features)")
     tt.add_argument("--bf16-from", type=int, help="v2: from this step on, train under a bf16 autocast "
@@ -570,7 +615,10 @@ def _testbed_commands(sub) -> None:
     tt.add_argument("--max-minutes", type=float, help="pause after a checkpoint past this many minutes")
     tt.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     tt.set_defaults(func=cmd_testbed_train)
-    tc = tsub.add_parser("curve", help="plot a model's training curve (its training.json)")
+    tc = tsub.add_parser("curve", help="plot a model's training curve (its training.json)",
+                         **examples(("tokenprune testbed curve", "the shipped model's curve"),
+                                    ("tokenprune testbed curve --model runs/testbed/checkpoint.pt",
+                                     "a run in progress")))
     tc.add_argument("--model", help="model folder, v1 / v2, or a v2 run's checkpoint.pt (default: the shipped weights)")
     tc.add_argument("--out", default="out/training-curve.png", help="PNG file (default out/training-curve.png)")
     tc.set_defaults(func=cmd_testbed_curve)

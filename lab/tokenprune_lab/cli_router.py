@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tokenprune.cli import examples
+
 __all__ = ["add_router_parser", "markdown_report"]
 
 
@@ -76,13 +78,17 @@ def markdown_report(reports: dict, part: str) -> str:
 def add_router_parser(sub) -> None:
     rp = sub.add_parser("router", help="fit the classifier router's head; judge routers on a development set")
     rsub = rp.add_subparsers(dest="router_command", required=True)
-    fp = rsub.add_parser("fit", help="fit the classifier router's head on a development set's non-held-out part")
+    fp = rsub.add_parser("fit", help="fit the classifier router's head on a development set's non-held-out part",
+                         **examples(("tokenprune router fit --out out/router_head.safetensors", "a head beside the shipped one")))
     fp.add_argument("--dev", help="development set: class<TAB>style<TAB>question rows (default: tokenprune's)")
     fp.add_argument("--out", help="where to write the head (default: the shipped one, "
                                   "tokenprune_plugins/data/router_head.safetensors)")
     fp.set_defaults(func=cmd_router_fit)
-    ep = rsub.add_parser("eval", help="routers' accuracy per class and confusion matrix on a development set")
-    ep.add_argument("--router", default="classifier,embedding,keyword", help="comma list of router stages")
+    ep = rsub.add_parser("eval", help="routers' accuracy per class and confusion matrix on a development set",
+                         **examples(("tokenprune router eval", "every router on the held-out rows"),
+                                    ("tokenprune router eval --router classifier --part all", "one router, every row")))
+    ep.add_argument("--router", default="classifier,embedding,keyword",
+                    help="comma list of router stages (default classifier,embedding,keyword)")
     ep.add_argument("--dev", help="development set (default: tokenprune's)")
     ep.add_argument("--part", choices=("held-out", "fit", "all"), default="held-out",
                     help="which rows: the held-out part (default), the fitting part, or all")

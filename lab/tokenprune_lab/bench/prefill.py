@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,25 @@ def _timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, flo
     return statistics.median(times), mem, out
 
 
+class _Estimate:
+    """One progress line per finished row, with the time left for the whole bench (each row's
+    cost taken as proportional to its batch size, from the rows measured so far)."""
+
+    def __init__(self, say: Callable[[str], None], batches: Sequence[int], budgets: int):
+        self.say, self.t0 = say, time.perf_counter()
+        self.rows, self.units = len(batches) * (1 + budgets), sum(batches) * (1 + budgets)
+        self.done_rows = self.done_units = 0
+
+    def row_done(self, row: Row) -> None:
+        self.done_rows += 1
+        self.done_units += row.batch
+        spent = time.perf_counter() - self.t0
+        left = spent / self.done_units * (self.units - self.done_units)
+        what = f"R={row.budget}" if row.pruned else "unpruned"
+        self.say(f"row {self.done_rows} of {self.rows} (B={row.batch} {what}): prefill {row.prefill_ms:.1f} ms; "
+                 f"{spent:.0f} s so far, about {left:.0f} s left")
+
+
 def run(
     model_name: str = "smollm2",
     spec: str | Path = "specs/clasp.toml",
@@ -287,6 +306,7 @@ def run(
     wbytes = weight_bytes(model)
     rows: list[Row] = []
     placeholders = tp.adapters.adapter_for(model).placeholder_ids
+    eta = _Estimate(say, batches, len(budgets))
     for B in batches:
         inputs = make(B)
         S = inputs["input_ids"].shape[1]
@@ -324,6 +344,7 @@ def run(
         with torch.no_grad():
             tower0, _, _ = _timed(tower_call(model, inputs), device, repeats)
         rows.append(Row(B, M, M, T, 1e3 * t0, d0, mem0, kv0, flops=f0, tower_ms=1e3 * tower0))
+        eta.row_done(rows[-1])
         for R in budgets:
             say(f"B={B} R={R}")
             with tp.apply(model, spec, budget=R, tokenizer=tokenizer) as handle:
@@ -352,6 +373,7 @@ def run(
             rows.append(Row(B, R, kept, T, 1e3 * t1, d1, mem1, kv1, speed, (T + M) / (T + kept),
                             bound, speed / bound, 1e3 * o, o / t1, 1e3 * statistics.median(encode[1 : repeats + 1]),
                             f1, pruned=True))
+            eta.row_done(rows[-1])
     meta = {
         "model": model_name, "device": device, "dtype": str(dtype).replace("torch.", ""),
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads",

@@ -45,10 +45,11 @@ from typing import Any
 from tokenprune.classes import CLASSES, STRATEGIES, Band, ClassEntry, ClassTable
 from tokenprune.spec import PipelineSpec
 
-from .evaluate import Dist, Variant, drop_checkpoint, evaluate
+from .evaluate import Dist, Variant, answer_count, drop_checkpoint, evaluate
 from .memo import memoized_tower
 from .protocol import CALIBRATION_BUDGETS, CALIBRATION_RATIOS, OBJECTIVES
 from .questions import QA_CLASSES
+from .resume import Interrupted
 from .stats import mcnemar, paired_mean_test
 
 __all__ = ["calibrate", "table_toml", "calibration_table"]
@@ -58,6 +59,15 @@ __all__ = ["calibrate", "table_toml", "calibration_table"]
 #: a v2 row, every hidden state of DINOv2 ViT-S/14 at 336 px in fp32, is about 12 MB).
 MEMO_IMAGES = 256
 _METRICS = ("accuracy", "mean_logp", "agreement", "kl")
+
+
+def _whole_run(progress: Callable[[int, int, str], None] | None, work: dict[str, int],
+               klass: str) -> Callable[[int, int], None] | None:
+    """Class ``klass``'s evaluation's progress as a share of the whole calibration's."""
+    if progress is None:
+        return None
+    before, total = sum(work[c] for c in QA_CLASSES[:QA_CLASSES.index(klass)]), sum(work.values())
+    return lambda done, _: progress(before + done, total, klass)
 
 
 def _cell_name(strategy: str, ratio: float) -> str:
@@ -77,7 +87,7 @@ def calibrate(
     temperature: float = 1.0,
     batch_size: int = 16,
     dist: Dist | None = None,
-    progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
     source: str = "",
     guard_z: float = 1.96,
     checkpoint: Callable[[str], str | Path | None] | None = None,
@@ -99,13 +109,20 @@ def calibrate(
     cells_of = {_cell_name(s, a): (s, a) for s, a in itertools.product(strategies, ratios)}
     current = base.class_table.model_dump(exclude_none=True)
     fits = {}
+    runs = 1 + len(cells_of) * len(budgets)  # the unpruned run and every cell at every budget
+    work = {c: answer_count(split, scenes, [c], batch_size, runs, dist) for c in QA_CLASSES}
     with memoized_tower(model, capacity=MEMO_IMAGES):  # each image's tower pass once for all classes
-        for c in QA_CLASSES:
+        for i, c in enumerate(QA_CLASSES):
             variants = [Variant(name, base.replace(class_table=_with_row(current, c, s, a, temperature)), oracle_router=True)
                         for name, (s, a) in cells_of.items()]
-            report = evaluate(model, processor, variants, budgets, split, scenes=scenes, classes=[c], memo=False,
-                              batch_size=batch_size, dist=dist, progress=progress(c) if progress else None,
-                              checkpoint=checkpoint(c) if checkpoint else None, keep_checkpoint=True)
+            try:
+                report = evaluate(model, processor, variants, budgets, split, scenes=scenes, classes=[c], memo=False,
+                                  batch_size=batch_size, dist=dist, progress=_whole_run(progress, work, c),
+                                  checkpoint=checkpoint(c) if checkpoint else None, keep_checkpoint=True)
+            except Interrupted as stop:
+                finished = ", ".join(QA_CLASSES[:i]) or "none"
+                raise Interrupted(f"calibration: classes finished: {finished} (kept until every class is fitted); "
+                                  f"class '{c}': {stop}") from None
             fits[c] = _ClassFit(report, budgets, objective)
     pooled = {k: {m: sum(fits[c].grid[k][m] for c in QA_CLASSES) / len(QA_CLASSES) for m in _METRICS}
               for k in cells_of}

@@ -53,7 +53,7 @@ from .memo import memoized_tower, tower_cost
 from .model import prompt
 from .protocol import DECISIVE_MARGIN
 from .questions import QA_CLASSES
-from .resume import Checkpoint, run_key
+from .resume import Checkpoint, Interrupted, run_key
 from .splits import Example, examples, scene
 from .stats import bootstrap_mean, detectable, mcnemar, paired_mean_test, wilson
 
@@ -271,7 +271,7 @@ def evaluate(
     if not exs:
         raise ValueError(f"split '{split}' with {scenes} scenes has no examples")
     batches = _batches(exs, batch_size)
-    mine = list(range(dist.rank, len(batches), dist.world))
+    mine = _mine(batches, dist)
     tok = processor.tokenizer
     cuda = torch.device(device).type == "cuda"
 
@@ -296,29 +296,37 @@ def evaluate(
                               for v, b in runs], record_version=RECORD_VERSION)
     todo = [bi for bi in mine if not saved.done(bi, len(runs))]
     total, done = len(runs) * len(mine), len(runs) * (len(mine) - len(todo))
+    if len(todo) < len(mine) and dist.rank == 0:
+        print(f"resuming from {saved.path}: {len(mine) - len(todo)} of {len(mine)} batches already answered "
+              "by every run", file=sys.stderr)
+    if progress is not None:
+        progress(done, total)
     model.eval()
-    with memoized_tower(model) if memo else nullcontext() as tower_stats:
-        for bi in todo:  # each batch is drawn and preprocessed once, then answered by every run
-            idx = batches[bi]
-            inputs = processor(images=[scene(split, exs[i].index).image for i in idx],
-                               text=[prompt(exs[i].question.text) for i in idx],
-                               return_tensors="pt", padding=True).to(device)
-            truth = torch.tensor(tok.convert_tokens_to_ids([exs[i].question.answer for i in idx]), device=device)
-            klass = exs[idx[0]].klass
-            reference_logp = None  # (B, V): the unpruned run's, which every pruned run is compared with
-            for r, (variant, budget) in enumerate(runs):
-                use = pipeline_for(variant, klass)
-                rec, logp_all = _answer(model, inputs, truth, use, variant, budget, tok, cuda, tower_stats,
-                                        reference_logp)
-                reference_logp = logp_all if r == 0 else reference_logp
-                if "kept_cells" in rec:  # (B, M) -> evidence recall per question
-                    kept = rec.pop("kept_cells")
-                    rec["recall"] = [_evidence_recall(kept[j], exs[i].question.evidence) for j, i in enumerate(idx)]
-                saved.add(r, bi, rec)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            saved.maybe_save()
+    try:
+        with memoized_tower(model) if memo else nullcontext() as tower_stats:
+            for bi in todo:  # each batch is drawn and preprocessed once, then answered by every run
+                idx = batches[bi]
+                inputs = processor(images=[scene(split, exs[i].index).image for i in idx],
+                                   text=[prompt(exs[i].question.text) for i in idx],
+                                   return_tensors="pt", padding=True).to(device)
+                truth = torch.tensor(tok.convert_tokens_to_ids([exs[i].question.answer for i in idx]), device=device)
+                klass = exs[idx[0]].klass
+                reference_logp = None  # (B, V): the unpruned run's, which every pruned run is compared with
+                for r, (variant, budget) in enumerate(runs):
+                    use = pipeline_for(variant, klass)
+                    rec, logp_all = _answer(model, inputs, truth, use, variant, budget, tok, cuda, tower_stats,
+                                            reference_logp)
+                    reference_logp = logp_all if r == 0 else reference_logp
+                    if "kept_cells" in rec:  # (B, M) -> evidence recall per question
+                        kept = rec.pop("kept_cells")
+                        rec["recall"] = [_evidence_recall(kept[j], exs[i].question.evidence) for j, i in enumerate(idx)]
+                    saved.add(r, bi, rec)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                saved.maybe_save()
+    except KeyboardInterrupt:  # keep what finished, say so, and let the command end without a traceback
+        raise _interrupted(saved, mine, len(runs)) from None
     gathered: dict[int, dict[int, dict]] = {}
     for part in dist.gather(saved.results):
         for r, recs in part.items():
@@ -404,6 +412,29 @@ def _run_summary(exs: Sequence[Example], batches: list[list[int]], recs: dict[in
     return out
 
 
+def _mine(batches: Sequence[list[int]], dist: Dist) -> list[int]:
+    """The indices of the batches this process answers."""
+    return list(range(dist.rank, len(batches), dist.world))
+
+
+def answer_count(split: str, scenes: int | None, classes: Sequence[str] | None, batch_size: int,
+                 runs: int, dist: Dist | None = None) -> int:
+    """How many (run, batch) answers :func:`evaluate` gives in this process: the ``total`` its
+    ``progress`` callback receives (a job of several evaluations sums them for one estimate)."""
+    exs = [e for e in examples(split, scenes) if classes is None or e.klass in classes]
+    return runs * len(_mine(_batches(exs, batch_size), dist or Dist()))
+
+
+def _interrupted(saved: Checkpoint, mine: Sequence[int], runs: int) -> Interrupted:
+    """Save what finished and say so: the :class:`Interrupted` an evaluation ends with on Ctrl-C."""
+    kept = saved.finished(mine, runs)
+    if saved.path is None:
+        return Interrupted(f"{kept} of {len(mine)} batches were answered; nothing was kept (no checkpoint file)")
+    saved.save()
+    return Interrupted(f"kept {kept} of {len(mine)} finished batches in {saved.path}; "
+                       "the same command resumes from them")
+
+
 def _rank_path(path: str | Path, dist: Dist) -> Path:
     """This process's checkpoint file: ``path`` itself, or one per rank with several."""
     path = Path(path)
@@ -476,17 +507,23 @@ def _evidence_recall(kept: torch.Tensor, evidence: tuple[int, ...]) -> float | N
 
 
 def progress_bar(desc: str):
-    """A tqdm progress callback on stderr (a no-op on ranks other than 0)."""
+    """A tqdm progress callback ``update(done, total, label="")`` on stderr (``None`` on ranks other
+    than 0). Work already done when it is first called (a resumed run's) starts the bar without
+    counting towards its rate, so the estimate is for what remains; ``label`` (a calibration's class)
+    shows after the counts."""
     from tqdm import tqdm
 
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     bar = None
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, label: str = "") -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=desc, file=sys.stderr, unit="batch")
+            bar = tqdm(total=total, initial=done, desc=desc, file=sys.stderr, unit="answer",
+                       postfix=label or None)
+        elif label and bar.postfix != label:
+            bar.set_postfix_str(label, refresh=False)
         bar.update(done - bar.n)
         if done == total:
             bar.close()

@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .resume import Interrupted
+
 __all__ = ["Step", "plan", "code_digest", "fingerprint", "read_manifest", "is_current", "stale_because", "run_plan",
            "fill_report", "render"]
 
@@ -185,9 +187,11 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
     if unknown:
         raise ValueError(f"unknown results step(s) {unknown}; the plan has {[s.name for s in steps]}")
     if run is None:
-        from tokenprune.cli import main as run
+        run = _run_step
     done = read_manifest(manifest)
     code = code if code is not None else code_digest()
+    log(_estimate([s for s in steps if (not only or s.name in only) and (force or not is_current(s, model_dir, done, code))],
+                  len(steps), done))
     for step in steps:
         if only and step.name not in only:
             continue
@@ -196,10 +200,7 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
             continue
         log(f"results: {step.name}: tokenprune {' '.join(step.argv)}")
         t0 = time.perf_counter()
-        rc = run([*step.argv, *model_arg])
-        if rc:
-            raise RuntimeError(f"results step '{step.name}' failed (exit {rc}): tokenprune {' '.join(step.argv)}; "
-                               "fix it and run `tokenprune results` again to resume from this step")
+        _run_one(step, run, model_arg)
         fp = fingerprint(step, model_dir, code)  # calibrate rewrites the table: record what now stands
         done[step.name] = {"fingerprint": fp, "code": code, "argv": list(step.argv),
                            "seconds": round(time.perf_counter() - t0, 1),
@@ -211,6 +212,39 @@ def run_plan(steps: Sequence[Step], model_dir: Path, *, model_arg: Sequence[str]
         for doc in (d for d in REPORTS if d.exists()):
             log(f"results: {fill_report(doc)} table(s) of {doc} re-rendered from {RESULTS}")
     return done
+
+
+def _estimate(to_run: Sequence[Step], steps: int, done: dict) -> str:
+    """What this run does and how long it took last time (the manifest's seconds, where a step ran)."""
+    timed = [done[s.name]["seconds"] for s in to_run if "seconds" in done.get(s.name, {})]
+    took = f"; last time, {len(timed)} of them took {sum(timed) / 3600:.1f} h in all" if timed else ""
+    return f"results: {len(to_run)} of {steps} steps to run{took}"
+
+
+def _run_one(step: Step, run: Callable[[list[str]], int], model_arg: Sequence[str]) -> None:
+    """Run ``step``; a failure or an interrupt says which step it was and that the plan resumes there."""
+    from tokenprune.cli import USER_ERRORS
+
+    try:
+        rc = run([*step.argv, *model_arg])
+    except Interrupted as stop:
+        raise Interrupted(f"results step '{step.name}': {stop} (`tokenprune results` resumes at this step)") from None
+    except USER_ERRORS as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ValueError(f"results step '{step.name}' failed: {msg}; fix it and run `tokenprune results` again "
+                         "to resume from this step") from exc
+    if rc:
+        raise RuntimeError(f"results step '{step.name}' failed (exit {rc}): tokenprune {' '.join(step.argv)}; "
+                           "fix it and run `tokenprune results` again to resume from this step")
+
+
+def _run_step(argv: list[str]) -> int:
+    """One step's ``tokenprune`` command in this process, its exceptions left to the caller (an
+    interrupted step's :class:`~tokenprune_lab.testbed.resume.Interrupted` says what it kept)."""
+    from tokenprune.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
 
 def render(name: str, kind: str, results: Path = RESULTS, only: Sequence[str] | None = None) -> str:

@@ -8,6 +8,10 @@ batching, every run's spec and budget, the process's rank) skips the batches the
 other key starts afresh. The evaluation deletes the file when it finishes.
 
 Prefill times of a resumed evaluation come from the sittings that answered each batch.
+
+An interrupted evaluation (``Ctrl-C``) saves what it finished and raises :class:`Interrupted`,
+whose message says what was kept and how to resume; the ``tokenprune`` command prints it as one
+line instead of a traceback.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Checkpoint", "run_key", "model_digest"]
+__all__ = ["Checkpoint", "Interrupted", "run_key", "model_digest"]
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -36,6 +41,11 @@ def model_digest(model: torch.nn.Module) -> str:
 def run_key(model: torch.nn.Module, **what: Any) -> str:
     """The identity of an evaluation: the model's weights and ``what`` (JSON-serialisable)."""
     return hashlib.sha256((model_digest(model) + json.dumps(what, sort_keys=True, default=str)).encode()).hexdigest()
+
+
+class Interrupted(KeyboardInterrupt):
+    """A ``Ctrl-C`` that stopped a resumable job after it saved its work; ``str()`` says what was
+    kept and how to resume."""
 
 
 class Checkpoint:
@@ -53,6 +63,10 @@ class Checkpoint:
                 data = {}
             if data.get("key") == key:
                 self.results = {int(r): {int(b): rec for b, rec in recs.items()} for r, recs in data["results"].items()}
+
+    def finished(self, batches: Sequence[int], runs: int) -> int:
+        """How many of ``batches`` every one of ``runs`` runs has answered."""
+        return sum(self.done(b, runs) for b in batches)
 
     def done(self, batch: int, runs: int) -> bool:
         """Whether every one of ``runs`` runs has answered ``batch``."""
