@@ -355,6 +355,19 @@ def test_results_plan_reruns_every_step_when_the_code_changes(tmp_path):
     assert calls[2:] == ["one", "two"]
     (src / "sub" / "stage.py").rename(src / "stage2.py")  # a moved file is a change too
     assert code_digest([src]) != after
+    moved = code_digest([src])
+    (src / "data").mkdir()
+    (src / "data" / "router_head.safetensors").write_bytes(b"\x00\x01")  # data the code reads is code too
+    with_head = code_digest([src])
+    assert with_head != moved
+    (src / "data" / "router_head.safetensors").write_bytes(b"\x00\x02")
+    assert code_digest([src]) != with_head
+    with_head = code_digest([src])
+    (src / "data" / ".class_table-ocr.partial.json").write_text("{}")  # a checkpoint is not
+    (src / "data" / "class_table.toml").write_text("")  # calibrate's output: the specs' resolved form covers it
+    (src / "__pycache__").mkdir()
+    (src / "__pycache__" / "ops.cpython-311.pyc").write_bytes(b"x")
+    assert code_digest([src]) == with_head
 
 
 def test_the_code_digest_covers_the_installed_packages_the_plugins_and_the_lab():

@@ -3,9 +3,9 @@
 Each step is one ``tokenprune`` command (calibrate, eval or ablate) with its outputs. After a step
 succeeds, its *fingerprint* goes into ``docs/results/manifest.json``: a hash of its arguments, the
 model's weights and config, every resolved spec it runs (stages, parameters and the class
-table they read) and the code that ran it (:func:`code_digest`: every source file of the
+table they read) and the code that ran it (:func:`code_digest`: every source and data file of the
 ``tokenprune`` and ``tokenprune_plugins`` packages, the lab included, so a change to a stage's
-implementation or to the evaluation marks the figures it made as stale). A later ``tokenprune results`` skips a step whose outputs exist and whose
+implementation, to the evaluation or to the router's fitted head marks the figures it made as stale). A later ``tokenprune results`` skips a step whose outputs exist and whose
 fingerprint is unchanged, so an interrupted run (a session that ends, a ``Ctrl-C``) resumes at the
 first step not done, and a new class table re-runs every step that reads it. The manifest is
 committed beside the figures, so a fresh clone knows which figures match its inputs.
@@ -104,15 +104,27 @@ def code_roots() -> tuple[Path, ...]:
     return tuple(Path(m.__file__).resolve().parent for m in (tokenprune, tokenprune_plugins, tokenprune_lab))
 
 
+#: package files a step's code digest leaves out: the class table calibrate writes (every spec's
+#: resolved form covers it, and calibrate rewriting it must not mark calibrate itself stale) and
+#: the old calibration grid beside it
+NOT_CODE = frozenset({"class_table.toml", "class_table.json"})
+
+
 def code_digest(roots: Sequence[Path] | None = None) -> str:
-    """sha256 over every ``.py`` file under ``roots`` (default :func:`code_roots`): each file's
-    path relative to its root and its bytes, in sorted order."""
+    """sha256 over every file under ``roots`` (default :func:`code_roots`) that the code reads:
+    the ``.py`` files and the package data (the router's head, development set and exemplars, the
+    shipped testbed models), each file's path relative to its root and its bytes, in sorted order.
+    Left out: ``__pycache__``, hidden files (a calibration's ``.partial.json`` checkpoints) and
+    :data:`NOT_CODE`."""
     h = hashlib.sha256()
     for root in roots if roots is not None else code_roots():
-        for f in sorted(root.rglob("*.py")):
-            if "__pycache__" not in f.parts:
-                h.update(f"{root.name}/{f.relative_to(root).as_posix()}\0".encode())
-                h.update(hashlib.sha256(f.read_bytes()).digest())
+        for f in sorted(root.rglob("*")):
+            rel = f.relative_to(root)
+            if (not f.is_file() or "__pycache__" in rel.parts or any(x.startswith(".") for x in rel.parts)
+                    or f.name in NOT_CODE):
+                continue
+            h.update(f"{root.name}/{rel.as_posix()}\0".encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 
 
