@@ -183,7 +183,7 @@ def test_llava_clasp_feeds_hand_fused_features(device):
         got = m(**inp).logits
     rec = h.last
     with torch.no_grad():  # the reference passes its own features: outside the handle, which refuses them
-        alpha = tp.Pipeline(spec).table.alpha(["ocr"], 4)[0]  # (L,)
+        alpha = tp.Pipeline(spec).table.alpha(["ocr"], 4, spec.fusion.min_weight, torch.tensor([7]))[0]  # (L,), R = 7's band
         hs = m.model.vision_tower(inp["pixel_values"], output_hidden_states=True).hidden_states
         fused = sum(alpha[l - 1] * hs[l][:, 1:] for l in range(1, 5) if alpha[l - 1] > 0)
         proj = m.model.multi_modal_projector(fused)  # (N, M, D)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -68,7 +69,7 @@ def test_selection_contract(variant, device, case, dtype):
     B, M = case["B"], case["M"]
     valid = tokens.valid().cpu()
     R = tp.resolve_budget(case["budget"], valid.sum(1))
-    routing = tp.Pipeline(spec).route(tokens.prompts)
+    routing = dataclasses.replace(tp.Pipeline(spec).route(tokens.prompts), budgets=R)  # bands read R
     fused = spec.fusion.fuse(tokens, routing, spec.class_table)
     phi = spec.scoring.score(tokens, fused).cpu()
     a = spec.budget_policy.pivot_ratio(routing, spec.class_table).double()
@@ -116,7 +117,7 @@ def test_permutation_equivariance(variant, device, case, perm_seed):
     tokens = make_tokens(case["B"], case["M"], dtype=torch.float64, device=device, seed=case["seed"],
                          valid_counts=case["valid_counts"])
     R = tp.resolve_budget(case["budget"], tokens.valid().sum(1))
-    routing = tp.Pipeline(spec).route(tokens.prompts)
+    routing = dataclasses.replace(tp.Pipeline(spec).route(tokens.prompts), budgets=R.cpu())  # bands read R
     a = spec.budget_policy.pivot_ratio(routing, spec.class_table)
     assume(bool((torch.floor(a.to(R.device) * R + 1e-6) >= 1).all()))  # seeding by order needs K1 = 0
     perm = torch.randperm(case["M"], generator=torch.Generator().manual_seed(perm_seed))
@@ -162,7 +163,7 @@ def test_ratio_zero_is_pure_completion(completion, device, case, dtype):
     assert ((sel.provenance == Provenance.COMPLETION) | (sel.provenance == Provenance.PAD)).all()
     valid = tokens.valid()
     R = tp.resolve_budget(case["budget"], valid.sum(1))
-    routing = tp.Pipeline(spec).route(tokens.prompts)
+    routing = dataclasses.replace(tp.Pipeline(spec).route(tokens.prompts), budgets=R.cpu())  # bands read R
     fused = spec.fusion.fuse(tokens, routing, spec.class_table)
     phi = spec.scoring.score(tokens, fused)
     req = tp.stages.CompletionRequest(phi, torch.zeros_like(valid), R, valid, tokens, fused)
@@ -181,7 +182,7 @@ def test_fused_features_reach_the_llm_only_when_the_fusion_feeds_it():
     fusion = spec.resolved()["fusion"]
     paper = spec.replace(fusion={**fusion, "feed": "llm"})
     sel = _run(paper, tokens, 4)
-    routing = tp.Pipeline(paper).route(tokens.prompts)
+    routing = dataclasses.replace(tp.Pipeline(paper).route(tokens.prompts), budgets=torch.full((2,), 4))
     fused = paper.fusion.fuse(tokens, routing, paper.class_table)
     assert torch.allclose(sel.features, sel.gather(fused.decoder))
     own = _run(spec.replace(fusion={**fusion, "feed": "selection"}), tokens, 4)

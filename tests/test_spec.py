@@ -144,8 +144,11 @@ def test_class_table_path_is_relative_to_the_spec(tmp_path):
     table["classes"]["ocr"]["pivot_ratio"] = 0.9
     import json
 
-    body = "\n".join(
-        f"[classes.{c}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in row.items())
+    def keys(row: dict) -> str:
+        return "\n".join(f"{k} = {json.dumps(v)}" for k, v in row.items() if k != "bands")
+
+    body = "\n".join(  # a band is an array-of-tables entry under its class
+        f"[classes.{c}]\n{keys(row)}" + "".join(f"\n[[classes.{c}.bands]]\n{keys(b)}" for b in row.get("bands", ()))
         for c, row in table["classes"].items()
     )
     (tmp_path / "tables").mkdir()
@@ -154,6 +157,7 @@ def test_class_table_path_is_relative_to_the_spec(tmp_path):
     (tmp_path / "s.toml").write_text(spec_text)
     spec = tp.load_spec(tmp_path / "s.toml")
     assert spec.class_table.classes["ocr"].pivot_ratio == 0.9
+    assert spec.class_table.classes["ocr"].bands == ClassTable.default().classes["ocr"].bands
     (tmp_path / "s2.toml").write_text(spec_text.replace("tables/mine.toml", "tables/none.toml"))
     with pytest.raises(ValueError, match=r"spec file '.*s2\.toml': \[class_table\] .*none\.toml' does not exist"):
         tp.load_spec(tmp_path / "s2.toml")
