@@ -14,6 +14,16 @@ import tokenprune as tp
 from tokenprune.classes import CLASSES, STRATEGIES, ClassTable
 
 
+def _hand_alpha(cells, L: int, min_weight: float) -> torch.Tensor:
+    """softmax(tau w_c) per cell (eqs. 25-26), weights below ``min_weight`` dropped (the largest
+    kept) and the row renormalised: ``(len(cells), L)``."""
+    rows = torch.stack([torch.softmax(cell.temperature * cell.row(L), 0) for cell in cells])
+    if min_weight:
+        rows = torch.where((rows >= min_weight) | (rows == rows.amax(-1, keepdim=True)), rows, 0.0)
+        rows = rows / rows.sum(-1, keepdim=True)
+    return rows
+
+
 @given(B=st.integers(1, 4), M=st.integers(1, 20), L=st.integers(1, 8), seed=st.integers(0, 2**31 - 1),
        dtype=st.sampled_from(DTYPES), min_weight=st.sampled_from([0.0, 1e-3, 0.05]))
 def test_class_adaptive_fusion_equals_stacked_reference(device, B, M, L, seed, dtype, min_weight):
@@ -23,11 +33,7 @@ def test_class_adaptive_fusion_equals_stacked_reference(device, B, M, L, seed, d
     fusion = ClassAdaptiveFusion(min_weight=min_weight)
     fused = fusion.fuse(tokens, routing, table)
     # reference: softmax(tau w_c) per sample, stack all L layers, weighted sum (eqs. 25-26)
-    rows = torch.stack([torch.softmax(table.classes[c].temperature * table.classes[c].row(L), 0)
-                        for c in routing.classes])  # (B, L)
-    if min_weight:
-        rows = torch.where((rows >= min_weight) | (rows == rows.amax(-1, keepdim=True)), rows, 0.0)
-        rows = rows / rows.sum(-1, keepdim=True)
+    rows = _hand_alpha([table.classes[c] for c in routing.classes], L, min_weight)  # (B, L)
     stacked = torch.stack([tokens.layers[l].double().cpu() for l in range(1, L + 1)], 1)  # (B, L, M, Dv)
     ref = torch.einsum("bl,blmd->bmd", rows.double(), stacked)
     tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
@@ -38,9 +44,7 @@ def test_class_adaptive_fusion_equals_stacked_reference(device, B, M, L, seed, d
     assert fused.feed_llm
     # before the budgets are known, a banded table needs the layers of every cell the rows may use
     cells = [cell for c in routing.classes for cell in (table.classes[c], *table.classes[c].bands)]
-    every = torch.stack([torch.softmax(cell.temperature * cell.row(L), 0) for cell in cells])  # (cells, L)
-    if min_weight:
-        every = torch.where((every >= min_weight) | (every == every.amax(-1, keepdim=True)), every, 0.0)
+    every = _hand_alpha(cells, L, min_weight)  # (cells, L)
     req = fusion.requirements(routing, table, L)
     assert req.layers == {l + 1 for l in range(L) if bool((every[:, l] > 0).any())}
 
